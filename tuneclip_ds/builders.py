@@ -1,0 +1,84 @@
+"""Each component built from its own config section, and the run assembled from them."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from tuneclip_ds.config import Config, DataConfig
+from tuneclip_ds.engine import build_engine
+from tuneclip_ds.losses import build_loss
+from tuneclip_ds.models import ClipBundle, build_model
+from tuneclip_ds.trainer import Trainer, total_steps
+
+logger = logging.getLogger(__name__)
+
+
+def ensure_synthetic_corpus(data: DataConfig, rank: int) -> None:
+    """Rank 0 writes the synthetic corpus when ``data.synthetic`` is set and the folder has no shards."""
+    from tuneclip_ds.data.synthetic import write_synthetic_corpus
+
+    folder = Path(data.train_shards)
+    if rank == 0 and not any(folder.glob("*.tar")):
+        spec = data.synthetic
+        logger.info("writing a synthetic corpus of %d samples to %s", spec.num_samples, folder)
+        write_synthetic_corpus(
+            folder,
+            num_samples=spec.num_samples,
+            samples_per_shard=spec.samples_per_shard,
+            image_size=spec.image_size,
+            difficulty=spec.difficulty,
+            seed=spec.seed,
+        )
+    torch.distributed.barrier()
+
+
+def build_batches(config: Config, bundle: ClipBundle, rank: int, world_size: int) -> Iterator[dict]:
+    """This rank's endless stream of training batches, one epoch of its shards after another."""
+    from tuneclip_ds.data.pipeline import build_train_loader, resolve_shards
+
+    data = config.data
+    if data.synthetic is not None:
+        ensure_synthetic_corpus(data, rank)
+    loader = build_train_loader(
+        resolve_shards(data.train_shards),
+        preprocess=bundle.preprocess_train,
+        tokenizer=bundle.tokenizer,
+        batch_size=config.train.batch_size,
+        num_workers=data.num_workers,
+        rank=rank,
+        world_size=world_size,
+        seed=config.seed,
+        shuffle_buffer=data.shuffle_buffer,
+        resampled=data.resampled,
+    )
+    return _endless(loader)
+
+
+def _endless(loader) -> Iterator[dict]:
+    epoch = 0
+    while True:
+        loader.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def build_writer(config: Config, rank: int):
+    if rank != 0:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=str(config.run_dir))
+
+
+def build_run(config: Config, rank: int, world_size: int) -> Trainer:
+    torch.manual_seed(config.seed)
+    bundle = build_model(config.model)
+    batches = build_batches(config, bundle, rank, world_size)
+    steps = total_steps(config, world_size)
+    engine = build_engine(config, bundle.model, steps)
+    loss_fn = build_loss(config.loss.name, tile_size=config.loss.tile_size)
+    return Trainer(config, engine, batches, loss_fn, steps, writer=build_writer(config, rank))

@@ -1,0 +1,213 @@
+"""The experiment config: a typed dataclass tree loaded from YAML, with dotted overrides.
+
+Every key is checked: an unknown key or a value of the wrong type is a
+``ConfigError`` that names the key and the file it came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from tuneclip_ds.errors import InputError
+
+
+class ConfigError(InputError):
+    """A config file or override that cannot be used as it is."""
+
+
+@dataclass
+class SyntheticConfig:
+    """The generated corpus used when ``data.train_shards`` holds no shards yet."""
+
+    num_samples: int = 4096
+    samples_per_shard: int = 256
+    image_size: int = 64
+    difficulty: float = 0.3
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    train_shards: str = "data/synthetic/train"  # a folder, a brace pattern, or '::'-joined list
+    synthetic: Optional[SyntheticConfig] = None  # generate into train_shards when it is empty
+    num_workers: int = 2
+    shuffle_buffer: int = 1000
+    resampled: bool = False
+
+
+@dataclass
+class ModelConfig:
+    name: str = "ViT-B-16"  # any open_clip model name, or one shipped in tuneclip_ds/model_configs
+    pretrained: str = ""  # local file or folder; empty: random initialisation
+    force_image_size: Optional[int] = None
+
+
+@dataclass
+class LossConfig:
+    name: Literal["infonce", "siglip", "gcl", "hgcl"] = "infonce"
+    tile_size: int = 1024
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    warmup_steps: int = 0
+    schedule: Literal["cosine", "constant"] = "cosine"
+    min_lr_ratio: float = 0.0  # the cosine ends at lr * min_lr_ratio
+
+
+@dataclass
+class TrainConfig:
+    steps: Optional[int] = None  # length in optimizer steps ...
+    samples: Optional[int] = None  # ... or in samples seen (global); exactly one of the two
+    batch_size: int = 32  # per rank, per micro-step
+    grad_accum: int = 1
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    grad_clip: float = 1.0  # 0 disables clipping
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = False
+    deepspeed_config: Optional[str] = None  # a JSON file; default: ds_configs/ by zero_stage/offload
+    on_nonfinite_loss: Literal["skip", "stop"] = "stop"
+    max_skipped_steps: int = 10  # with "skip": stop after this many non-finite steps in a row
+
+
+@dataclass
+class LogConfig:
+    every: int = 10  # steps between progress lines and TensorBoard scalars
+
+
+@dataclass
+class Config:
+    run_name: str = "run"
+    output_dir: str = "runs"  # the run directory is output_dir/run_name
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.run_name
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML experiment file, apply ``a.b=value`` overrides, validate everything."""
+    raw: dict = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    for item in overrides:
+        _apply_override(raw, item)
+    config = _build(Config, raw, prefix="", source=source)
+    _check(config, source)
+    return config
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+    *parents, leaf = key.strip().split(".")
+    node = raw
+    for name in parents:
+        node = node.setdefault(name, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {name} is not a section")
+    node[leaf] = yaml.safe_load(text) if text.strip() else None
+
+
+def _build(cls: type, raw: Any, prefix: str, source: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: '{prefix.rstrip('.') or 'top level'}' must be a mapping, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        names = ", ".join(prefix + k for k in unknown)
+        raise ConfigError(f"{source}: unknown key {names} (known in this section: {', '.join(fields)})")
+    values = {name: _convert(hints[name], raw[name], prefix + name, source) for name in raw}
+    return cls(**values)
+
+
+def _convert(hint: Any, value: Any, key: str, source: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, {} if value is None else value, key + ".", source)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(inner, value, key, source)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{source}: {key} must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{source}: {key} must be a list of {len(args)} values, got {value!r}")
+        return tuple(_convert(a, v, f"{key}[{i}]", source) for i, (a, v) in enumerate(zip(args, value)))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        try:  # YAML reads "1e-5" (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(f"{source}: {key} must be of type {hint.__name__}, got {value!r}")
+    return value
+
+
+def _check(config: Config, source: str) -> None:
+    train = config.train
+    if (train.steps is None) == (train.samples is None):
+        raise ConfigError(f"{source}: set exactly one of train.steps and train.samples")
+    positive = {
+        "train.batch_size": train.batch_size,
+        "train.grad_accum": train.grad_accum,
+        "log.every": config.log.every,
+        "loss.tile_size": config.loss.tile_size,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{source}: {key} must be at least 1, got {value}")
+    if train.offload_optimizer and train.zero_stage == 0:
+        raise ConfigError(f"{source}: train.offload_optimizer needs train.zero_stage 1, 2 or 3")
+
+
+def to_dict(config: Config) -> dict:
+    """A plain, YAML-friendly dict (tuples become lists)."""
+    return _plain(dataclasses.asdict(config))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def save_config(config: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))

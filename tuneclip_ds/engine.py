@@ -1,0 +1,153 @@
+"""The one place that builds the DeepSpeed engine: config JSON, parameter groups, optimizer, schedule."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tuneclip_ds.config import Config, ConfigError, OptimConfig
+
+logger = logging.getLogger(__name__)
+
+DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
+_AUTO = "auto"
+
+
+def default_ds_config_path(config: Config) -> Path:
+    suffix = "_offload" if config.train.offload_optimizer else ""
+    return DS_CONFIG_DIR / f"zero{config.train.zero_stage}{suffix}.json"
+
+
+def build_ds_config(config: Config, world_size: int) -> dict:
+    """The DeepSpeed JSON with batch, precision and clipping filled in from the experiment config.
+
+    A value the JSON sets (other than "auto") that differs from the experiment
+    config is a contradiction and raises ``ConfigError`` listing every one.
+    """
+    path = Path(config.train.deepspeed_config) if config.train.deepspeed_config else default_ds_config_path(config)
+    try:
+        ds = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"DeepSpeed config {path} does not exist (train.deepspeed_config)") from None
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {error}") from None
+    conflicts: list[str] = []
+    for dotted, value, experiment_key in _experiment_values(config, world_size):
+        _fill(ds, dotted, value, experiment_key, conflicts)
+    if conflicts:
+        raise ConfigError(
+            f"DeepSpeed config {path} contradicts the experiment config:\n  "
+            + "\n  ".join(conflicts)
+            + "\nRemove the key from the JSON (or set it to \"auto\"), or change the experiment config."
+        )
+    return ds
+
+
+def _experiment_values(config: Config, world_size: int) -> list[tuple[str, Any, str]]:
+    train = config.train
+    offload = "cpu" if train.offload_optimizer else "none"
+    return [
+        ("train_micro_batch_size_per_gpu", train.batch_size, "train.batch_size"),
+        ("gradient_accumulation_steps", train.grad_accum, "train.grad_accum"),
+        ("train_batch_size", train.batch_size * train.grad_accum * world_size,
+         "train.batch_size x train.grad_accum x world size"),
+        ("gradient_clipping", train.grad_clip, "train.grad_clip"),
+        ("bf16.enabled", train.precision == "bf16", "train.precision"),
+        ("fp16.enabled", train.precision == "fp16", "train.precision"),
+        ("zero_optimization.stage", train.zero_stage, "train.zero_stage"),
+        ("zero_optimization.offload_optimizer.device", offload, "train.offload_optimizer"),
+    ]
+
+
+def _fill(ds: dict, dotted: str, value: Any, experiment_key: str, conflicts: list[str]) -> None:
+    *parents, leaf = dotted.split(".")
+    node = ds
+    for name in parents:
+        node = node.setdefault(name, {})
+    current = node.get(leaf, _AUTO)
+    if current != _AUTO and current != value:
+        conflicts.append(f"{dotted} = {current!r} but {experiment_key} gives {value!r}")
+    node[leaf] = value
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: no weight decay on gains, biases, embeddings' class token, logit scale and bias."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        exempt = param.ndim < 2 or name.endswith("bias") or "logit_scale" in name or "logit_bias" in name
+        (no_decay if exempt else decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(groups: list[dict], optim: OptimConfig, offload: bool) -> torch.optim.Optimizer:
+    kwargs = dict(lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay)
+    if offload:  # ZeRO-Offload steps on the CPU with DeepSpeed's vectorised Adam (compiled on first use)
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)
+
+
+def lr_lambda(optim: OptimConfig, total_steps: int):
+    """Multiplier of the base lr: linear warm-up, then cosine to ``min_lr_ratio`` (or constant)."""
+
+    def factor(step: int) -> float:
+        if step < optim.warmup_steps:
+            return (step + 1) / optim.warmup_steps
+        if optim.schedule == "constant":
+            return 1.0
+        decay_steps = max(1, total_steps - optim.warmup_steps)
+        progress = min(1.0, (step - optim.warmup_steps) / decay_steps)
+        cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return optim.min_lr_ratio + (1.0 - optim.min_lr_ratio) * cosine
+
+    return factor
+
+
+def _check_precision_supported(precision: str) -> None:
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    supported = {"fp32": True, "bf16": accelerator.is_bf16_supported(), "fp16": accelerator.is_fp16_supported()}
+    if not supported[precision]:
+        raise ConfigError(
+            f"train.precision={precision} is not supported by DeepSpeed on this "
+            f"{accelerator.device_name()} accelerator; use "
+            + " or ".join(p for p, ok in supported.items() if ok)
+        )
+
+
+def build_engine(config: Config, model: torch.nn.Module, total_steps: int):
+    """``deepspeed.initialize`` for every ZeRO stage, offload and precision; returns the engine."""
+    import deepspeed
+
+    _check_precision_supported(config.train.precision)
+    world_size = torch.distributed.get_world_size()
+    ds_config = build_ds_config(config, world_size)
+    optimizer = build_optimizer(
+        param_groups(model, config.optim.weight_decay), config.optim, config.train.offload_optimizer
+    )
+    schedule = lr_lambda(config.optim, total_steps)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        config=ds_config,
+        # a callable: DeepSpeed hands it the optimizer it wraps (ZeRO or not)
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+    )
+    logger.info(
+        "DeepSpeed engine: ZeRO stage %d%s, %s, micro-batch %d x accumulation %d x %d ranks",
+        config.train.zero_stage, " + CPU offload" if config.train.offload_optimizer else "",
+        config.train.precision, config.train.batch_size, config.train.grad_accum, world_size,
+    )
+    return engine

@@ -1,0 +1,65 @@
+"""Interface shared by the gather-free losses."""
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from tuneclip_ds.losses.ring import GroupInfo, resolve_group
+
+
+class RingLoss(nn.Module):
+    """Base of the gather-free contrastive losses.
+
+    ``forward(image_features, text_features, logit_scale, logit_bias=None, sample_ids=None)`` takes
+    this rank's L2-normalised ``[b, d]`` features (every rank the same ``b``), the exponentiated
+    logit scale (shape ``[]`` or ``[1]``) and, for the losses with per-sample state, the dataset ids
+    of this rank's samples. It returns a scalar whose
+
+    * value is the loss of the global batch (all ranks' samples), identical on every rank;
+    * gradient with respect to this rank's features is ``W`` times the gradient of the global-batch
+      loss with respect to them (``W`` ranks in the group), and with respect to the replicated
+      ``logit_scale`` / ``logit_bias`` it is ``W`` times this rank's share of their global-batch
+      gradient (the shares of all ranks sum to the global gradient).
+
+    So the average over ranks that the DeepSpeed engine applies to parameter gradients yields
+    exactly the gradient of the global-batch loss. Features are never all-gathered: blocks travel
+    around a ring (see ``ring.py`` and ``pairs.py``); only scalars are all-reduced.
+    """
+
+    def __init__(self, tile_size: int = 1024, group: dist.ProcessGroup | None = None):
+        super().__init__()
+        if tile_size < 1:
+            raise ValueError(f"tile_size must be positive, got {tile_size}")
+        self.tile_size = tile_size
+        self.group = group
+
+    def group_info(self) -> GroupInfo:
+        # Resolved per call: the loss may be built before torch.distributed is initialised.
+        return resolve_group(self.group)
+
+    def metrics(self) -> dict[str, float]:
+        """Global-batch statistics of the last forward, for logging."""
+        return {}
+
+
+def global_value_with_local_gradient(global_value: torch.Tensor, local_share: torch.Tensor, world_size: int):
+    """A scalar equal to ``global_value`` whose gradient is ``world_size`` times that of ``local_share``.
+
+    ``local_share`` is this rank's part of the global objective (the parts of all ranks sum to it);
+    the ring backward makes its gradient the full gradient of the global objective with respect to
+    this rank's features.
+    """
+    return global_value + world_size * (local_share - local_share.detach())
+
+
+def as_scalar(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """A ``[]`` or ``[1]`` parameter as a 0-dim float32 (or float64) tensor, differentiably."""
+    if tensor is None:
+        return None
+    return tensor.reshape(()).to(torch.promote_types(tensor.dtype, torch.float32))
+
+
+def positive_similarity(image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+    """``s_ii = <I_i, T_i>`` per sample, in float32 (float64 for float64 inputs)."""
+    dtype = torch.promote_types(image_features.dtype, torch.float32)
+    return (image_features.to(dtype) * text_features.to(dtype)).sum(dim=-1)

@@ -1,0 +1,37 @@
+"""InfoNCE / CLIP loss, gather-free; equal to open_clip ``ClipLoss`` on the global batch."""
+
+import torch
+
+from tuneclip_ds.losses.base import RingLoss, as_scalar, global_value_with_local_gradient, positive_similarity
+from tuneclip_ds.losses.pairs import PairReduction, pair_statistics
+from tuneclip_ds.losses.ring import all_reduce_sum
+
+
+def _logits(similarity, positive, scale, bias):
+    return scale * similarity
+
+
+# R_i = logsumexp_j(t * s_ij) over all columns, the positive included.
+_INFONCE = PairReduction(pair_value=_logits, logsumexp=True, exclude_positive=False, both_directions=True)
+
+
+class InfoNCELoss(RingLoss):
+    """Mean over the global batch and over both directions of ``logsumexp_j(t s_ij) - t s_ii``.
+
+    ``logit_bias`` cancels in the softmax; it is accepted (and gets a zero gradient) so that models
+    with a bias can be trained with this loss. See ``RingLoss`` for the value/gradient contract.
+    """
+
+    def forward(self, image_features, text_features, logit_scale, logit_bias=None, sample_ids=None):
+        info = self.group_info()
+        scale = as_scalar(logit_scale)
+        positive = positive_similarity(image_features, text_features)
+        stats, _ = pair_statistics(
+            _INFONCE, image_features, text_features, positive, scale, None, self.tile_size, info
+        )
+        global_batch = image_features.shape[0] * info.world_size
+        local_share = (stats - scale * positive).sum() / (2 * global_batch)
+        if logit_bias is not None:
+            local_share = local_share + 0.0 * logit_bias.sum()
+        global_value = all_reduce_sum(local_share.detach().clone(), info)
+        return global_value_with_local_gradient(global_value, local_share, info.world_size)

@@ -1,0 +1,85 @@
+"""open_clip model construction with weights from local files only."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import open_clip
+import torch
+
+from tuneclip_ds.config import ModelConfig
+from tuneclip_ds.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+# Tiny configs for CPU work ("tiny-ViT", "tiny-ViT-SigLIP") sit beside the package.
+open_clip.add_model_config(Path(__file__).parent / "model_configs")
+
+
+class ModelLoadError(InputError):
+    """A model name or pretrained path that cannot be used."""
+
+
+@dataclass
+class ClipBundle:
+    model: torch.nn.Module
+    preprocess_train: Callable
+    preprocess_val: Callable
+    tokenizer: Callable
+
+
+def build_model(cfg: ModelConfig) -> ClipBundle:
+    """An fp32 open_clip model with its transforms and tokenizer.
+
+    ``logit_scale`` (and ``logit_bias``) are made 1-element tensors instead of
+    0-dim ones: DeepSpeed mishandles 0-dim parameters (ZeRO-0 clipping,
+    flattening); open_clip reshapes 0-dim values from checkpoints on load.
+    """
+    name, checkpoint = _resolve_weights(cfg)
+    try:
+        model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+            name,
+            pretrained=checkpoint,
+            precision="fp32",
+            force_image_size=cfg.force_image_size,
+            nonscalar_logit_scale=True,
+        )
+    except RuntimeError as error:
+        if "not found in built-ins" in str(error):
+            raise ModelLoadError(
+                f"model.name={cfg.name!r} is not an open_clip model; see open_clip.list_models() "
+                f"or the configs in {Path(__file__).parent / 'model_configs'}"
+            ) from None
+        raise
+    if checkpoint:
+        logger.info("loaded %s weights from %s", cfg.name, checkpoint)
+    tokenizer = open_clip.get_tokenizer(name)
+    return ClipBundle(model, preprocess_train, preprocess_val, tokenizer)
+
+
+def _resolve_weights(cfg: ModelConfig) -> tuple[str, str | None]:
+    """The open_clip model name and checkpoint file for a config; never a hub download."""
+    if not cfg.pretrained:
+        return cfg.name, None
+    path = Path(cfg.pretrained).expanduser()
+    if path.is_file():
+        return cfg.name, str(path)
+    if path.is_dir():
+        if (path / "open_clip_config.json").is_file():
+            return f"local-dir:{path}", None  # open_clip reads config and weights from the folder
+        weights = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
+        if len(weights) == 1:
+            return cfg.name, str(weights[0])
+        raise ModelLoadError(
+            f"model.pretrained={cfg.pretrained!r} is a folder with {len(weights)} weight files "
+            f"({', '.join(p.name for p in weights) or 'none'}): point it at one file"
+        )
+    raise ModelLoadError(
+        f"model.pretrained={cfg.pretrained!r} is not a local file or folder. This trainer reads weights "
+        f"from disk only (no hub downloads): download the checkpoint (e.g. the open_clip "
+        f"'open_clip_pytorch_model.bin' or 'open_clip_model.safetensors' of {cfg.name}) and pass its path"
+    )
+

@@ -1,0 +1,77 @@
+"""Entry point: ``deepspeed|torchrun|python -m tuneclip_ds.train --config FILE [key.sub=value ...]``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import torch
+
+from tuneclip_ds.config import Config, ConfigError, load_config, save_config
+from tuneclip_ds.errors import InputError
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m tuneclip_ds.train", description=__doc__)
+    parser.add_argument("--config", help="experiment YAML (see configs/)")
+    parser.add_argument("--deepspeed_config", "--deepspeed-config", help="DeepSpeed JSON (default: ds_configs/)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # set by `deepspeed`
+    parser.add_argument("overrides", nargs="*", help="config overrides such as optim.lr=1e-5 train.steps=100")
+    return parser.parse_args(argv)
+
+
+def resolve_config(args: argparse.Namespace) -> Config:
+    overrides = list(args.overrides)
+    if args.deepspeed_config:
+        overrides.append(f"train.deepspeed_config={args.deepspeed_config}")
+    return load_config(args.config, overrides)
+
+
+def setup_logging(rank: int) -> None:
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        force=True,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        config = resolve_config(args)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+    from tuneclip_ds.distributed import init_distributed
+
+    rank, world_size = init_distributed()
+    setup_logging(rank)
+    try:
+        history = run(config, rank, world_size)
+    except InputError as error:  # bad input found while building: a message, no traceback
+        logging.getLogger("tuneclip_ds").error("%s", error)
+        return 2
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if rank == 0 and history.losses:
+        print(f"run directory: {config.run_dir}")
+        print(f"loss: {history.losses[0]:.4f} at the first step -> {history.losses[-1]:.4f} at the last")
+    return 0
+
+
+def run(config: Config, rank: int, world_size: int):
+    from tuneclip_ds.builders import build_run
+
+    if rank == 0:
+        config.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, config.run_dir / "config.yaml")
+    trainer = build_run(config, rank, world_size)
+    return trainer.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

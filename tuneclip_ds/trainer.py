@@ -1,0 +1,199 @@
+"""The training loop: batches -> features -> loss -> engine.backward -> engine.step."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
+
+import torch
+
+from tuneclip_ds.config import Config
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss was NaN or infinite and the config says to stop (or too many batches were skipped)."""
+
+
+@dataclass
+class StepResult:
+    loss: float
+    lr: float
+    grad_norm: float | None
+    logit_scale: float
+    step_time: float
+    samples: int
+    skipped_batches: int = 0
+    data_skipped: int = 0
+
+
+@dataclass
+class History:
+    """What the run reports at its end (rank 0 prints it; tests read it)."""
+
+    losses: list[float] = field(default_factory=list)
+    skipped_batches: int = 0
+    data_skipped: int = 0
+
+
+class Trainer:
+    """Drives a DeepSpeed engine over a stream of batches for a fixed number of optimizer steps.
+
+    ``engine(image, text)`` must return open_clip's ``(image_features,
+    text_features, logit_scale[, logit_bias])``; ``loss_fn`` returns the
+    global-batch loss (the same value on every rank).
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        engine,
+        batches: Iterable[dict],
+        loss_fn: Callable[..., torch.Tensor],
+        total_steps: int,
+        writer=None,
+    ):
+        self.config = config
+        self.engine = engine
+        self.batches: Iterator[dict] = iter(batches)
+        self.loss_fn = loss_fn
+        self.total_steps = total_steps
+        self.writer = writer
+        self.is_main = engine.global_rank == 0
+        self.global_batch = config.train.batch_size * config.train.grad_accum * engine.dp_world_size
+        self.history = History()
+        self.input_dtype = _engine_dtype(engine)
+
+    @property
+    def step(self) -> int:
+        return self.engine.global_steps
+
+    def run(self) -> History:
+        logger.info("training for %d steps, global batch %d", self.total_steps, self.global_batch)
+        start = time.perf_counter()
+        while self.step < self.total_steps:
+            result = self.train_step()
+            self.history.losses.append(result.loss)
+            self._report(result, elapsed=time.perf_counter() - start)
+        if self.writer is not None:
+            self.writer.flush()
+        return self.history
+
+    def train_step(self) -> StepResult:
+        """One optimizer step: ``grad_accum`` micro-batches with finite losses, then ``engine.step()``."""
+        began = time.perf_counter()
+        device = self.engine.device
+        losses, skipped, data_skipped = [], 0, 0
+        grad_norm = None
+        while len(losses) < self.config.train.grad_accum:
+            batch = next(self.batches)
+            data_skipped += batch.get("num_skipped", 0)
+            image = batch["image"].to(device, self.input_dtype)
+            outputs = self.engine(image, batch["text"].to(device))
+            loss = self._loss(outputs, batch["sample_id"].to(device))
+            if not torch.isfinite(loss):
+                skipped += 1
+                self._on_nonfinite(loss, skipped)
+                continue
+            self.engine.backward(loss)
+            if self.engine.is_gradient_accumulation_boundary():
+                lr = self.engine.get_lr()[0]  # the rate this update uses
+                if self.engine.zero_optimization_stage() == 0:
+                    grad_norm = _local_grad_norm(self.engine.module)  # stage 0 does not report it
+            self.engine.step()
+            losses.append(loss.item())
+        self.history.skipped_batches += skipped
+        self.history.data_skipped += data_skipped
+        engine_norm = self.engine.get_global_grad_norm()
+        return StepResult(
+            loss=sum(losses) / len(losses),
+            lr=lr,
+            grad_norm=_as_float(engine_norm) if engine_norm is not None else grad_norm,
+            logit_scale=outputs[2].detach().float().mean().item(),
+            step_time=time.perf_counter() - began,
+            samples=self.global_batch,
+            skipped_batches=skipped,
+            data_skipped=data_skipped,
+        )
+
+    def _loss(self, outputs, sample_ids: torch.Tensor) -> torch.Tensor:
+        image_features, text_features, logit_scale = outputs[:3]
+        logit_bias = outputs[3] if len(outputs) > 3 else None
+        return self.loss_fn(image_features, text_features, logit_scale, logit_bias=logit_bias, sample_ids=sample_ids)
+
+    def _on_nonfinite(self, loss: torch.Tensor, skipped_in_a_row: int) -> None:
+        where = f"step {self.step + 1}: loss is {loss.item()}"
+        advice = "lower optim.lr, use train.precision=bf16 instead of fp16, or check the data"
+        if self.config.train.on_nonfinite_loss == "stop":
+            raise NonFiniteLossError(f"{where}; stopping (train.on_nonfinite_loss=stop). Try: {advice}.")
+        if skipped_in_a_row > self.config.train.max_skipped_steps:
+            raise NonFiniteLossError(
+                f"{where}; {skipped_in_a_row} batches in a row had a non-finite loss "
+                f"(train.max_skipped_steps={self.config.train.max_skipped_steps}). Try: {advice}."
+            )
+        logger.warning("%s; batch skipped without an update (train.on_nonfinite_loss=skip)", where)
+
+    def _report(self, result: StepResult, elapsed: float) -> None:
+        if not self.is_main:
+            return
+        step = self.step
+        scalars = {
+            "train/loss": result.loss,
+            "train/lr": result.lr,
+            "train/logit_scale": result.logit_scale,
+            "train/samples_per_second": result.samples / result.step_time,
+            "train/step_time": result.step_time,
+            "train/skipped_batches": result.skipped_batches,
+            "data/skipped_samples": result.data_skipped,
+        }
+        if result.grad_norm is not None:
+            scalars["train/grad_norm"] = result.grad_norm
+        for name, value in getattr(self.loss_fn, "metrics", dict)().items():
+            scalars[f"loss/{name}"] = value
+        if self.writer is not None:
+            for name, value in scalars.items():
+                self.writer.add_scalar(name, value, step)
+        if step % self.config.log.every == 0 or step == self.total_steps or step == 1:
+            logger.info(_progress_line(step, self.total_steps, result, elapsed))
+
+
+def _progress_line(step: int, total: int, result: StepResult, elapsed: float) -> str:
+    eta = elapsed / step * (total - step)
+    grad = f" | grad {result.grad_norm:.3f}" if result.grad_norm is not None else ""
+    return (
+        f"step {step}/{total} | loss {result.loss:.4f} | lr {result.lr:.3g}{grad} | "
+        f"scale {result.logit_scale:.2f} | {result.samples / result.step_time:.0f} samples/s | "
+        f"{result.step_time:.2f} s/step | eta {_duration(eta)}"
+    )
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    return f"{minutes}m{seconds:02d}s"
+
+
+def _local_grad_norm(module: torch.nn.Module) -> float:
+    norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)).item() if norms else 0.0
+
+
+def _engine_dtype(engine) -> torch.dtype:
+    if engine.bfloat16_enabled():
+        return torch.bfloat16
+    return torch.float16 if engine.fp16_enabled() else torch.float32
+
+
+def _as_float(value) -> float:
+    return value.item() if isinstance(value, torch.Tensor) else float(value)
+
+
+def total_steps(config: Config, world_size: int) -> int:
+    """The run length in optimizer steps, from ``train.steps`` or ``train.samples``."""
+    if config.train.steps is not None:
+        return config.train.steps
+    global_batch = config.train.batch_size * config.train.grad_accum * world_size
+    return math.ceil(config.train.samples / global_batch)
