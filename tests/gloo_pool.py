@@ -28,7 +28,7 @@ class GlooPool:
         self._results = context.Queue()
         port = _free_port()
         self._processes = [
-            context.Process(target=_worker, args=(rank, world_size, port, self._tasks[rank], self._results), daemon=True)
+            context.Process(target=_worker, args=(rank, world_size, port, self._tasks[rank], self._results), daemon=False)  # ranks start data-loader workers
             for rank in range(world_size)
         ]
         for process in self._processes:
@@ -71,17 +71,18 @@ def _free_port() -> int:
 
 
 def _worker(rank, world_size, port, tasks, results):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=_TIMEOUT_S)
     )
-    try:
-        while (task := tasks.get()) is not None:
-            fn, args = task
-            try:
-                results.put((rank, True, fn(rank, world_size, *args)))
-            except Exception:
-                results.put((rank, False, traceback.format_exc()))
-    finally:
-        dist.destroy_process_group()
+    while (task := tasks.get()) is not None:
+        fn, args = task
+        try:
+            results.put((rank, True, fn(rank, world_size, *args)))
+        except Exception:
+            results.put((rank, False, traceback.format_exc()))
+    results.close()
+    results.join_thread()
+    os._exit(0)  # skip interpreter teardown, where the process group's destructor waits for peers

@@ -160,7 +160,7 @@ def _convert(hint: Any, value: Any, key: str, source: str) -> Any:
         (inner,) = [a for a in args if a is not type(None)]
         return _convert(inner, value, key, source)
     if origin is Literal:
-        if value not in args:
+        if value not in args or isinstance(value, bool):  # True == 1 would pass for stage 1
             raise ConfigError(f"{source}: {key} must be one of {list(args)}, got {value!r}")
         return value
     if origin is tuple:

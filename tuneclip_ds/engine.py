@@ -151,3 +151,18 @@ def build_engine(config: Config, model: torch.nn.Module, total_steps: int):
         config.train.precision, config.train.batch_size, config.train.grad_accum, world_size,
     )
     return engine
+
+
+def full_parameters(engine) -> dict[str, torch.Tensor]:
+    """Full fp32 copies of the model's parameters on every rank (a collective under ZeRO).
+
+    The fp32 master copy where DeepSpeed keeps one, else the parameter itself
+    (ZeRO-0 in fp32).
+    """
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    params = {}
+    for name, param in engine.module.named_parameters():
+        full = safe_get_full_fp32_param(param)
+        params[name] = (param if full is None else full).detach().float().cpu().clone()
+    return params

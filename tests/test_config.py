@@ -1,0 +1,136 @@
+"""Config loading, validation, overrides, and the DeepSpeed JSON merge."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tuneclip_ds.config import ConfigError, load_config, save_config
+from tuneclip_ds.engine import build_ds_config, param_groups
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write_yaml(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "experiment.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_shipped_configs_load():
+    for path in (REPO / "configs").glob("*.yaml"):
+        assert load_config(path).run_name
+
+
+def test_yaml_values_and_overrides(tmp_path):
+    path = write_yaml(tmp_path, {"train": {"steps": 7, "batch_size": 4}, "optim": {"lr": "1e-5"}})
+    config = load_config(path, ["train.batch_size=8", "optim.betas=[0.8, 0.9]", "data.synthetic.num_samples=64"])
+    assert config.train.steps == 7
+    assert config.train.batch_size == 8
+    assert config.optim.lr == 1e-5
+    assert config.optim.betas == (0.8, 0.9)
+    assert config.data.synthetic.num_samples == 64
+    assert config.data.synthetic.image_size == 64  # the rest of a section keeps its defaults
+
+
+def test_resolved_config_round_trips(tmp_path):
+    config = load_config(write_yaml(tmp_path, {"train": {"steps": 3}}), ["optim.betas=[0.5, 0.6]"])
+    save_config(config, tmp_path / "resolved.yaml")
+    assert load_config(tmp_path / "resolved.yaml") == config
+
+
+@pytest.mark.parametrize(
+    "data, override, message",
+    [
+        ({"train": {"steps": 1, "batch_sise": 4}}, None, "unknown key train.batch_sise"),
+        ({"train": {"steps": 1}, "optimizer": {}}, None, "unknown key optimizer"),
+        ({"train": {"steps": 1}}, "model.nme=x", "unknown key model.nme"),
+        ({"train": {"steps": "ten"}}, None, "train.steps must be of type int"),
+        ({"train": {"steps": 1, "batch_size": True}}, None, "train.batch_size must be of type int"),
+        ({"train": {"steps": 1, "precision": "fp8"}}, None, "train.precision must be one of"),
+        ({"train": {"steps": 1}, "optim": {"betas": [0.9]}}, None, "optim.betas must be a list of 2"),
+        ({"train": {"steps": 1}, "optim": {"lr": "fast"}}, None, "optim.lr must be of type float"),
+        ({"train": {"steps": 1}, "model": "ViT-B-16"}, None, "'model' must be a mapping"),
+        ({"train": {}}, None, "exactly one of train.steps and train.samples"),
+        ({"train": {"steps": 1, "samples": 10}}, None, "exactly one of train.steps and train.samples"),
+        ({"train": {"steps": 1, "batch_size": 0}}, None, "train.batch_size must be at least 1"),
+        ({"train": {"steps": 1, "zero_stage": 0, "offload_optimizer": True}}, None, "needs train.zero_stage"),
+    ],
+)
+def test_bad_config_names_key_and_file(tmp_path, data, override, message):
+    path = write_yaml(tmp_path, data)
+    with pytest.raises(ConfigError) as error:
+        load_config(path, [override] if override else [])
+    assert message in str(error.value)
+    assert str(path) in str(error.value)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        load_config(None, ["train.steps"])
+
+
+def test_ds_config_filled_from_experiment(tmp_path):
+    config = load_config(None, ["train.steps=1", "train.batch_size=6", "train.grad_accum=3", "train.zero_stage=3",
+                                "train.precision=bf16", "train.grad_clip=0.5"])
+    ds = build_ds_config(config, world_size=4)
+    assert ds["train_micro_batch_size_per_gpu"] == 6
+    assert ds["gradient_accumulation_steps"] == 3
+    assert ds["train_batch_size"] == 6 * 3 * 4
+    assert ds["gradient_clipping"] == 0.5
+    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    assert ds["zero_optimization"]["stage"] == 3
+    assert "stage3_prefetch_bucket_size" in ds["zero_optimization"]  # came from ds_configs/zero3.json
+
+
+def test_ds_config_offload_file_is_chosen():
+    config = load_config(None, ["train.steps=1", "train.zero_stage=2", "train.offload_optimizer=true"])
+    assert build_ds_config(config, 2)["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+
+
+def test_ds_config_contradictions_are_reported(tmp_path):
+    user_json = tmp_path / "ds.json"
+    user_json.write_text(json.dumps({
+        "train_micro_batch_size_per_gpu": 16,
+        "gradient_accumulation_steps": "auto",
+        "zero_optimization": {"stage": 3},
+        "bf16": {"enabled": True},
+    }))
+    config = load_config(None, ["train.steps=1", "train.batch_size=8", "train.zero_stage=2",
+                                "train.precision=fp32", f"train.deepspeed_config={user_json}"])
+    with pytest.raises(ConfigError) as error:
+        build_ds_config(config, world_size=2)
+    text = str(error.value)
+    assert "train_micro_batch_size_per_gpu = 16 but train.batch_size gives 8" in text
+    assert "zero_optimization.stage = 3 but train.zero_stage gives 2" in text
+    assert "bf16.enabled = True but train.precision gives False" in text
+    assert "gradient_accumulation_steps" not in text  # "auto" is filled, not a contradiction
+
+
+def test_ds_config_missing_file():
+    config = load_config(None, ["train.steps=1", "train.deepspeed_config=/no/such.json"])
+    with pytest.raises(ConfigError, match="/no/such.json does not exist"):
+        build_ds_config(config, 1)
+
+
+def test_param_groups_exempt_gains_biases_and_temperature():
+    import open_clip
+
+    import tuneclip_ds.models  # noqa: F401  (registers the tiny model configs)
+
+    model = open_clip.create_model("tiny-ViT-SigLIP", nonscalar_logit_scale=True)
+    decay, no_decay = param_groups(model, weight_decay=0.2)
+    names = {id(p): n for n, p in model.named_parameters()}
+    exempt = {names[id(p)] for p in no_decay["params"]}
+    assert {"logit_scale", "logit_bias", "visual.class_embedding", "ln_final.weight", "ln_final.bias"} <= exempt
+    assert all(model.get_parameter(n).ndim >= 2 for n in (names[id(p)] for p in decay["params"]))
+    assert "text_projection" in {names[id(p)] for p in decay["params"]}
+    assert decay["weight_decay"] == 0.2 and no_decay["weight_decay"] == 0.0
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
