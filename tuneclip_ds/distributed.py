@@ -27,15 +27,37 @@ def init_distributed() -> tuple[int, int]:
     from deepspeed.accelerator import get_accelerator
 
     if "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        os.environ.update(_slurm_environment() if "SLURM_PROCID" in os.environ else _single_process_environment())
     _limit_cpu_threads()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if get_accelerator().device_name() != "cpu":
         get_accelerator().set_device(local_rank)
     deepspeed.init_distributed()
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def _single_process_environment() -> dict[str, str]:
+    return {
+        "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+        "MASTER_ADDR": os.environ.get("MASTER_ADDR", "127.0.0.1"),
+        "MASTER_PORT": os.environ.get("MASTER_PORT", str(free_port())),
+    }
+
+
+def _slurm_environment() -> dict[str, str]:
+    """torch.distributed's variables from a task that ``srun`` started (one task per GPU).
+
+    MASTER_ADDR / MASTER_PORT must be exported by the job script (see slurm/train.sbatch).
+    """
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        if name not in os.environ:
+            raise RuntimeError(f"{name} is not set: export it in the job script before srun (see slurm/train.sbatch)")
+    return {
+        "RANK": os.environ["SLURM_PROCID"],
+        "LOCAL_RANK": os.environ["SLURM_LOCALID"],
+        "WORLD_SIZE": os.environ["SLURM_NTASKS"],
+        "LOCAL_WORLD_SIZE": os.environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0],
+    }
 
 
 def _limit_cpu_threads() -> None:

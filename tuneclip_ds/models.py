@@ -15,7 +15,7 @@ from tuneclip_ds.errors import InputError
 
 logger = logging.getLogger(__name__)
 
-# Tiny configs for CPU work ("tiny-ViT", "tiny-ViT-SigLIP") sit beside the package.
+# Tiny configs for CPU work ("tiny-ViT", "tiny-ViT-sigmoid") sit beside the package.
 open_clip.add_model_config(Path(__file__).parent / "model_configs")
 
 
@@ -39,6 +39,11 @@ def build_model(cfg: ModelConfig) -> ClipBundle:
     flattening); open_clip reshapes 0-dim values from checkpoints on load.
     """
     name, checkpoint = _resolve_weights(cfg)
+    if name == cfg.name and open_clip.get_model_config(name) is None:
+        raise ModelLoadError(
+            f"model.name={cfg.name!r} is not an open_clip model; see open_clip.list_models() "
+            f"or the configs in {Path(__file__).parent / 'model_configs'}"
+        )
     try:
         model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
             name,
@@ -47,13 +52,14 @@ def build_model(cfg: ModelConfig) -> ClipBundle:
             force_image_size=cfg.force_image_size,
             nonscalar_logit_scale=True,
         )
-    except RuntimeError as error:
-        if "not found in built-ins" in str(error):
-            raise ModelLoadError(
-                f"model.name={cfg.name!r} is not an open_clip model; see open_clip.list_models() "
-                f"or the configs in {Path(__file__).parent / 'model_configs'}"
-            ) from None
-        raise
+    except (RuntimeError, AssertionError, KeyError) as error:  # open_clip's ways of saying "shapes differ"
+        if not checkpoint:
+            raise
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelLoadError(
+            f"checkpoint {checkpoint} does not fit model {cfg.name}: {first_line}. "
+            f"Set model.name to the architecture the checkpoint was trained with"
+        ) from None
     if checkpoint:
         logger.info("loaded %s weights from %s", cfg.name, checkpoint)
     tokenizer = open_clip.get_tokenizer(name)

@@ -1,0 +1,75 @@
+"""The entry point as users start it: torchrun and the deepspeed launcher, 2 CPU ranks."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+
+
+def launch(launcher: list[str], tmp_path: Path, shards: str, *overrides: str) -> subprocess.CompletedProcess:
+    command = launcher + [
+        "--config", str(REPO / "configs" / "demo.yaml"),
+        f"output_dir={tmp_path}", "run_name=launched", f"data.train_shards={shards}", "data.synthetic=null",
+        "train.steps=6", "train.batch_size=8", "log.every=2", *overrides,
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+
+def scalars(run_dir: Path) -> dict[str, list[float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_torchrun_two_ranks_writes_tensorboard_and_config(tmp_path, synthetic_shards):
+    result = launch([str(VENV_BIN / "torchrun"), "--nproc_per_node", "2", "-m", "tuneclip_ds.train"],
+                    tmp_path, synthetic_shards, "train.zero_stage=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "launched"
+    assert f"run directory: {run_dir}" in result.stdout
+    assert "loss:" in result.stdout and "-> " in result.stdout
+    assert "step 6/6" in result.stderr  # the rank-0 progress line
+    assert result.stderr.count("step 6/6") == 1  # ... from rank 0 only
+
+    logged = scalars(run_dir)
+    for tag in ["train/loss", "train/lr", "train/grad_norm", "train/logit_scale",
+                "train/samples_per_second", "train/step_time"]:
+        assert len(logged[tag]) == 6, tag
+    final_loss = float(result.stdout.split("-> ")[1].split()[0])
+    assert logged["train/loss"][-1] == pytest.approx(final_loss, abs=1e-4)
+    assert all(v > 0 for v in logged["train/samples_per_second"])
+
+    resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert resolved["train"]["steps"] == 6 and resolved["train"]["zero_stage"] == 1
+
+
+def test_deepspeed_launcher_two_ranks(tmp_path, synthetic_shards):
+    result = launch([str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--module", "tuneclip_ds.train"],
+                    tmp_path, synthetic_shards, "train.zero_stage=3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "step 6/6" in result.stdout + result.stderr
+    assert len(scalars(tmp_path / "launched")["train/loss"]) == 6
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["train.stps=3"], "unknown key train.stps"),
+        (["model.pretrained=openai"], "reads weights from disk only"),
+        (["data.train_shards=/no/such/shards"], "/no/such/shards"),
+    ],
+)
+def test_bad_input_is_one_clear_message(tmp_path, synthetic_shards, overrides, message):
+    result = launch([sys.executable, "-m", "tuneclip_ds.train"], tmp_path, synthetic_shards, *overrides)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
