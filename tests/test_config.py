@@ -125,7 +125,7 @@ def test_param_groups_exempt_gains_biases_and_temperature():
 
     import tuneclip_ds.models  # noqa: F401  (registers the tiny model configs)
 
-    model = open_clip.create_model("tiny-ViT-SigLIP", nonscalar_logit_scale=True)
+    model = open_clip.create_model("tiny-ViT-sigmoid", nonscalar_logit_scale=True)
     decay, no_decay = param_groups(model, weight_decay=0.2)
     names = {id(p): n for n, p in model.named_parameters()}
     exempt = {names[id(p)] for p in no_decay["params"]}
