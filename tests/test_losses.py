@@ -12,9 +12,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from gloo_pool import GlooPool
-from tuneclip_ds.losses import build_loss
+from tuneclip_ds.losses import build_loss, gamma_schedule
+from tuneclip_ds.losses.estimators import EstimatorTable
 from tuneclip_ds.losses.ring import resolve_group, ring_blocks
 
 POOL_SIZE = 4
@@ -24,18 +26,19 @@ WORLD_SIZES = [1, 2, 3, 4]
 # ---------------------------------------------------------------- inputs and helpers
 
 
-def make_batch(global_batch, dim=8, dtype=torch.float64, seed=0, scale=10.0, bias=None):
-    """Deterministic global batch: normalised features, logit scale [1], optional bias [1], ids."""
+def make_batch(global_batch, dim=8, dtype=torch.float64, seed=0, scale=10.0, bias=None, pull=1.5, id_range=None):
+    """Deterministic global batch: normalised features, logit scale [1], optional bias [1], distinct
+    ids drawn from ``range(id_range)``."""
     generator = torch.Generator().manual_seed(seed)
     image = F.normalize(torch.randn(global_batch, dim, generator=generator, dtype=torch.float64), dim=-1)
     text = F.normalize(torch.randn(global_batch, dim, generator=generator, dtype=torch.float64), dim=-1)
     # pull pairs together so that positives are more similar than most negatives, as in training
-    text = F.normalize(text + 1.5 * image, dim=-1)
+    text = F.normalize(text + pull * image, dim=-1)
     batch = {
         "image": image.to(dtype),
         "text": text.to(dtype),
         "scale": torch.tensor([scale], dtype=dtype),
-        "ids": torch.randperm(10 * global_batch, generator=generator)[:global_batch],
+        "ids": torch.randperm(id_range or 10 * global_batch, generator=generator)[:global_batch],
     }
     if bias is not None:
         batch["bias"] = torch.tensor([bias], dtype=dtype)
@@ -47,7 +50,7 @@ def rows(tensor, rank, world_size):
     return tensor[rank * local:(rank + 1) * local]
 
 
-def loss_and_grads(loss_fn, batch, rank=0, world_size=1, **forward_kwargs):
+def loss_and_grads(loss_fn, batch, rank=0, world_size=1):
     """Run ``loss_fn`` on this rank's rows of ``batch``; value and gradients of all inputs."""
     image = rows(batch["image"], rank, world_size).clone().requires_grad_()
     text = rows(batch["text"], rank, world_size).clone().requires_grad_()
@@ -58,7 +61,7 @@ def loss_and_grads(loss_fn, batch, rank=0, world_size=1, **forward_kwargs):
         bias = batch["bias"].clone().requires_grad_()
         inputs.append(bias)
     ids = rows(batch["ids"], rank, world_size)
-    loss = loss_fn(image, text, scale, bias, **forward_kwargs, sample_ids=ids)
+    loss = loss_fn(image, text, scale, bias, sample_ids=ids)
     grads = torch.autograd.grad(loss, inputs)
     return {"loss": loss.detach(), "image": grads[0], "text": grads[1], "scale": grads[2],
             "bias": grads[3] if bias is not None else None}
@@ -78,11 +81,12 @@ def subgroup(world_size, pool_size):
 
 @contextlib.contextmanager
 def only_scalar_collectives():
-    """Make every feature-sized collective raise: gathers, broadcasts, scatters; all_reduce of
-    more than a few numbers. Point-to-point ring exchanges and small all_reduces pass."""
+    """Make every feature-sized collective raise: gathers, broadcasts, scatters, all_reduce of more
+    than a few numbers, all_to_all of more than 2 numbers per sample. Point-to-point ring exchanges,
+    scalar all_reduces and the per-sample estimator routing pass."""
     forbidden = ["all_gather", "all_gather_into_tensor", "_all_gather_base", "all_gather_object",
                  "gather", "broadcast", "scatter", "reduce_scatter", "reduce_scatter_tensor", "all_to_all"]
-    saved = {name: getattr(dist, name) for name in forbidden + ["all_reduce"]}
+    saved = {name: getattr(dist, name) for name in forbidden + ["all_reduce", "all_to_all_single"]}
 
     def refuse(name):
         def call(*args, **kwargs):
@@ -93,10 +97,15 @@ def only_scalar_collectives():
         assert tensor.numel() <= 8, f"all_reduce of {tensor.numel()} elements"
         return saved["all_reduce"](tensor, *args, **kwargs)
 
+    def per_sample_all_to_all(output, tensor, *args, **kwargs):
+        assert tensor.dim() == 1 or tensor.shape[1] <= 2, f"all_to_all_single of shape {tuple(tensor.shape)}"
+        return saved["all_to_all_single"](output, tensor, *args, **kwargs)
+
     try:
         for name in forbidden:
             setattr(dist, name, refuse(name))
         dist.all_reduce = small_all_reduce
+        dist.all_to_all_single = per_sample_all_to_all
         yield
     finally:
         for name, fn in saved.items():
@@ -132,9 +141,10 @@ def assert_close(actual, expected, rtol, atol=0.0):
 
 
 def assert_matches_reference(results, reference, world_size, rtol, atol=0.0):
-    """Every rank: value = global loss, feature grads = W x reference rows; the mean over ranks of
-    the scale/bias grads (what the engine's averaging applies) = reference."""
+    """Every rank: the same value = global loss, feature grads = W x reference rows; the mean over
+    ranks of the scale/bias grads (what the engine's averaging applies) = reference."""
     for rank, result in enumerate(results):
+        assert result["loss"].item() == results[0]["loss"].item()
         assert_close(result["loss"], reference["loss"], rtol, atol)
         for key in ("image", "text"):
             assert_close(result[key], world_size * rows(reference[key], rank, world_size), rtol, atol)
@@ -187,7 +197,322 @@ def test_infonce_matches_open_clip_float64(pool, world_size, tile_size):
 
 @pytest.mark.parametrize("world_size", [1, 2, 4])
 def test_infonce_matches_open_clip_float32_with_bias(pool, world_size):
-    batch_kwargs = dict(global_batch=8 * world_size, dim=16, dtype=torch.float32, scale=14.0, bias=-3.0)
+    batch_kwargs = dict(global_batch=8 * world_size, dim=16, dtype=torch.float32, scale=14.0, bias=-3.0, pull=0.3)
     reference = loss_and_grads(open_clip_infonce, make_batch(**batch_kwargs))
     results = run_on_ranks(pool, world_size, _loss_worker, "infonce", dict(tile_size=3), batch_kwargs)
+    # the bias cancels in the softmax: its gradient is zero (up to rounding in open_clip)
+    assert abs(reference.pop("bias").item()) < 1e-6
+    assert all(result.pop("bias").item() == 0.0 for result in results)
+    assert_matches_reference(results, reference | {"bias": None}, world_size, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- SigLIP
+
+
+def open_clip_siglip(image, text, scale, bias, sample_ids=None):
+    from open_clip.loss import SigLipLoss
+
+    return SigLipLoss()(image, text, scale, bias)
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+@pytest.mark.parametrize("tile_size", [1, 5, 64])
+def test_siglip_matches_open_clip_float64(pool, world_size, tile_size):
+    batch_kwargs = dict(global_batch=5 * world_size, dtype=torch.float64, seed=world_size, bias=-8.0)
+    reference = loss_and_grads(open_clip_siglip, make_batch(**batch_kwargs))
+    results = run_on_ranks(pool, world_size, _loss_worker, "siglip", dict(tile_size=tile_size), batch_kwargs)
+    assert_matches_reference(results, reference, world_size, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_siglip_matches_open_clip_float32(pool, world_size):
+    batch_kwargs = dict(global_batch=8 * world_size, dim=16, dtype=torch.float32, bias=-10.0, pull=0.3)
+    reference = loss_and_grads(open_clip_siglip, make_batch(**batch_kwargs))
+    results = run_on_ranks(pool, world_size, _loss_worker, "siglip", dict(tile_size=3), batch_kwargs)
     assert_matches_reference(results, reference, world_size, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- GCL / HGCL
+
+
+class ReferenceGCL:
+    """Plain GCL/HGCL on the global batch: full B x B matrices, ``u`` in linear space in a dict."""
+
+    def __init__(self, pairwise="linear", margin=0.1, eps=1e-14):
+        self.pairwise = {"linear": lambda x: x, "hinge_sq": lambda x: torch.clamp(x + margin, min=0) ** 2}[pairwise]
+        self.eps = eps
+        self.gamma = 1.0
+        self.u = {}
+
+    def g(self, similarity, tau):
+        """g_i = 1/(B-1) sum_{j != i} exp(h(s_ij - s_ii) / tau) for the rows of ``similarity``."""
+        size = similarity.shape[0]
+        terms = torch.exp(self.pairwise(similarity - similarity.diag()[:, None]) / tau)
+        return (terms * (1 - torch.eye(size, dtype=terms.dtype))).sum(dim=1) / (size - 1)
+
+    def __call__(self, image, text, scale, bias=None, sample_ids=None):
+        tau = 1 / scale.reshape(())
+        similarity = image @ text.T
+        g = torch.stack([self.g(similarity, tau), self.g(similarity.T, tau)], dim=1)  # [B, 2]
+        for row, sample in enumerate(sample_ids.tolist()):
+            old = self.u.get(sample)
+            fresh = g[row].detach()
+            self.u[sample] = fresh if old is None else (1 - self.gamma) * old + self.gamma * fresh
+        u = torch.stack([self.u[sample] for sample in sample_ids.tolist()])
+        size = image.shape[0]
+        surrogate = tau * (g / (self.eps + u)).mean(dim=1).sum() / size
+        reported = tau * torch.log(self.eps + u).mean(dim=1).sum() / size
+        self.last_metrics = {
+            "log_u_mean": torch.log(u).mean().item(),
+            "log_u_min": torch.log(u).min().item(),
+            "log_u_max": torch.log(u).max().item(),
+            "active_negative_fraction": self.active_fraction(similarity),
+        }
+        return reported.detach() + surrogate - surrogate.detach()
+
+    def active_fraction(self, similarity):
+        size = similarity.shape[0]
+        active = 0
+        for s in (similarity, similarity.T):
+            h = self.pairwise(s - s.diag()[:, None])
+            active += ((h > 0) & ~torch.eye(size, dtype=torch.bool)).sum().item()
+        return active / (2 * size * (size - 1))
+
+
+GCL_STEPS = [(1.0, 0), (0.9, 1), (0.8, 2)]  # (gamma, seed): ids overlap across steps
+
+
+def gcl_step_batches(world_size, dtype=torch.float64):
+    return [
+        (gamma, dict(global_batch=4 * world_size, dtype=dtype, seed=seed, pull=0.3, id_range=8 * world_size))
+        for gamma, seed in GCL_STEPS
+    ]
+
+
+def _gcl_steps_worker(rank, world_size, group, loss_kwargs, steps, initial_states=None):
+    loss_fn = build_loss(group=group, **loss_kwargs)
+    if initial_states is not None:
+        loss_fn.load_state_dict(initial_states)
+    results = []
+    for gamma, batch_kwargs in steps:
+        loss_fn.gamma = gamma
+        results.append(loss_and_grads(loss_fn, make_batch(**batch_kwargs), rank, world_size) | {"metrics": loss_fn.metrics()})
+    return results, loss_fn.state_dict()
+
+
+def reference_gcl_steps(reference, steps):
+    results = []
+    for gamma, batch_kwargs in steps:
+        reference.gamma = gamma
+        results.append(loss_and_grads(reference, make_batch(**batch_kwargs)) | {"metrics": reference.last_metrics})
+    return results
+
+
+def assert_steps_match(per_rank, reference_steps, world_size, rtol=1e-10, atol=1e-12):
+    for step, reference in enumerate(reference_steps):
+        results = [steps[step] for steps, _ in per_rank]
+        assert_matches_reference(results, reference, world_size, rtol, atol)
+        for result in results:
+            assert result["metrics"] == pytest.approx(reference["metrics"], rel=1e-10, abs=1e-12)
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+@pytest.mark.parametrize("name,loss_kwargs", [
+    ("gcl", dict(tile_size=3)),
+    ("hgcl", dict(tile_size=3)),
+    ("hgcl", dict(tile_size=64, margin=0.5)),
+])
+def test_gcl_matches_reference_over_steps(pool, world_size, name, loss_kwargs):
+    pairwise = "linear" if name == "gcl" else "hinge_sq"
+    reference = ReferenceGCL(pairwise, margin=loss_kwargs.get("margin", 0.1))
+    steps = gcl_step_batches(world_size)
+    reference_steps = reference_gcl_steps(reference, steps)
+    per_rank = run_on_ranks(pool, world_size, _gcl_steps_worker, dict(name=name, **loss_kwargs), steps)
+    assert_steps_match(per_rank, reference_steps, world_size)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_gcl_estimators_are_owned_by_id_modulo_world_size(pool, world_size):
+    reference = ReferenceGCL("hinge_sq")
+    steps = gcl_step_batches(world_size)
+    reference_gcl_steps(reference, steps)
+    states = [state for _, state in run_on_ranks(pool, world_size, _gcl_steps_worker, dict(name="hgcl"), steps)]
+    for rank, state in enumerate(states):
+        assert torch.all(state["ids"] % world_size == rank)
+    ids = torch.cat([state["ids"] for state in states])
+    log_u = torch.cat([state["log_u"] for state in states])
+    assert sorted(ids.tolist()) == sorted(reference.u)
+    expected = torch.stack([reference.u[sample] for sample in ids.tolist()]).log()
+    assert_close(log_u, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("new_world_size", [1, 3])
+def test_gcl_state_dict_resumes_on_another_world_size(pool, new_world_size):
+    """Two steps on 2 ranks, then the states of both ranks are loaded on ``new_world_size`` ranks
+    (each keeps the ids it owns): the third step equals an uninterrupted single-process run."""
+    steps = [(gamma, dict(global_batch=12, seed=seed, pull=0.3, id_range=20)) for gamma, seed in GCL_STEPS]
+    reference = ReferenceGCL("hinge_sq")
+    reference_steps = reference_gcl_steps(reference, steps)
+    saved = [state for _, state in run_on_ranks(pool, 2, _gcl_steps_worker, dict(name="hgcl"), steps[:2])]
+    resumed = run_on_ranks(pool, new_world_size, _gcl_steps_worker, dict(name="hgcl"), steps[2:], saved)
+    assert_steps_match(resumed, reference_steps[2:], new_world_size)
+
+
+def test_estimator_update_follows_the_moving_average_formula():
+    table, single = EstimatorTable(num_directions=2), resolve_group(None)
+    first_log_g = torch.tensor([[0.5, -2.0], [1.5, 0.25]], dtype=torch.float64)
+    assert torch.equal(table.update(torch.tensor([3, 7]), first_log_g, 0.7, single), first_log_g)  # u = g
+    second_log_g = torch.tensor([[-1.0, 2.0], [0.0, 3.0]], dtype=torch.float64)
+    updated = table.update(torch.tensor([7, 5]), second_log_g, 0.7, single)
+    expected_u7 = 0.3 * first_log_g[1].exp() + 0.7 * second_log_g[0].exp()
+    assert_close(updated[0], expected_u7.log(), rtol=1e-14)
+    assert torch.equal(updated[1], second_log_g[1])  # id 5 is new
+    state = table.state_dict(single)
+    assert state["ids"].tolist() == [3, 5, 7]
+    assert torch.equal(state["log_u"], torch.stack([first_log_g[0], second_log_g[1], updated[0]]))
+
+
+def test_estimator_update_stays_finite_for_huge_g():
+    """log g = 700 (exp overflows even float64): the log-space average is exact."""
+    table, single = EstimatorTable(num_directions=1), resolve_group(None)
+    for gamma in (1.0, 0.8, 0.1):
+        log_u = table.update(torch.tensor([0]), torch.tensor([[700.0]]), gamma, single)
+        assert log_u.item() == pytest.approx(700.0, rel=1e-7)
+
+
+def test_gamma_schedule_decays_from_one_to_gamma_min_and_stays():
+    assert gamma_schedule(0, gamma_min=0.8, decay_epochs=4) == 1.0
+    assert gamma_schedule(2, gamma_min=0.8, decay_epochs=4) == pytest.approx(0.9)
+    assert gamma_schedule(4, gamma_min=0.8, decay_epochs=4) == pytest.approx(0.8)
+    assert gamma_schedule(9.5, gamma_min=0.8, decay_epochs=4) == 0.8
+    values = [gamma_schedule(e / 10, 0.2, 3) for e in range(40)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_build_loss_names_and_errors():
+    assert type(build_loss("clip")).__name__ == "InfoNCELoss"
+    assert build_loss("hgcl", margin=0.3, gamma=0.5).gamma == 0.5
+    with pytest.raises(ValueError, match="unknown loss"):
+        build_loss("nope")
+    with pytest.raises(ValueError, match="sample_ids"):
+        build_loss("gcl")(torch.eye(2), torch.eye(2), torch.tensor(10.0))
+
+
+# ---------------------------------------------------------------- numerics
+
+
+def extreme_batch(global_batch, dtype, seed=0):
+    """Features on +-axes: every similarity (positives included) is -1, 0 or +1; logit scale 100."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def signed_axes():
+        axes = torch.randint(0, 3, (global_batch,), generator=generator)
+        signs = torch.randint(0, 2, (global_batch, 1), generator=generator) * 2.0 - 1.0
+        return (F.one_hot(axes, 4).double() * signs).to(dtype)
+
+    return {
+        "image": signed_axes(),
+        "text": signed_axes(),
+        "scale": torch.tensor([100.0], dtype=dtype),
+        "bias": torch.tensor([-10.0], dtype=dtype),
+        "ids": torch.arange(global_batch),
+    }
+
+
+NUMERICS_CASES = [
+    ("infonce", {}),
+    ("siglip", {}),
+    ("gcl", {}),
+    ("hgcl", dict(margin=0.1)),
+    ("hgcl", dict(margin=0.5)),
+]
+
+
+def _numerics_worker(rank, world_size, group, name, loss_kwargs, dtype):
+    loss_fn = build_loss(name, group=group, tile_size=3, **loss_kwargs)
+    results = []
+    for gamma in (1.0, 0.5):  # the second step averages into the estimators
+        loss_fn.gamma = gamma
+        results.append(loss_and_grads(loss_fn, extreme_batch(4 * world_size, dtype), rank, world_size))
+    return results
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+@pytest.mark.parametrize("name,loss_kwargs", NUMERICS_CASES)
+def test_extreme_inputs_give_finite_loss_and_grads_in_input_dtype(pool, world_size, name, loss_kwargs):
+    per_rank = {
+        dtype: run_on_ranks(pool, world_size, _numerics_worker, name, loss_kwargs, dtype)
+        for dtype in (torch.float32, torch.bfloat16)
+    }
+    for dtype, ranks in per_rank.items():
+        for steps in ranks:
+            for result in steps:
+                assert torch.isfinite(result["loss"])
+                for key in ("image", "text", "scale", "bias"):
+                    if result[key] is not None:
+                        assert result[key].dtype == dtype
+                        assert torch.all(torch.isfinite(result[key])), key
+    # bf16 inputs are computed in fp32: same loss, gradients rounded once to bf16
+    for steps32, steps16 in zip(per_rank[torch.float32], per_rank[torch.bfloat16]):
+        for result32, result16 in zip(steps32, steps16):
+            assert result16["loss"].item() == result32["loss"].item()
+            for key in ("image", "text"):
+                assert torch.equal(result16[key], result32[key].bfloat16())
+
+
+def test_hgcl_negatives_beyond_the_margin_get_no_gradient():
+    """Sample 0 is more than the margin away from samples 1 and 2 (similarity <= 0.1 against a
+    positive of 1), which are within the margin of each other: only pairs of 1 and 2 are active."""
+    loss_fn = build_loss("hgcl", margin=0.1)
+    features = F.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.1, 1.0]]), dim=-1)
+    image, text = features.clone().requires_grad_(), features.clone().requires_grad_()
+    loss = loss_fn(image, text, torch.tensor(10.0), sample_ids=torch.arange(3))
+    image_grad, text_grad = torch.autograd.grad(loss, [image, text])
+    assert torch.all(image_grad[0] == 0) and torch.all(text_grad[0] == 0)
+    assert torch.all(image_grad[1:].abs().sum(dim=1) > 0) and torch.all(text_grad[1:].abs().sum(dim=1) > 0)
+    assert loss_fn.metrics()["active_negative_fraction"] == pytest.approx(4 / 12)
+
+
+# ---------------------------------------------------------------- gather-free guarantees
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest number of elements of any tensor an operation produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in torch.utils._pytree.tree_leaves(out):
+            if isinstance(tensor, torch.Tensor):
+                self.numel = max(self.numel, tensor.numel())
+        return out
+
+
+def _largest_tensor_worker(rank, world_size, group, name, tile_size):
+    batch = make_batch(12, dim=4, bias=-5.0) | {"ids": torch.arange(12)}
+    loss_fn = build_loss(name, group=group, tile_size=tile_size)
+    with LargestTensor() as largest:
+        loss_and_grads(loss_fn, batch, rank, world_size)
+    return largest.numel
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+@pytest.mark.parametrize("name", ["infonce", "siglip", "gcl", "hgcl"])
+def test_no_tensor_is_larger_than_a_tile_or_the_features(pool, world_size, name):
+    """Global batch 12, dim 4, tile 3: nothing larger than b x max(d, tile) (never b x B)."""
+    local_batch = 12 // world_size
+    for largest in run_on_ranks(pool, world_size, _largest_tensor_worker, name, 3):
+        assert largest <= local_batch * 4
+
+
+def _all_gather_worker(rank, world_size, group):
+    tensor = torch.ones(2)
+    dist.all_gather([torch.empty(2) for _ in range(world_size)], tensor, group=group)
+
+
+def test_the_collective_guard_rejects_all_gather(pool):
+    with pytest.raises(RuntimeError, match="all_gather called on the gather-free path"):
+        run_on_ranks(pool, 2, _all_gather_worker)

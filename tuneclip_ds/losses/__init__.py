@@ -1,11 +1,18 @@
 """Gather-free contrastive losses (see /work/shared/docs/method.md, sections 3 and 4)."""
 
+from functools import partial
+
 from tuneclip_ds.losses.base import RingLoss
+from tuneclip_ds.losses.gcl import GlobalContrastiveLoss, gamma_schedule, make_pairwise
 from tuneclip_ds.losses.infonce import InfoNCELoss
+from tuneclip_ds.losses.siglip import SigLipLoss
 
 _LOSSES = {
     "infonce": InfoNCELoss,
     "clip": InfoNCELoss,
+    "siglip": SigLipLoss,
+    "gcl": partial(GlobalContrastiveLoss, pairwise="linear"),
+    "hgcl": partial(GlobalContrastiveLoss, pairwise="hinge_sq"),
 }
 
 
@@ -22,4 +29,13 @@ def available_losses() -> list[str]:
     return sorted(_LOSSES)
 
 
-__all__ = ["RingLoss", "InfoNCELoss", "build_loss", "available_losses"]
+__all__ = [
+    "RingLoss",
+    "InfoNCELoss",
+    "SigLipLoss",
+    "GlobalContrastiveLoss",
+    "gamma_schedule",
+    "make_pairwise",
+    "build_loss",
+    "available_losses",
+]

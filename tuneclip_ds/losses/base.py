@@ -52,14 +52,7 @@ def global_value_with_local_gradient(global_value: torch.Tensor, local_share: to
     return global_value + world_size * (local_share - local_share.detach())
 
 
-def as_scalar(tensor: torch.Tensor | None) -> torch.Tensor | None:
-    """A ``[]`` or ``[1]`` parameter as a 0-dim float32 (or float64) tensor, differentiably."""
-    if tensor is None:
-        return None
-    return tensor.reshape(()).to(torch.promote_types(tensor.dtype, torch.float32))
-
-
-def positive_similarity(image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
-    """``s_ii = <I_i, T_i>`` per sample, in float32 (float64 for float64 inputs)."""
-    dtype = torch.promote_types(image_features.dtype, torch.float32)
-    return (image_features.to(dtype) * text_features.to(dtype)).sum(dim=-1)
+def with_zero_bias_gradient(local_share: torch.Tensor, logit_bias: torch.Tensor | None) -> torch.Tensor:
+    """``local_share`` that also gives ``logit_bias`` a zero gradient. For losses that ignore the
+    bias: every parameter of a model with a bias (SigLIP) then still gets a gradient."""
+    return local_share if logit_bias is None else local_share + 0.0 * logit_bias.sum()

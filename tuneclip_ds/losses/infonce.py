@@ -1,9 +1,7 @@
 """InfoNCE / CLIP loss, gather-free; equal to open_clip ``ClipLoss`` on the global batch."""
 
-import torch
-
-from tuneclip_ds.losses.base import RingLoss, as_scalar, global_value_with_local_gradient, positive_similarity
-from tuneclip_ds.losses.pairs import PairReduction, pair_statistics
+from tuneclip_ds.losses.base import RingLoss, global_value_with_local_gradient, with_zero_bias_gradient
+from tuneclip_ds.losses.pairs import LossInputs, PairReduction, pair_statistics
 from tuneclip_ds.losses.ring import all_reduce_sum
 
 
@@ -24,14 +22,10 @@ class InfoNCELoss(RingLoss):
 
     def forward(self, image_features, text_features, logit_scale, logit_bias=None, sample_ids=None):
         info = self.group_info()
-        scale = as_scalar(logit_scale)
-        positive = positive_similarity(image_features, text_features)
-        stats, _ = pair_statistics(
-            _INFONCE, image_features, text_features, positive, scale, None, self.tile_size, info
-        )
-        global_batch = image_features.shape[0] * info.world_size
-        local_share = (stats - scale * positive).sum() / (2 * global_batch)
-        if logit_bias is not None:
-            local_share = local_share + 0.0 * logit_bias.sum()
+        inputs = LossInputs.prepare(image_features, text_features, logit_scale)
+        stats, _ = pair_statistics(_INFONCE, inputs, self.tile_size, info)
+        global_batch = inputs.local_batch * info.world_size
+        local_share = (stats - inputs.scale * inputs.positive).sum() / (2 * global_batch)
+        local_share = with_zero_bias_gradient(local_share, logit_bias)
         global_value = all_reduce_sum(local_share.detach().clone(), info)
         return global_value_with_local_gradient(global_value, local_share, info.world_size)

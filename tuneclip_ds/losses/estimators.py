@@ -1,0 +1,112 @@
+"""Per-sample moving-average estimators ``u`` of GCL/HGCL, sharded over ranks by sample id.
+
+Ownership: sample ``id`` lives on rank ``id % W`` at local slot ``id // W`` (``W`` ranks in the
+loss's group), so a rank stores O(n/W) entries for a corpus of ``n`` samples. The table holds
+``log u`` for each direction (image anchors, text anchors) and grows on demand up to the largest
+slot it has seen. In a step, each rank routes the ``(id, log g)`` of its samples to their owners
+with ``all_to_all`` of per-sample scalars; the owner updates and returns the new ``log u``.
+"""
+
+import math
+from collections.abc import Iterable, Mapping
+
+import torch
+import torch.distributed as dist
+
+from tuneclip_ds.losses.ring import GroupInfo
+
+
+class EstimatorTable:
+    """``log u`` [slots, directions] for the samples this rank owns, and which of them were seen."""
+
+    def __init__(self, num_directions: int = 2):
+        self.num_directions = num_directions
+        self.log_u: torch.Tensor | None = None
+        self.seen: torch.Tensor | None = None
+        self._layout: tuple[int, int] | None = None  # (rank, world size) the slots are laid out for
+
+    def update(self, ids: torch.Tensor, log_g: torch.Tensor, gamma: float, info: GroupInfo) -> torch.Tensor:
+        """Move ``u`` of the samples ``ids`` [b] towards ``g`` (``log_g`` [b, directions]) and return the
+        new ``log u`` [b, directions]:  u <- (1 - gamma) u + gamma g, or u <- g for a sample not seen
+        before. Collective over the group. A sample present twice in the global batch gets both
+        updates from its old value; the table keeps one of them."""
+        self._check_layout(info)
+        world_size = info.world_size
+        if world_size == 1:
+            return self._update_owned(ids, log_g, gamma)
+        owners = ids % world_size
+        order = torch.argsort(owners, stable=True)
+        send_counts = torch.bincount(owners, minlength=world_size)
+        receive_counts = torch.empty_like(send_counts)
+        dist.all_to_all_single(receive_counts, send_counts, group=info.group)
+        sent, received = send_counts.tolist(), receive_counts.tolist()
+        owned_ids = _all_to_all(ids[order], sent, received, info)
+        owned_log_g = _all_to_all(log_g[order], sent, received, info)
+        owned_log_u = self._update_owned(owned_ids // world_size, owned_log_g, gamma)
+        sorted_log_u = _all_to_all(owned_log_u, received, sent, info)
+        return torch.empty_like(sorted_log_u).index_copy_(0, order, sorted_log_u)
+
+    def state_dict(self, info: GroupInfo) -> dict[str, torch.Tensor]:
+        """The seen samples this rank owns: ``ids`` [m] and their ``log_u`` [m, directions], on CPU."""
+        self._check_layout(info)
+        if self.log_u is None:
+            return {"ids": torch.empty(0, dtype=torch.int64), "log_u": torch.empty(0, self.num_directions)}
+        slots = self.seen.nonzero().squeeze(1)
+        return {"ids": (slots * info.world_size + info.rank).cpu(), "log_u": self.log_u[slots].cpu()}
+
+    def load_state_dict(self, states: Mapping | Iterable[Mapping], info: GroupInfo) -> None:
+        """Replace the table by the entries this rank owns among ``states``: one state dict or the
+        state dicts of all ranks of a run with any world size (read one at a time)."""
+        self.log_u = self.seen = None
+        self._layout = None
+        self._check_layout(info)
+        for state in [states] if isinstance(states, Mapping) else states:
+            owned = state["ids"] % info.world_size == info.rank
+            slots = state["ids"][owned] // info.world_size
+            if slots.numel():
+                self._store(slots, state["log_u"][owned])
+
+    def _check_layout(self, info: GroupInfo) -> None:
+        layout = (info.rank, info.world_size)
+        if self._layout is None:
+            self._layout = layout
+        elif self._layout != layout:
+            raise RuntimeError(f"estimators laid out for (rank, world size) {self._layout}, used with {layout}")
+
+    def _update_owned(self, slots: torch.Tensor, log_g: torch.Tensor, gamma: float) -> torch.Tensor:
+        if slots.numel() == 0:
+            return log_g
+        self._ensure_table(int(slots.max()) + 1, log_g)
+        averaged = torch.logaddexp(self.log_u[slots] + _log(1.0 - gamma), log_g + _log(gamma))
+        log_u = torch.where(self.seen[slots, None], averaged, log_g)
+        self._store(slots, log_u)
+        return log_u
+
+    def _store(self, slots: torch.Tensor, log_u: torch.Tensor) -> None:
+        self._ensure_table(int(slots.max()) + 1, log_u)
+        slots = slots.to(self.log_u.device)
+        self.log_u[slots] = log_u.to(self.log_u)
+        self.seen[slots] = True
+
+    def _ensure_table(self, size: int, like: torch.Tensor) -> None:
+        """A table of at least ``size`` slots on the device (and in the dtype) of ``like``."""
+        if self.log_u is None:
+            self.log_u = like.new_zeros(0, self.num_directions)
+            self.seen = torch.zeros(0, dtype=torch.bool, device=like.device)
+        self.log_u = self.log_u.to(like)
+        self.seen = self.seen.to(like.device)
+        capacity = self.log_u.shape[0]
+        if size > capacity:
+            extra = max(size, 2 * capacity) - capacity  # doubling: amortised O(1) growth
+            self.log_u = torch.cat([self.log_u, self.log_u.new_zeros(extra, self.num_directions)])
+            self.seen = torch.cat([self.seen, self.seen.new_zeros(extra)])
+
+
+def _all_to_all(tensor: torch.Tensor, send_splits: list[int], receive_splits: list[int], info: GroupInfo):
+    received = tensor.new_empty((sum(receive_splits), *tensor.shape[1:]))
+    dist.all_to_all_single(received, tensor.contiguous(), receive_splits, send_splits, group=info.group)
+    return received
+
+
+def _log(x: float) -> float:
+    return math.log(x) if x > 0 else -math.inf

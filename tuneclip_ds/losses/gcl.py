@@ -1,0 +1,149 @@
+"""GCL (SogCLR / FastCLIP v1) and HGCL (TuneCLIP), gather-free, with sharded estimators.
+
+For each anchor ``i`` (image anchors against texts and text anchors against images)
+
+    g_i = 1/(B-1) * sum_{j != i} exp(h(s_ij - s_ii) / tau),   tau = 1 / logit_scale,
+
+with the pairwise function ``h``: ``linear`` (GCL) or ``hinge_sq``, ``[x + margin]_+^2`` (HGCL).
+``u_i`` tracks ``g_i`` across steps (``estimators.py``); everything is kept in log space so that
+``exp(h / tau)`` never overflows. Reported loss: ``tau/B * sum_i log(eps + u_i)``; gradient: that
+of the surrogate ``tau/B * sum_i g_i / stopgrad(eps + u_i)``, with ``u`` already updated with this
+step's ``g``; both averaged over the two directions.
+"""
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+from tuneclip_ds.losses.base import RingLoss, global_value_with_local_gradient, with_zero_bias_gradient
+from tuneclip_ds.losses.estimators import EstimatorTable
+from tuneclip_ds.losses.pairs import LossInputs, PairReduction, pair_statistics
+from tuneclip_ds.losses.ring import all_reduce_max, all_reduce_sum
+
+Pairwise = Callable[[torch.Tensor], torch.Tensor]
+
+
+def linear(difference: torch.Tensor) -> torch.Tensor:
+    return difference
+
+
+def hinge_squared(difference: torch.Tensor, margin: float) -> torch.Tensor:
+    """Zero (no gradient) for a negative already ``margin`` below its positive."""
+    return F.relu(difference + margin).square()
+
+
+def make_pairwise(name: str, margin: float = 0.1) -> Pairwise:
+    """The pairwise function ``h(s_ij - s_ii)`` called ``name``: ``linear`` or ``hinge_sq``."""
+    if name == "linear":
+        return linear
+    if name == "hinge_sq":
+        return partial(hinge_squared, margin=margin)
+    raise ValueError(f"unknown pairwise function {name!r}; available: linear, hinge_sq")
+
+
+def gamma_schedule(epoch: float, gamma_min: float = 0.8, decay_epochs: float = 1.0) -> float:
+    """FastCLIP's cosine decay of the moving-average rate from 1 at epoch 0 to ``gamma_min`` at
+    ``decay_epochs``, constant afterwards. ``epoch`` (fractional allowed) counts from the start of
+    the whole run, stage I included, so that the schedule does not restart at stage II."""
+    if epoch >= decay_epochs:
+        return gamma_min
+    return gamma_min + (1.0 - gamma_min) * 0.5 * (1.0 + math.cos(math.pi * epoch / decay_epochs))
+
+
+def _scaled_pairwise(pairwise, similarity, positive, scale, bias):
+    return scale * pairwise(similarity - positive)
+
+
+class GlobalContrastiveLoss(RingLoss):
+    """GCL with a pluggable pairwise function (``pairwise="hinge_sq"``: HGCL).
+
+    Args:
+        pairwise: ``"linear"``, ``"hinge_sq"`` or a callable mapping ``s_ij - s_ii`` to ``h``.
+        margin: margin of ``hinge_sq``.
+        gamma: moving-average rate of ``u``; set ``loss.gamma`` every step, e.g. from
+            ``gamma_schedule``.
+        eps: added to ``u`` in the denominator and in the reported loss.
+        tile_size, group: see ``RingLoss``.
+
+    ``forward`` needs ``sample_ids`` (dataset ids, [b] integers) and a global batch of at least 2.
+    ``logit_bias`` is not used (it gets a zero gradient). The gradient with respect to the logit
+    scale is that of the surrogate, ``tau = 1/logit_scale`` included; freeze the scale for a fixed
+    temperature. See ``RingLoss`` for the value/gradient contract. ``state_dict`` /
+    ``load_state_dict`` hold the estimators keyed by sample id (see ``EstimatorTable``).
+    """
+
+    def __init__(
+        self,
+        pairwise: str | Pairwise = "linear",
+        margin: float = 0.1,
+        gamma: float = 1.0,
+        eps: float = 1e-14,
+        tile_size: int = 1024,
+        group=None,
+    ):
+        super().__init__(tile_size, group)
+        pairwise_fn = make_pairwise(pairwise, margin) if isinstance(pairwise, str) else pairwise
+        self.reduction = PairReduction(
+            pair_value=partial(_scaled_pairwise, pairwise_fn),
+            logsumexp=True,
+            exclude_positive=True,
+            both_directions=True,
+        )
+        self.gamma = gamma
+        self.eps = eps
+        self.estimators = EstimatorTable(num_directions=2)
+        self._last_statistics = None
+
+    def forward(self, image_features, text_features, logit_scale, logit_bias=None, sample_ids=None):
+        if sample_ids is None:
+            raise ValueError("GlobalContrastiveLoss needs the sample_ids of the batch")
+        info = self.group_info()
+        inputs = LossInputs.prepare(image_features, text_features, logit_scale)
+        global_batch = inputs.local_batch * info.world_size
+        if global_batch < 2:
+            raise ValueError("GlobalContrastiveLoss needs a global batch of at least 2 samples")
+        log_sum, active_pairs = pair_statistics(self.reduction, inputs, self.tile_size, info)
+        log_g = log_sum - math.log(global_batch - 1)  # [2, b]
+        ids = torch.as_tensor(sample_ids, dtype=torch.int64, device=image_features.device)
+        with torch.no_grad():
+            log_u = self.estimators.update(ids, log_g.detach().T, self.gamma, info).T
+        log_denominator = torch.logaddexp(log_u, torch.full_like(log_u, math.log(self.eps)))  # log(eps + u)
+        tau = 1.0 / inputs.scale
+        surrogate = tau * torch.exp(log_g - log_denominator).mean(dim=0).sum() / global_batch
+        surrogate = with_zero_bias_gradient(surrogate, logit_bias)
+        reported = tau.detach() * log_denominator.mean(dim=0).sum() / global_batch
+        global_value = self._reduce_statistics(reported, log_u, active_pairs, global_batch, info)
+        return global_value_with_local_gradient(global_value.to(reported.dtype), surrogate, info.world_size)
+
+    def _reduce_statistics(self, reported, log_u, active_pairs, global_batch, info):
+        """Global reported loss, kept with the metrics' statistics: two small all_reduces."""
+        sums = all_reduce_sum(torch.stack([reported, log_u.sum(), active_pairs.sum()]).double(), info)
+        extremes = all_reduce_max(torch.stack([-log_u.min(), log_u.max()]).double(), info)
+        self._last_statistics = (sums, extremes, global_batch)
+        return sums[0]
+
+    def metrics(self) -> dict[str, float]:
+        """Over the last global batch: mean/min/max of ``log u`` (both directions) and the fraction
+        of negative pairs with ``h > 0`` (inside the margin for ``hinge_sq``)."""
+        if self._last_statistics is None:
+            return {}
+        sums, extremes, global_batch = self._last_statistics
+        return {
+            "log_u_mean": sums[1].item() / (2 * global_batch),
+            "log_u_min": -extremes[0].item(),
+            "log_u_max": extremes[1].item(),
+            "active_negative_fraction": sums[2].item() / (2 * global_batch * (global_batch - 1)),
+        }
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """This rank's estimators: ``ids`` [m] and ``log_u`` [m, 2] (image, text anchors), on CPU.
+        Replaces ``nn.Module.state_dict``: the loss has no parameters."""
+        return self.estimators.state_dict(self.group_info())
+
+    def load_state_dict(self, state: Mapping | Iterable[Mapping]) -> None:
+        """Load one state dict, or those of all ranks of a run with any world size; each rank keeps
+        the ids it owns."""
+        self.estimators.load_state_dict(state, self.group_info())
