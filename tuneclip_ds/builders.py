@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Iterator
-
 import torch
 
 from tuneclip_ds.config import Config, DataConfig
+from tuneclip_ds.data.stream import BatchStream
 from tuneclip_ds.engine import build_engine
 from tuneclip_ds.losses import build_loss
 from tuneclip_ds.models import ClipBundle, build_model
@@ -36,7 +35,7 @@ def ensure_synthetic_corpus(data: DataConfig, rank: int) -> None:
     torch.distributed.barrier()
 
 
-def build_batches(config: Config, bundle: ClipBundle, rank: int, world_size: int) -> Iterator[dict]:
+def build_batches(config: Config, bundle: ClipBundle, rank: int, world_size: int) -> BatchStream:
     """This rank's endless stream of training batches, one epoch of its shards after another."""
     from tuneclip_ds.data.pipeline import build_train_loader, resolve_shards
 
@@ -55,15 +54,7 @@ def build_batches(config: Config, bundle: ClipBundle, rank: int, world_size: int
         shuffle_buffer=data.shuffle_buffer,
         resampled=data.resampled,
     )
-    return _endless(loader)
-
-
-def _endless(loader) -> Iterator[dict]:
-    epoch = 0
-    while True:
-        loader.set_epoch(epoch)
-        yield from loader
-        epoch += 1
+    return BatchStream(loader)
 
 
 def build_writer(config: Config, rank: int):

@@ -82,6 +82,16 @@ class TrainConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    every: int = 0  # optimizer steps between saves; 0: only at the end
+    keep_last: int = 3  # complete checkpoints kept (older ones are deleted)
+    save_at_end: bool = True
+    # "": start fresh; "latest": the run's newest complete checkpoint (an error if none);
+    # "auto": latest if there is one, else start fresh (for requeued jobs); or a checkpoint path
+    resume: str = ""
+
+
+@dataclass
 class LogConfig:
     every: int = 10  # steps between progress lines and TensorBoard scalars
 
@@ -96,6 +106,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
     @property
@@ -188,10 +199,13 @@ def _check(config: Config, source: str) -> None:
         "train.grad_accum": train.grad_accum,
         "log.every": config.log.every,
         "loss.tile_size": config.loss.tile_size,
+        "checkpoint.keep_last": config.checkpoint.keep_last,
     }
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{source}: {key} must be at least 1, got {value}")
+    if config.checkpoint.every < 0:
+        raise ConfigError(f"{source}: checkpoint.every must be 0 (only at the end) or positive")
     if train.offload_optimizer and train.zero_stage == 0:
         raise ConfigError(f"{source}: train.offload_optimizer needs train.zero_stage 1, 2 or 3")
 

@@ -166,3 +166,34 @@ def full_parameters(engine) -> dict[str, torch.Tensor]:
         full = safe_get_full_fp32_param(param)
         params[name] = (param if full is None else full).detach().float().cpu().clone()
     return params
+
+
+def full_optimizer_states(engine, key: str) -> dict[str, torch.Tensor]:
+    """Full fp32 Adam state ``key`` ("exp_avg", "exp_avg_sq") per parameter (a collective under ZeRO).
+
+    ZeRO 1-3 and DeepSpeed's bf16 optimizer keep it in partitioned fp32
+    buffers; ZeRO-0 in fp32 keeps it in the client optimizer, keyed by parameter.
+    """
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    _relink_optimizer_state_fragments(engine.optimizer)
+    states = {}
+    for name, param in engine.module.named_parameters():
+        full = safe_get_full_optimizer_state(param, key)
+        if full is None:
+            full = engine.optimizer.state[param][key]
+        states[name] = full.detach().float().cpu().clone()
+    return states
+
+
+def _relink_optimizer_state_fragments(optimizer) -> None:
+    """Point every parameter's ZeRO-1/2 (and bf16) fragment at its current Adam state.
+
+    DeepSpeed 0.19.7 links the fragments once, right after the first param
+    group's step, before the other groups have any state: with several groups
+    (decay / no decay) the later groups' fragments stay empty and reading
+    their moments fails. Linking again is local and cheap.
+    """
+    if hasattr(optimizer, "_lazy_init_hp_params_optimizer_state"):
+        optimizer._hp_optimizer_states_linked = False
+        optimizer._lazy_init_hp_params_optimizer_state()

@@ -6,10 +6,11 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator
+from typing import Callable
 
 import torch
 
+from tuneclip_ds import checkpoint
 from tuneclip_ds.config import Config
 
 logger = logging.getLogger(__name__)
@@ -52,14 +53,14 @@ class Trainer:
         self,
         config: Config,
         engine,
-        batches: Iterable[dict],
+        batches,
         loss_fn: Callable[..., torch.Tensor],
         total_steps: int,
         writer=None,
     ):
         self.config = config
         self.engine = engine
-        self.batches: Iterator[dict] = iter(batches)
+        self.batches = batches  # an endless BatchStream (with state_dict / load_state_dict)
         self.loss_fn = loss_fn
         self.total_steps = total_steps
         self.writer = writer
@@ -67,21 +68,66 @@ class Trainer:
         self.global_batch = config.train.batch_size * config.train.grad_accum * engine.dp_world_size
         self.history = History()
         self.input_dtype = _engine_dtype(engine)
+        self.checkpoint_root = config.run_dir / "checkpoints"
+        # Set by signal handlers (preemption): save after the step in flight, and maybe stop there.
+        self.save_requested = False
+        self.stop_requested = False
+        self.last_saved_step: int | None = None
 
     @property
     def step(self) -> int:
         return self.engine.global_steps
 
     def run(self) -> History:
-        logger.info("training for %d steps, global batch %d", self.total_steps, self.global_batch)
-        start = time.perf_counter()
+        self.resume()
+        logger.info("training steps %d..%d, global batch %d", self.step + 1, self.total_steps, self.global_batch)
+        start, first_step = time.perf_counter(), self.step
+        every = self.config.checkpoint.every
         while self.step < self.total_steps:
             result = self.train_step()
             self.history.losses.append(result.loss)
-            self._report(result, elapsed=time.perf_counter() - start)
+            self._report(result, elapsed=time.perf_counter() - start, steps_done=self.step - first_step)
+            if self.save_requested or self.stop_requested or (every and self.step % every == 0):
+                self.save()
+            if self.stop_requested:
+                logger.info("stopping at step %d on request; resume with checkpoint.resume=latest", self.step)
+                break
+        if self.config.checkpoint.save_at_end and self.last_saved_step != self.step:
+            self.save()
         if self.writer is not None:
             self.writer.flush()
         return self.history
+
+    def checkpoint_metadata(self) -> dict:
+        """What a checkpoint must agree with to be resumed by this run."""
+        return {"model": self.config.model.name, "zero_stage": self.config.train.zero_stage,
+                "loss": self.config.loss.name}
+
+    def save(self) -> None:
+        rank_state = {
+            "data": self.batches.state_dict(),
+            "rng": checkpoint.rng_states(),
+            "loss": self.loss_fn.state_dict() if hasattr(self.loss_fn, "state_dict") else {},
+        }
+        checkpoint.save(self.engine, self.checkpoint_root, self.step, self.checkpoint_metadata(), rank_state,
+                        keep_last=self.config.checkpoint.keep_last)
+        self.save_requested = False
+        self.last_saved_step = self.step
+
+    def resume(self) -> None:
+        path = checkpoint.resolve(self.config.checkpoint.resume, self.checkpoint_root)
+        if path is None:
+            return
+        metadata = checkpoint.read_metadata(path)
+        checkpoint.check_compatible(metadata, self.checkpoint_metadata(), path)
+        checkpoint.load_engine(self.engine, path)
+        state = checkpoint.load_rank_state(path, self.engine.global_rank)
+        self.batches.load_state_dict(state["data"])
+        checkpoint.set_rng_states(state["rng"])
+        if hasattr(self.loss_fn, "load_state_dict"):
+            self.loss_fn.load_state_dict(state["loss"])
+        self.last_saved_step = self.step
+        logger.info("resumed from %s at step %d", path, self.step)
 
     def train_step(self) -> StepResult:
         """One optimizer step: ``grad_accum`` micro-batches with finite losses, then ``engine.step()``."""
@@ -137,7 +183,7 @@ class Trainer:
             )
         logger.warning("%s; batch skipped without an update (train.on_nonfinite_loss=skip)", where)
 
-    def _report(self, result: StepResult, elapsed: float) -> None:
+    def _report(self, result: StepResult, elapsed: float, steps_done: int) -> None:
         if not self.is_main:
             return
         step = self.step
@@ -158,11 +204,11 @@ class Trainer:
             for name, value in scalars.items():
                 self.writer.add_scalar(name, value, step)
         if step % self.config.log.every == 0 or step == self.total_steps or step == 1:
-            logger.info(_progress_line(step, self.total_steps, result, elapsed))
+            logger.info(_progress_line(step, self.total_steps, result, elapsed / steps_done))
 
 
-def _progress_line(step: int, total: int, result: StepResult, elapsed: float) -> str:
-    eta = elapsed / step * (total - step)
+def _progress_line(step: int, total: int, result: StepResult, seconds_per_step: float) -> str:
+    eta = seconds_per_step * (total - step)
     grad = f" | grad {result.grad_norm:.3f}" if result.grad_norm is not None else ""
     return (
         f"step {step}/{total} | loss {result.loss:.4f} | lr {result.lr:.3g}{grad} | "
