@@ -1,0 +1,43 @@
+"""The package makes open_clip importable in every kind of process."""
+
+import subprocess
+import sys
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+import tuneclip_ds  # noqa: F401  (first, as in any module of the package: spawned workers re-import this one)
+
+
+class OpenClipVersion(Dataset):
+    """A dataset whose items need open_clip inside the data-loader worker."""
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, index):
+        import open_clip
+
+        return open_clip.__version__
+
+
+def test_fresh_interpreter_imports_open_clip_through_the_package():
+    code = "import tuneclip_ds, open_clip, torchvision.transforms; print(open_clip.__version__)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "3.3.0"
+
+
+def test_spawned_data_loader_workers_import_open_clip():
+    loader = DataLoader(OpenClipVersion(), batch_size=None, num_workers=1, multiprocessing_context="spawn")
+    assert list(loader) == ["3.3.0", "3.3.0"]
+
+
+def test_patch_only_where_torchvision_ops_do_not_load():
+    from tuneclip_ds import _torchvision_compat
+
+    if _torchvision_compat._extension_loads():  # a matching torchvision build: nothing declared
+        assert _torchvision_compat._library is None
+    else:
+        assert _torchvision_compat._library is not None
+        assert hasattr(torch.ops.torchvision, "nms")
