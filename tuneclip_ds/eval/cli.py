@@ -1,0 +1,134 @@
+"""Evaluate a model on a suite of tasks: a table on stdout, the metrics in a JSON file.
+
+    python -m tuneclip_ds.eval --model ViT-B-16 --pretrained weights.safetensors --tasks configs/eval/synthetic.yaml
+    torchrun --nproc_per_node 8 -m tuneclip_ds.eval ...     # the samples split over 8 ranks
+
+--pretrained is a local weights file or open_clip folder (empty: random initialisation). A
+training checkpoint directory (DeepSpeed format) is exported to a weights file first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from tuneclip_ds.config import ConfigError
+from tuneclip_ds.errors import InputError
+from tuneclip_ds.eval.runner import check_suite, evaluate
+from tuneclip_ds.eval.tasks import Suite, load_suite
+
+logger = logging.getLogger("tuneclip_ds.eval")
+
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class TrainingCheckpointError(InputError):
+    """A DeepSpeed training checkpoint where model weights were expected."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m tuneclip_ds.eval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="open_clip model name (or one in tuneclip_ds/model_configs)")
+    parser.add_argument("--pretrained", default="", help="local weights file or open_clip folder")
+    parser.add_argument("--tasks", required=True, help="suite YAML (see configs/eval/)")
+    parser.add_argument("--output", default="eval_results.json", help="where to write the metrics as JSON")
+    parser.add_argument("--batch-size", type=int, help="batch size of every task (default: the suite's)")
+    parser.add_argument("--workers", type=int, help="data-loading workers per rank (default: the suite's)")
+    parser.add_argument("--device", help="default: cuda (the local rank's GPU) when available, else cpu")
+    parser.add_argument("--precision", choices=list(AUTOCAST_DTYPES), default="fp32", help="autocast dtype")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        suite = suite_from_args(args)
+        check_suite(suite)
+        reject_training_checkpoint(args.pretrained)
+    except InputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    rank, world_size = start_distributed()
+    from tuneclip_ds.train import setup_logging
+
+    setup_logging(rank)
+    try:
+        results = run(args, suite, rank, world_size)
+    except InputError as error:
+        logger.error("%s", error)
+        return 2
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if rank == 0:
+        print(format_table(results))
+        report = {"model": args.model, "pretrained": args.pretrained, "tasks": args.tasks,
+                  "world_size": world_size, "metrics": results}
+        Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.output}")
+    return 0
+
+
+def suite_from_args(args: argparse.Namespace) -> Suite:
+    suite = load_suite(args.tasks)
+    overrides = {"batch_size": args.batch_size, "num_workers": args.workers}
+    overrides = {key: value for key, value in overrides.items() if value is not None}
+    if overrides.get("batch_size", 1) < 1 or overrides.get("num_workers", 0) < 0:
+        raise ConfigError("--batch-size must be at least 1 and --workers at least 0")
+    return Suite([dataclasses.replace(task, **overrides) for task in suite.tasks], suite.averages)
+
+
+def reject_training_checkpoint(pretrained: str) -> None:
+    """A DeepSpeed checkpoint folder (the run's, with ``latest``, or one ``global_step*`` tag) is not a weights file."""
+    path = Path(pretrained)
+    if not pretrained or not path.is_dir():
+        return
+    if (path / "latest").is_file() or any(path.glob("global_step*")) or any(path.glob("*model_states.pt")):
+        raise TrainingCheckpointError(
+            f"{pretrained} is a DeepSpeed training checkpoint, not model weights: export the weights first "
+            "(python -m tuneclip_ds.export) and pass the exported file to --pretrained"
+        )
+
+
+def start_distributed() -> tuple[int, int]:
+    """(rank, world size): a process group when a launcher (torchrun, deepspeed) started several ranks."""
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        return 0, 1
+    from tuneclip_ds.distributed import init_distributed
+
+    return init_distributed()
+
+
+def run(args: argparse.Namespace, suite: Suite, rank: int, world_size: int) -> dict[str, float]:
+    from tuneclip_ds.config import ModelConfig
+    from tuneclip_ds.models import build_model
+
+    device = resolve_device(args.device)
+    bundle = build_model(ModelConfig(name=args.model, pretrained=args.pretrained))
+    if not args.pretrained and rank == 0:
+        logger.warning("no --pretrained weights: evaluating a randomly initialised %s", args.model)
+    model = bundle.model.to(device)
+    return evaluate(model, suite, bundle.preprocess_val, bundle.tokenizer, device, rank, world_size,
+                    autocast_dtype=AUTOCAST_DTYPES[args.precision])
+
+
+def resolve_device(name: str | None) -> torch.device:
+    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return device
+
+
+def format_table(results: dict[str, float]) -> str:
+    width = max(len("metric"), *(len(name) for name in results))
+    lines = [f"{'metric':<{width}}  value"]
+    lines += [f"{name:<{width}}  {value:.4f}" for name, value in results.items()]
+    return "\n".join(lines)
