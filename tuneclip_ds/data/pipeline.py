@@ -167,6 +167,8 @@ class RankBatches(IterableDataset):
         for sample in samples:
             try:
                 image, caption, sample_id = self._decode(sample)
+            except MissingSampleIdError:
+                raise  # the shards' format, not one corrupt sample: skipping would skip them all
             except Exception as exn:  # any corrupt sample is skipped, whatever the decoder raises
                 skipped += 1
                 failures_in_a_row += 1

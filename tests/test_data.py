@@ -1,0 +1,339 @@
+"""Tests of tuneclip_ds.data: the synthetic corpus, shard writing and converters, the training pipeline."""
+
+import contextlib
+import csv
+import io
+import itertools
+import json
+import logging
+import os
+import signal
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import tuneclip_ds  # noqa: F401  (before open_clip: makes torchvision importable on CPU torch)
+import open_clip
+from tuneclip_ds.data import pipeline, shards, synthetic
+from tuneclip_ds.data.pipeline import build_train_loader, resolve_shards
+from tuneclip_ds.data.shards import ImageTextSample, write_shards
+from tuneclip_ds.data.synthetic import write_synthetic_corpus
+
+IMAGE_SIZE = 32
+
+
+class ByteTokenizer:
+    """Stand-in tokenizer whose output gives the caption back: its UTF-8 bytes, zero-padded."""
+
+    context_length = 160
+
+    def __call__(self, texts):
+        return torch.tensor([list(text.encode().ljust(self.context_length, b"\0")) for text in texts])
+
+
+def detokenize(tokens: torch.Tensor) -> str:
+    return bytes(tokens[tokens > 0].tolist()).decode()
+
+
+@pytest.fixture(scope="module")
+def preprocess():
+    return open_clip.image_transform(IMAGE_SIZE, is_train=False)
+
+
+@contextlib.contextmanager
+def fails_after(seconds: int):
+    """Turn a hang into a test failure (SIGALRM interrupts the main thread)."""
+
+    def on_alarm(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def corpus(out_dir, num_samples=64, samples_per_shard=8, **kwargs):
+    return write_synthetic_corpus(out_dir, num_samples, samples_per_shard, IMAGE_SIZE, progress=False, **kwargs)
+
+
+def read_shards(paths) -> dict:
+    """{id: {extension: bytes}} read straight from the tar files."""
+    samples = {}
+    for path in paths:
+        with tarfile.open(path) as tar:
+            for member in tar:
+                key, extension = member.name.split(".", 1)
+                samples.setdefault((path, key), {})[extension] = tar.extractfile(member).read()
+    return {json.loads(sample["json"])["id"]: sample for sample in samples.values()}
+
+
+def one_epoch(loader) -> dict:
+    """ids in order, caption per id, and the total of num_skipped, for one pass of a ByteTokenizer loader."""
+    ids, captions, skipped = [], {}, 0
+    for batch in loader:
+        ids += batch["sample_id"].tolist()
+        captions.update(zip(batch["sample_id"].tolist(), map(detokenize, batch["text"])))
+        skipped += batch["num_skipped"]
+    return {"ids": ids, "captions": captions, "skipped": skipped}
+
+
+def loader_for(shard_spec, preprocess, batch_size=4, num_workers=0, rank=0, world_size=1, **kwargs):
+    return build_train_loader(shard_spec, preprocess, ByteTokenizer(), batch_size, num_workers, rank, world_size,
+                              seed=0, **kwargs)
+
+
+def write_raw_tar(path, records):
+    """A tar of (member name, bytes): for shards that write_shards would never produce."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in records:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def png_bytes(color=(200, 30, 30)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# --- synthetic corpus -----------------------------------------------------------------------
+
+
+def test_synthetic_corpus_is_deterministic(tmp_path):
+    first = corpus(tmp_path / "a", difficulty=1.0, seed=3)
+    second = corpus(tmp_path / "b", difficulty=1.0, seed=3)
+    other_seed = corpus(tmp_path / "c", difficulty=1.0, seed=4)
+    assert [os.path.basename(p) for p in first] == [f"train-{i:06d}.tar" for i in range(8)]
+    for a, b, c in zip(first, second, other_seed):
+        assert open(a, "rb").read() == open(b, "rb").read()
+        assert open(a, "rb").read() != open(c, "rb").read()
+
+
+def test_synthetic_ids_are_dense_and_captions_name_the_class(tmp_path):
+    samples = read_shards(corpus(tmp_path, num_samples=60, difficulty="medium"))
+    assert sorted(samples) == list(range(60))
+    for sample in samples.values():
+        meta, caption = json.loads(sample["json"]), sample["txt"].decode()
+        class_name = synthetic.CLASS_NAMES[meta["label"]]
+        assert f"{meta['size']} {class_name}" in caption  # caption words map to the label
+        pixels = np.asarray(Image.open(io.BytesIO(sample["png"])).convert("RGB")).reshape(-1, 3)
+        distance = np.abs(pixels.astype(int) - synthetic.COLORS[meta["color"]]).sum(axis=1)
+        assert (distance < 60).mean() > 0.02  # the main shape's color is in the image, despite noise
+    assert len({json.loads(s["json"])["label"] for s in samples.values()}) > 10
+
+
+def test_held_out_split_has_its_own_names_ids_and_content(tmp_path):
+    train = corpus(tmp_path / "train", num_samples=16)
+    val = corpus(tmp_path / "val", num_samples=16, split="val")
+    assert os.path.basename(val[0]) == "val-000000.tar"
+    train_samples, val_samples = read_shards(train), read_shards(val)
+    assert sorted(val_samples) == list(range(16))  # ids restart at 0 within a split
+    assert all(train_samples[i]["png"] != val_samples[i]["png"] for i in range(16))
+
+
+def test_synthetic_cli_and_difficulty_levels(tmp_path, capsys):
+    synthetic.main(["--out", str(tmp_path), "--num-samples", "10", "--samples-per-shard", "4",
+                    "--image-size", "32", "--difficulty", "hard", "--split", "val"])
+    assert sorted(os.listdir(tmp_path)) == ["val-000000.tar", "val-000001.tar", "val-000002.tar"]
+    assert "wrote 10 val samples in 3 shards" in capsys.readouterr().out
+    assert synthetic.resolve_difficulty("0.5") == synthetic.resolve_difficulty("medium")
+    with pytest.raises(ValueError, match="difficulty"):
+        synthetic.resolve_difficulty("extreme")
+
+
+# --- the training pipeline ------------------------------------------------------------------
+
+
+def test_batches_with_open_clip_preprocess_and_tokenizer(tmp_path, preprocess):
+    paths = corpus(tmp_path)
+    loader = build_train_loader(str(tmp_path), preprocess, open_clip.get_tokenizer("ViT-B-32"), batch_size=16,
+                                num_workers=0, rank=0, world_size=1, seed=0)
+    batch = next(iter(loader))
+    assert set(batch) == {"image", "text", "sample_id", "num_skipped"}
+    assert batch["image"].shape == (16, 3, IMAGE_SIZE, IMAGE_SIZE) and batch["image"].dtype == torch.float32
+    assert batch["text"].shape == (16, 77) and batch["text"].dtype == torch.int64
+    assert batch["sample_id"].dtype == torch.int64 and batch["num_skipped"] == 0
+    assert resolve_shards(str(tmp_path)) == paths
+
+
+def test_ids_and_captions_are_stable_across_runs_and_epochs(tmp_path, preprocess):
+    stored = read_shards(corpus(tmp_path))
+    expected_captions = {i: sample["txt"].decode() for i, sample in stored.items()}
+    first_run, second_run = loader_for(tmp_path, preprocess), loader_for(tmp_path, preprocess)
+    epoch0, epoch0_again = one_epoch(first_run), one_epoch(second_run)
+    assert epoch0["ids"] == epoch0_again["ids"]  # same seed: same order
+    assert sorted(epoch0["ids"]) == list(range(64)) and epoch0["captions"] == expected_captions
+    epoch1 = one_epoch(first_run)  # iterating again: the next epoch, in another order
+    assert epoch1["ids"] != epoch0["ids"] and sorted(epoch1["ids"]) == list(range(64))
+    first_run.set_epoch(0)
+    assert one_epoch(first_run)["ids"] == epoch0["ids"]
+
+
+def test_two_ranks_with_two_workers_read_disjoint_samples_covering_the_corpus(tmp_path, preprocess):
+    corpus(tmp_path, num_samples=64, samples_per_shard=8)  # 8 shards: 2 per (rank, worker), 16 samples each
+    per_rank = [
+        one_epoch(loader_for(tmp_path, preprocess, batch_size=4, num_workers=2, rank=rank, world_size=2))["ids"]
+        for rank in (0, 1)
+    ]
+    assert all(len(ids) == 32 == len(set(ids)) for ids in per_rank)
+    assert not set(per_rank[0]) & set(per_rank[1])
+    assert sorted(per_rank[0] + per_rank[1]) == list(range(64))
+
+
+def test_partial_batches_are_dropped(tmp_path, preprocess):
+    corpus(tmp_path, num_samples=30, samples_per_shard=10)
+    ids = one_epoch(loader_for(tmp_path, preprocess, batch_size=8))["ids"]
+    assert len(ids) == 24 == len(set(ids))
+
+
+def test_resampled_stream_keeps_going_and_differs_per_rank(tmp_path, preprocess):
+    corpus(tmp_path, num_samples=16, samples_per_shard=8)  # 2 shards: too few for 2 ranks x 2 workers ...
+    batches = [
+        list(itertools.islice(loader_for(tmp_path, preprocess, num_workers=2, rank=rank, world_size=2,
+                                         resampled=True), 12))  # ... but fine when resampled
+        for rank in (0, 1)
+    ]
+    ids = [torch.cat([batch["sample_id"] for batch in rank_batches]).tolist() for rank_batches in batches]
+    assert len(ids[0]) == 48 and ids[0] != ids[1]
+    assert set(ids[0]) | set(ids[1]) <= set(range(16))
+
+
+def test_fewer_shards_than_readers_is_a_clear_error(tmp_path, preprocess):
+    corpus(tmp_path, num_samples=24, samples_per_shard=8)
+    with pytest.raises(ValueError, match=r"3 shards for 2 ranks x 2 data workers.*resampled"):
+        loader_for(tmp_path, preprocess, num_workers=2, rank=1, world_size=2)
+
+
+def test_missing_shards_are_a_clear_error(tmp_path):
+    missing = tmp_path / "train-{000000..000003}.tar"
+    with pytest.raises(ValueError, match=r"train-000000.tar does not exist.*tuneclip_ds.data.synthetic"):
+        resolve_shards(str(missing))
+    with pytest.raises(ValueError, match=r"no \*.tar shards in directory .*tuneclip_ds.data.shards"):
+        resolve_shards(str(tmp_path))
+    paths = corpus(tmp_path / "a", num_samples=8, samples_per_shard=4)
+    assert resolve_shards(f"{tmp_path}/a/train-{{000000..000001}}.tar::{tmp_path}/a") == paths + paths
+
+
+def test_corrupt_samples_are_skipped_counted_and_named(tmp_path, preprocess, caplog):
+    samples = [ImageTextSample(png_bytes(), "png", f"caption {i}") for i in range(18)]
+    samples[5] = ImageTextSample(b"not an image", "png", "a broken image")
+    write_shards(samples, tmp_path, samples_per_shard=9, progress=False)
+    # A sample without a caption, as another tool might write it.
+    write_raw_tar(tmp_path / "train-000002.tar", [("000000099.png", png_bytes()), ("000000099.json", b'{"id": 99}')])
+    with caplog.at_level(logging.WARNING, logger="tuneclip_ds.data"):
+        epoch = one_epoch(loader_for(tmp_path, preprocess, batch_size=1, shuffle_buffer=0))
+    assert sorted(epoch["ids"]) == [i for i in range(18) if i != 5]
+    assert epoch["skipped"] in (1, 2)  # a skip after this worker's last batch has no batch to report it
+    assert "000000005" in caplog.text and "000000099" in caplog.text
+
+
+def test_truncated_and_garbage_tar_files_are_skipped(tmp_path, preprocess, caplog):
+    corpus(tmp_path, num_samples=32, samples_per_shard=8)
+    truncated = tmp_path / "train-000001.tar"
+    truncated.write_bytes(truncated.read_bytes()[:3000])
+    (tmp_path / "train-000002.tar").write_bytes(b"this is not a tar file" * 100)
+    with caplog.at_level(logging.WARNING, logger="tuneclip_ds.data"), fails_after(60):
+        ids = one_epoch(loader_for(tmp_path, preprocess, batch_size=1))["ids"]
+    assert set(range(0, 8)) | set(range(24, 32)) <= set(ids) < set(range(16)) | set(range(24, 32))
+    assert "broken shard" in caplog.text
+
+
+def test_an_epoch_without_batches_is_a_clear_error(tmp_path, preprocess):
+    corpus(tmp_path, num_samples=8, samples_per_shard=4)
+    with pytest.raises(ValueError, match="rank 0 got no full batch of 16"):
+        one_epoch(loader_for(tmp_path, preprocess, batch_size=16))
+
+
+def test_a_stream_of_undecodable_samples_fails_instead_of_spinning(tmp_path, preprocess, monkeypatch):
+    monkeypatch.setattr(pipeline, "_MAX_FAILURES_IN_A_ROW", 5)
+    write_raw_tar(tmp_path / "a.tar", [(f"{k:09d}.{ext}", b"?") for k in range(3) for ext in ("gif", "txt")])
+    with pytest.raises(ValueError, match="5 samples in a row failed to decode"):
+        next(iter(loader_for(tmp_path, preprocess, resampled=True)))
+
+
+def test_sample_id_comes_from_a_numeric_key_without_json(tmp_path, preprocess):
+    write_raw_tar(tmp_path / "a.tar", [(f"{k:09d}.{ext}", data) for k in (7, 42)
+                                       for ext, data in (("jpg", png_bytes()), ("txt", b"x"))])
+    assert sorted(one_epoch(loader_for(tmp_path, preprocess, batch_size=1))["ids"]) == [7, 42]
+
+
+def test_sample_without_an_id_is_a_clear_error(tmp_path, preprocess):
+    write_raw_tar(tmp_path / "a.tar", [("cat.png", png_bytes()), ("cat.txt", b"a cat")])
+    with pytest.raises(pipeline.MissingSampleIdError, match=r"'cat'.*python -m tuneclip_ds.data.shards"):
+        one_epoch(loader_for(tmp_path, preprocess, batch_size=1))
+
+
+# --- writing shards from the user's own data ------------------------------------------------
+
+
+def make_images(folder, count, suffix=".png"):
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for i in range(count):
+        paths.append(os.path.join(folder, f"img{i}{suffix}"))
+        Image.new("RGB", (40, 30), (10 * i, 100, 50)).save(paths[-1])
+    return paths
+
+
+@pytest.mark.parametrize("file_name", ["captions.tsv", "captions.csv"])
+def test_csv_converter_writes_shards_the_pipeline_reads(tmp_path, preprocess, file_name):
+    images = make_images(tmp_path / "images", 6, ".jpg")
+    table = tmp_path / file_name
+    with open(table, "w", newline="") as file:
+        writer = csv.writer(file, delimiter="\t" if file_name.endswith(".tsv") else ",")
+        writer.writerow(["caption", "path"])
+        for i, image in enumerate(images):  # relative, and one absolute, path
+            writer.writerow([f"photo number {i}, a test", image if i == 0 else os.path.relpath(image, tmp_path)])
+    result = shards.csv_to_shards(str(table), tmp_path / "out", samples_per_shard=2,
+                                  image_column="path", caption_column="caption")
+    assert (result.num_written, result.num_skipped, len(result.shards)) == (6, 0, 3)
+    assert sorted(os.listdir(tmp_path / "out")) == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
+    epoch = one_epoch(loader_for(str(tmp_path / "out"), preprocess, batch_size=2))
+    assert epoch["captions"] == {i: f"photo number {i}, a test" for i in range(6)}
+
+
+def test_image_folder_converter_and_cli(tmp_path, preprocess, capsys):
+    folder = tmp_path / "photos"
+    images = make_images(folder, 2) + make_images(folder / "sub", 2, ".jpg")
+    for image in images:
+        with open(os.path.splitext(image)[0] + ".txt", "w") as file:
+            file.write(f"  caption of {os.path.basename(image)}\n")
+    shards.main(["--image-folder", str(folder), "--out", str(tmp_path / "out"), "--samples-per-shard", "2"])
+    assert "wrote 4 samples in 2 shards" in capsys.readouterr().out
+    stored = read_shards(resolve_shards(str(tmp_path / "out")))
+    assert sorted(stored) == [0, 1, 2, 3] and {"jpg", "png"} <= {ext for s in stored.values() for ext in s}
+    captions = one_epoch(loader_for(str(tmp_path / "out"), preprocess, batch_size=1))["captions"]
+    expected = {f"caption of {os.path.basename(image)}" for image in images}
+    assert set(captions.values()) == expected
+
+
+def test_bad_inputs_name_the_file_or_are_skipped_and_counted(tmp_path):
+    folder = tmp_path / "photos"
+    good, no_caption, unreadable = make_images(folder, 3)
+    for image in (good, unreadable):
+        with open(os.path.splitext(image)[0] + ".txt", "w") as file:
+            file.write("a caption")
+    with open(unreadable, "r+b") as file:
+        file.truncate(40)
+    with pytest.raises(shards.BadInputError, match="img1.png.*img1.txt"):
+        shards.image_folder_to_shards(folder, tmp_path / "out", samples_per_shard=1)
+    assert not os.listdir(tmp_path / "out")  # no partial corpus left behind
+    os.remove(no_caption)
+    with pytest.raises(shards.BadInputError, match="cannot read image .*img2.png"):
+        shards.image_folder_to_shards(folder, tmp_path / "out", samples_per_shard=1)
+    result = shards.image_folder_to_shards(folder, tmp_path / "out", samples_per_shard=1, skip_bad=True)
+    assert (result.num_written, result.num_skipped) == (1, 1)
+
+
+def test_writing_over_existing_shards_is_refused(tmp_path):
+    corpus(tmp_path, num_samples=4, samples_per_shard=4)
+    with pytest.raises(ValueError, match="already holds 1 'train-\\*.tar' shards"):
+        corpus(tmp_path, num_samples=4, samples_per_shard=4)
