@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 import torch
 
-from tuneclip_ds.config import Config, DataConfig
+from tuneclip_ds.config import Config, DataConfig, LossConfig
 from tuneclip_ds.data.stream import BatchStream
 from tuneclip_ds.engine import build_engine
 from tuneclip_ds.losses import build_loss
@@ -57,6 +57,13 @@ def build_batches(config: Config, bundle: ClipBundle, rank: int, world_size: int
     return BatchStream(loader)
 
 
+def build_loss_from_config(loss: LossConfig):
+    kwargs = {"tile_size": loss.tile_size}
+    if loss.name in ("gcl", "hgcl"):
+        kwargs.update(margin=loss.margin, eps=loss.eps)
+    return build_loss(loss.name, **kwargs)
+
+
 def build_writer(config: Config, rank: int):
     if rank != 0:
         return None
@@ -71,5 +78,5 @@ def build_run(config: Config, rank: int, world_size: int) -> Trainer:
     batches = build_batches(config, bundle, rank, world_size)
     steps = total_steps(config, world_size)
     engine = build_engine(config, bundle.model, steps)
-    loss_fn = build_loss(config.loss.name, tile_size=config.loss.tile_size)
+    loss_fn = build_loss_from_config(config.loss)
     return Trainer(config, engine, batches, loss_fn, steps, writer=build_writer(config, rank))

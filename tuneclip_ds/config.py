@@ -37,6 +37,7 @@ class SyntheticConfig:
 class DataConfig:
     train_shards: str = "data/synthetic/train"  # a folder, a brace pattern, or '::'-joined list
     synthetic: Optional[SyntheticConfig] = None  # generate into train_shards when it is empty
+    num_samples: Optional[int] = None  # corpus size, for epoch-based schedules (default: synthetic.num_samples)
     num_workers: int = 2
     shuffle_buffer: int = 1000
     resampled: bool = False
@@ -53,6 +54,11 @@ class ModelConfig:
 class LossConfig:
     name: Literal["infonce", "siglip", "gcl", "hgcl"] = "infonce"
     tile_size: int = 1024
+    # gcl / hgcl: per-sample estimators u with moving-average rate gamma (cosine from 1 to gamma_min)
+    margin: float = 0.1  # hgcl's hinge margin m
+    eps: float = 1e-14
+    gamma_min: float = 0.8
+    gamma_decay_epochs: float = 1.0
 
 
 @dataclass
@@ -206,8 +212,17 @@ def _check(config: Config, source: str) -> None:
             raise ConfigError(f"{source}: {key} must be at least 1, got {value}")
     if config.checkpoint.every < 0:
         raise ConfigError(f"{source}: checkpoint.every must be 0 (only at the end) or positive")
+    if config.loss.name in ("gcl", "hgcl") and corpus_size(config) is None:
+        raise ConfigError(f"{source}: loss.name={config.loss.name} schedules gamma in epochs: set data.num_samples "
+                          "(the number of samples in data.train_shards)")
     if train.offload_optimizer and train.zero_stage == 0:
         raise ConfigError(f"{source}: train.offload_optimizer needs train.zero_stage 1, 2 or 3")
+
+
+def corpus_size(config: Config) -> int | None:
+    if config.data.num_samples is not None:
+        return config.data.num_samples
+    return config.data.synthetic.num_samples if config.data.synthetic is not None else None
 
 
 def to_dict(config: Config) -> dict:

@@ -11,7 +11,8 @@ from typing import Callable
 import torch
 
 from tuneclip_ds import checkpoint
-from tuneclip_ds.config import Config
+from tuneclip_ds.config import Config, corpus_size
+from tuneclip_ds.losses import gamma_schedule
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +136,7 @@ class Trainer:
         device = self.engine.device
         losses, skipped, data_skipped = [], 0, 0
         grad_norm = None
+        self._schedule_loss()
         while len(losses) < self.config.train.grad_accum:
             batch = next(self.batches)
             data_skipped += batch.get("num_skipped", 0)
@@ -165,6 +167,13 @@ class Trainer:
             skipped_batches=skipped,
             data_skipped=data_skipped,
         )
+
+    def _schedule_loss(self) -> None:
+        """The estimators' moving-average rate for this step, by epochs since the run began."""
+        if hasattr(self.loss_fn, "gamma"):
+            epoch = self.step * self.global_batch / corpus_size(self.config)
+            loss = self.config.loss
+            self.loss_fn.gamma = gamma_schedule(epoch, loss.gamma_min, loss.gamma_decay_epochs)
 
     def _loss(self, outputs, sample_ids: torch.Tensor) -> torch.Tensor:
         image_features, text_features, logit_scale = outputs[:3]
