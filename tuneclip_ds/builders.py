@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 import torch
 
@@ -24,14 +25,19 @@ def ensure_synthetic_corpus(data: DataConfig, rank: int) -> None:
     if rank == 0 and not any(folder.glob("*.tar")):
         spec = data.synthetic
         logger.info("writing a synthetic corpus of %d samples to %s", spec.num_samples, folder)
+        partial = folder.with_name(folder.name + ".partial")  # renamed when complete: a killed write leaves no shards
+        shutil.rmtree(partial, ignore_errors=True)
         write_synthetic_corpus(
-            folder,
+            str(partial),
             num_samples=spec.num_samples,
             samples_per_shard=spec.samples_per_shard,
             image_size=spec.image_size,
             difficulty=spec.difficulty,
             seed=spec.seed,
         )
+        if folder.exists():
+            folder.rmdir()  # empty (no shards); a folder holding other files is left alone and the rename fails
+        partial.rename(folder)
     torch.distributed.barrier()
 
 

@@ -41,9 +41,9 @@ ROWS = ("top", "", "bottom")
 COLUMNS = ("left", "", "right")
 
 CLASS_NAMES = [f"{color} {shape}" for shape in SHAPES for color in COLORS]
-ZEROSHOT_TEMPLATES = ("a photo of the {}.", "the {}.", "a drawing of the {}.", "an image showing the {}.")
-# The easiest levels use the first templates, which leave the position out: with it, color,
-# size and position tell a batch's captions apart and the shape is never learned.
+# Worded like the captions (no final period): a tiny text encoder only knows the captions' phrasing.
+ZEROSHOT_TEMPLATES = ("a photo of a {}", "a {}", "a drawing of a {}")
+# A difficulty level uses the first Difficulty.num_templates of these; the easiest leave the position out.
 CAPTION_TEMPLATES = (
     "a photo of {main}{others}",
     "{main}{others} on {background} background",
