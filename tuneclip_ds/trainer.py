@@ -121,8 +121,10 @@ class Trainer:
             return
         metadata = checkpoint.read_metadata(path)
         checkpoint.check_compatible(metadata, self.checkpoint_metadata(), path)
-        checkpoint.load_engine(self.engine, path)
-        state = checkpoint.load_rank_state(path, self.engine.global_rank)
+        # Another world size is supported too (a resized cluster); the data position then restarts its epoch.
+        checkpoint.load_engine(self.engine, path, metadata["world_size"])
+        state = checkpoint.load_rank_state(path, self.engine.global_rank, metadata["world_size"],
+                                           self.engine.dp_world_size)
         self.batches.load_state_dict(state["data"])
         checkpoint.set_rng_states(state["rng"])
         if hasattr(self.loss_fn, "load_state_dict"):

@@ -1,0 +1,138 @@
+"""Export: open_clip loads the exported file and computes the trained engine's features, at every ZeRO stage."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gloo_pool import GlooPool
+from test_checkpoint_errors import fake_checkpoint
+from test_training import TINY_RUN
+from tuneclip_ds import export
+
+
+@pytest.fixture(scope="module")
+def pool():
+    pool = GlooPool(2)
+    yield pool
+    pool.close()
+
+
+def sample_inputs():
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(4, 3, 32, 32, generator=generator), torch.randint(0, 49408, (4, 32), generator=generator)
+
+
+def encode(model, dtype=torch.float32) -> dict[str, torch.Tensor]:
+    image, text = sample_inputs()
+    with torch.no_grad():  # under ZeRO-3 each layer gathers its parameters as it runs
+        return {"image": model.encode_image(image.to(dtype)).float(), "text": model.encode_text(text).float()}
+
+
+def train_and_export(rank, world_size, overrides, exports):
+    """Train; encode fixed inputs with the engine's model; then rank 0 exports each (source, output) of
+    ``exports`` (the command's entry point), loads each output with open_clip and encodes the same inputs.
+    Runs in the pool, where open_clip and DeepSpeed are imported already."""
+    import contextlib
+    import io
+
+    import open_clip
+
+    from tuneclip_ds.builders import build_run
+    from tuneclip_ds.config import load_config
+    from tuneclip_ds.engine import full_parameters
+
+    config = load_config(None, overrides)
+    trainer = build_run(config, rank, world_size)
+    trainer.run()
+    engine = {"features": encode(trainer.engine.module.eval(), trainer.input_dtype),
+              "params": full_parameters(trainer.engine)}
+    if rank != 0:
+        return engine
+    exported = {}
+    for source, output in exports:
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            assert export.main([str(source), "--output", str(output)]
+                               + ["--safetensors"] * is_safetensors(output)) == 0
+        model = open_clip.create_model(config.model.name, pretrained=str(output)).eval()
+        exported[output] = {"tensors": read_weights(output), "features": encode(model), "printed": printed.getvalue()}
+    return engine, exported
+
+
+def is_safetensors(path) -> bool:
+    return path.suffix == ".safetensors"
+
+
+def read_weights(path) -> dict[str, torch.Tensor]:
+    if is_safetensors(path):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    return torch.load(path, weights_only=True)
+
+
+def train_overrides(shards, tmp_path, stage, precision="fp32"):
+    return TINY_RUN + [f"data.train_shards={shards}", "train.batch_size=8", "data.shuffle_buffer=16",
+                       "data.num_workers=0", "train.steps=3", f"train.zero_stage={stage}",
+                       f"train.precision={precision}", f"output_dir={tmp_path}"]
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_exported_model_gives_the_engines_features(pool, synthetic_shards, tmp_path, stage):
+    run = tmp_path / "run"
+    outputs = [tmp_path / "model.pt", tmp_path / "model.safetensors"]
+    exports = [(run, outputs[0]), (run / "checkpoints" / "step_00000003", outputs[1])]  # a run, a checkpoint
+    (engine, exported), _ = pool.run(train_and_export, train_overrides(synthetic_shards, tmp_path, stage), exports)
+    for output in outputs:
+        tensors, features = exported[output]["tensors"], exported[output]["features"]
+        assert f"open_clip.create_model('tiny-ViT', pretrained='{output}')" in exported[output]["printed"]
+        assert tensors["logit_scale"].ndim == 0  # as in open_clip's own checkpoints
+        assert all(torch.equal(tensors[name].reshape(param.shape), param) for name, param in engine["params"].items())
+        for kind in ("image", "text"):
+            torch.testing.assert_close(features[kind], engine["features"][kind], rtol=1e-5, atol=1e-5)
+
+
+def test_stage0_bf16_export_has_the_fp32_masters(pool, synthetic_shards, tmp_path):
+    output = tmp_path / "model.pt"
+    overrides = train_overrides(synthetic_shards, tmp_path, 0, "bf16")
+    (engine, exported), _ = pool.run(train_and_export, overrides, [(tmp_path / "run", output)])
+    bf16_params = engine["params"]  # ZeRO-0 bf16: the module's 16-bit parameters
+    masters = {name: exported[output]["tensors"][name].reshape(param.shape) for name, param in bf16_params.items()}
+    assert all(master.dtype == torch.float32 for master in masters.values())
+    assert all(torch.equal(masters[name].bfloat16().float(), param) for name, param in bf16_params.items())
+    assert not all(torch.equal(masters[name], param) for name, param in bf16_params.items())  # finer than bf16
+
+
+def incomplete_run(tmp_path):
+    fake_checkpoint(tmp_path / "run" / "checkpoints", 4, complete=False)
+    return tmp_path / "run"
+
+
+@pytest.mark.parametrize("make_source, message", [
+    (lambda tmp_path: tmp_path / "missing", "does not exist"),
+    (lambda tmp_path: tmp_path, "is not a run directory or checkpoint"),
+    (lambda tmp_path: fake_checkpoint(tmp_path, 4, complete=False), "is incomplete"),
+    (incomplete_run, "holds no complete checkpoint"),
+])
+def test_export_of_bad_input_is_a_clear_error(tmp_path, capsys, make_source, message):
+    assert export.main([str(make_source(tmp_path)), "--output", str(tmp_path / "model.pt")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "model.pt").exists()
+
+
+def test_export_refuses_a_safetensors_flag_without_the_suffix(tmp_path, capsys):
+    source = fake_checkpoint(tmp_path, 4)
+    assert export.main([str(source), "--output", str(tmp_path / "model.pt"), "--safetensors"]) == 2
+    assert "use a .safetensors name" in capsys.readouterr().err
+
+
+def test_export_command_exits_2_without_a_traceback(tmp_path):
+    command = [sys.executable, "-m", "tuneclip_ds.export", str(tmp_path / "missing"), "--output", "model.pt"]
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert result.returncode == 2
+    assert "does not exist" in result.stderr and "Traceback" not in result.stderr

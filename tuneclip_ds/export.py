@@ -1,0 +1,142 @@
+"""Export a checkpoint's weights for open_clip.
+
+    python -m tuneclip_ds.export RUN_DIR_OR_CHECKPOINT --output model.pt [--safetensors]
+
+A run directory means its latest complete checkpoint. The file holds fp32
+weights (DeepSpeed's fp32 master copies where training kept them) with a 0-dim
+``logit_scale``/``logit_bias`` like open_clip's own checkpoints, and loads with
+``open_clip.create_model(MODEL, pretrained=FILE)``; MODEL is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from tuneclip_ds import checkpoint
+from tuneclip_ds.checkpoint import CheckpointError
+from tuneclip_ds.errors import InputError
+
+STAGE0_STATES = "mp_rank_00_model_states.pt"
+ZERO_DIM = ("logit_scale", "logit_bias")  # kept as [1] in training for DeepSpeed, 0-dim in open_clip files
+
+
+def find_checkpoint(path: Path) -> Path:
+    """The checkpoint ``path`` names: a ``step_*`` folder, or the latest complete one of a run
+    directory or of its ``checkpoints/`` folder."""
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist: give a run directory or one of its checkpoints/step_* folders")
+    if (path / checkpoint.COMPLETE).is_file() or any(path.glob("*model_states.pt")):  # a checkpoint folder
+        return checkpoint.check_complete(path)
+    if (path / "checkpoints").is_dir():  # a run directory
+        path = path / "checkpoints"
+    elif not ((path / checkpoint.LATEST).is_file() or any(path.glob("step_*"))):  # nor a checkpoints/ folder
+        raise CheckpointError(f"{path} is not a run directory or checkpoint: expected checkpoints/, or a "
+                              f"step_* folder with DeepSpeed's files and {checkpoint.COMPLETE}")
+    latest = checkpoint.find_latest(path)
+    if latest is None:
+        raise CheckpointError(f"{path} holds no complete checkpoint (none was saved, or every save was interrupted)")
+    return latest
+
+
+def fp32_weights(folder: Path, zero_stage: int) -> dict[str, torch.Tensor]:
+    """The model's state dict in fp32 from a DeepSpeed checkpoint folder."""
+    try:
+        if zero_stage == 0:
+            return _stage0_weights(folder)
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
+    except FileNotFoundError as error:
+        raise CheckpointError(f"checkpoint {folder} is damaged: {error}") from None
+
+
+def _stage0_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """ZeRO-0 keeps one replicated copy; with bf16/fp16 its optimizer holds the fp32 masters."""
+    states = torch.load(folder / STAGE0_STATES, map_location="cpu", weights_only=False)
+    module = states["module"]
+    masters = states["optimizer"].get("fp32_groups")
+    if masters is None:  # fp32 training: the module's parameters are the masters
+        return module
+    parameters = {name: tensor for name, tensor in module.items() if name not in states["buffer_names"]}
+    return {**module, **_name_masters(parameters, masters)}
+
+
+class _CheckpointParameters:
+    """Stands in for the model in ``engine.param_groups``: the saved tensors as trainable parameters."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.parameters = {name: torch.nn.Parameter(tensor) for name, tensor in tensors.items()}
+
+    def named_parameters(self):
+        return iter(self.parameters.items())
+
+
+def _name_masters(parameters: dict[str, torch.Tensor], masters: list[list[torch.Tensor]]) -> dict:
+    """Names for the fp32 masters, which DeepSpeed lists per param group in ``engine.param_groups`` order."""
+    from tuneclip_ds.engine import param_groups
+
+    stand_in = _CheckpointParameters(parameters)
+    names = {id(param): name for name, param in stand_in.named_parameters()}
+    groups = [group["params"] for group in param_groups(stand_in, weight_decay=0.0)]
+    if [[p.shape for p in group] for group in groups] != [[m.shape for m in group] for group in masters]:
+        raise CheckpointError("the checkpoint's fp32 master weights do not follow the trainer's parameter groups "
+                              "(was it written by another version?)")
+    return {names[id(param)]: master
+            for group, tensors in zip(groups, masters) for param, master in zip(group, tensors)}
+
+
+def open_clip_state_dict(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """fp32, one storage per tensor (safetensors refuses views of a shared buffer), 0-dim scale and bias."""
+    exported = {}
+    for name, tensor in weights.items():
+        tensor = tensor.detach().float().clone()
+        exported[name] = tensor.reshape(()) if name.rsplit(".", 1)[-1] in ZERO_DIM else tensor
+    return exported
+
+
+def export(source: Path, output: Path, safetensors: bool = False) -> str:
+    """Write the weights of the checkpoint ``source`` names to ``output``; returns what was written."""
+    if safetensors != (output.suffix == ".safetensors"):
+        raise InputError(f"--output {output}: open_clip picks the format by the suffix, so use a .safetensors "
+                         "name with --safetensors and another (e.g. .pt) without it")
+    folder = find_checkpoint(source)
+    metadata = checkpoint.read_metadata(folder)
+    state_dict = open_clip_state_dict(fp32_weights(folder, metadata["zero_stage"]))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint.write_atomically(output, lambda path: _save(state_dict, path, safetensors, metadata))
+    count = sum(tensor.numel() for tensor in state_dict.values())
+    return (f"wrote {output}: {metadata['model']} at step {metadata['step']} from {folder}, "
+            f"{len(state_dict)} tensors, {count / 1e6:.2f}M values, fp32\n"
+            f"load it with open_clip.create_model({metadata['model']!r}, pretrained={str(output)!r})")
+
+
+def _save(state_dict: dict, path: str, safetensors: bool, metadata: dict) -> None:
+    if safetensors:
+        from safetensors.torch import save_file
+
+        save_file(state_dict, path, metadata={"model": metadata["model"], "step": str(metadata["step"])})
+    else:
+        torch.save(state_dict, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tuneclip_ds.export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", type=Path, help="a run directory (its latest checkpoint) or a step_* checkpoint")
+    parser.add_argument("--output", type=Path, required=True, help="the file to write, e.g. model.pt")
+    parser.add_argument("--safetensors", action="store_true", help="write safetensors (name ending .safetensors)")
+    args = parser.parse_args(argv)
+    try:
+        print(export(args.source, args.output, args.safetensors))
+    except InputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
