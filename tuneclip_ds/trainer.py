@@ -173,7 +173,7 @@ class Trainer:
     def _schedule_loss(self) -> None:
         """The estimators' moving-average rate for this step, by epochs since the run began."""
         if hasattr(self.loss_fn, "gamma"):
-            epoch = self.step * self.global_batch / corpus_size(self.config)
+            epoch = self.engine.global_samples / corpus_size(self.config)  # restored on resume, any world size
             loss = self.config.loss
             self.loss_fn.gamma = gamma_schedule(epoch, loss.gamma_min, loss.gamma_decay_epochs)
 
