@@ -54,6 +54,9 @@ class GlooPool:
             raise RuntimeError("\n".join(failures))
         return results
 
+    def alive(self) -> bool:
+        return all(process.is_alive() for process in self._processes)
+
     def close(self):
         for task_queue, process in zip(self._tasks, self._processes):
             if process.is_alive():

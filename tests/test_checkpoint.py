@@ -3,15 +3,8 @@
 import pytest
 import torch
 
-from gloo_pool import GlooPool
 from test_training import TINY_RUN
 
-
-@pytest.fixture(scope="module")
-def pool():
-    pool = GlooPool(2)
-    yield pool
-    pool.close()
 
 
 def stop_at(trainer, step: int):

@@ -6,7 +6,6 @@ import shutil
 
 import pytest
 
-from gloo_pool import GlooPool
 from test_checkpoint import assert_bit_identical, train_and_snapshot
 from test_resume_world_size import resume_and_finish
 from test_training import TINY_RUN
@@ -61,12 +60,6 @@ def test_killed_save_is_skipped_with_a_warning(tmp_path, caplog):
         assert checkpoint.resolve("latest", tmp_path) == previous
     assert f"ignoring {killed}: its save did not complete" in caplog.text
 
-
-@pytest.fixture(scope="module")
-def pool():
-    pool = GlooPool(2)
-    yield pool
-    pool.close()
 
 
 def test_run_resumed_after_a_killed_save_continues_from_the_previous_checkpoint(pool, synthetic_shards, tmp_path):

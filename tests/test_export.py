@@ -8,17 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from gloo_pool import GlooPool
 from test_checkpoint_errors import fake_checkpoint
 from test_training import TINY_RUN
 from tuneclip_ds import export
 
-
-@pytest.fixture(scope="module")
-def pool():
-    pool = GlooPool(2)
-    yield pool
-    pool.close()
 
 
 def sample_inputs():

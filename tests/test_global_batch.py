@@ -3,17 +3,9 @@
 import pytest
 import torch
 
-from gloo_pool import GlooPool
 
 GLOBAL_BATCH = 16
 
-
-@pytest.fixture(scope="module")
-def pools():
-    pools = {1: GlooPool(1), 2: GlooPool(2)}
-    yield pools
-    for pool in pools.values():
-        pool.close()
 
 
 def fixed_global_batch(step: int) -> dict:

@@ -5,17 +5,9 @@ import logging
 import pytest
 import torch
 
-from gloo_pool import GlooPool
 from test_checkpoint import assert_bit_identical
 from test_training import TINY_RUN
 
-
-@pytest.fixture(scope="module")
-def pools():
-    pools = {1: GlooPool(1), 2: GlooPool(2)}
-    yield pools
-    for pool in pools.values():
-        pool.close()
 
 
 def build_trainer(rank, world_size, overrides):

@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 
-from gloo_pool import GlooPool
 
 TINY_RUN = [
     "model.name=tiny-ViT",
@@ -18,12 +17,6 @@ TINY_RUN = [
     "log.every=5",
 ]
 
-
-@pytest.fixture(scope="module")
-def pool():
-    pool = GlooPool(2)
-    yield pool
-    pool.close()
 
 
 def train_on_ranks(rank, world_size, overrides):
