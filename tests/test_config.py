@@ -7,7 +7,8 @@ import pytest
 import yaml
 
 from tuneclip_ds.config import ConfigError, load_config, save_config
-from tuneclip_ds.engine import build_ds_config, param_groups
+from tuneclip_ds.engine import build_ds_config
+from tuneclip_ds.optim import param_groups
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -52,8 +53,8 @@ def test_resolved_config_round_trips(tmp_path):
         ({"train": {"steps": 1}, "optim": {"betas": [0.9]}}, None, "optim.betas must be a list of 2"),
         ({"train": {"steps": 1}, "optim": {"lr": "fast"}}, None, "optim.lr must be of type float"),
         ({"train": {"steps": 1}, "model": "ViT-B-16"}, None, "'model' must be a mapping"),
-        ({"train": {}}, None, "exactly one of train.steps and train.samples"),
-        ({"train": {"steps": 1, "samples": 10}}, None, "exactly one of train.steps and train.samples"),
+        ({"train": {}}, None, "exactly one of train.steps, train.samples and train.epochs"),
+        ({"train": {"steps": 1, "samples": 10}}, None, "exactly one of train.steps, train.samples and train.epochs"),
         ({"train": {"steps": 1, "batch_size": 0}}, None, "train.batch_size must be at least 1"),
         ({"train": {"steps": 1, "zero_stage": 0, "offload_optimizer": True}}, None, "needs train.zero_stage"),
     ],

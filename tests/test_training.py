@@ -104,7 +104,7 @@ def test_nonfinite_loss_skip_and_stop(pool, synthetic_shards, tmp_path):
 
 def test_lr_schedule_warmup_then_cosine():
     from tuneclip_ds.config import load_config
-    from tuneclip_ds.engine import lr_lambda
+    from tuneclip_ds.optim import lr_lambda
 
     optim = load_config(None, ["train.steps=1", "optim.warmup_steps=4", "optim.min_lr_ratio=0.1"]).optim
     factor = lr_lambda(optim, total_steps=14)

@@ -12,7 +12,8 @@ from tuneclip_ds.data.stream import BatchStream
 from tuneclip_ds.engine import build_engine
 from tuneclip_ds.losses import build_loss
 from tuneclip_ds.models import ClipBundle, build_model
-from tuneclip_ds.trainer import Trainer, total_steps
+from tuneclip_ds.optim import StageClock, StatisticsRecovery
+from tuneclip_ds.trainer import Trainer, stage_lengths
 
 logger = logging.getLogger(__name__)
 
@@ -78,11 +79,14 @@ def build_writer(config: Config, rank: int):
     return SummaryWriter(log_dir=str(config.run_dir))
 
 
-def build_run(config: Config, rank: int, world_size: int) -> Trainer:
+def build_run(config: Config, rank: int, world_size: int, batches=None) -> Trainer:
+    """The trainer of ``config``; ``batches`` (an iterator of batch dicts) replaces the data pipeline."""
     torch.manual_seed(config.seed)
     bundle = build_model(config.model)
-    batches = build_batches(config, bundle, rank, world_size)
-    steps = total_steps(config, world_size)
-    engine = build_engine(config, bundle.model, steps)
+    batches = build_batches(config, bundle, rank, world_size) if batches is None else batches
+    stage1_steps, stage2_steps = stage_lengths(config, world_size)
+    clock = StageClock(stage2_start=None if stage1_steps else 0)
+    engine = build_engine(config, bundle.model, stage2_steps, clock)
+    osr = StatisticsRecovery(engine, clock, config.osr, stage1_steps)
     loss_fn = build_loss_from_config(config.loss)
-    return Trainer(config, engine, batches, loss_fn, steps, writer=build_writer(config, rank))
+    return Trainer(config, engine, batches, loss_fn, stage2_steps, writer=build_writer(config, rank), osr=osr)

@@ -48,6 +48,7 @@ class ModelConfig:
     name: str = "ViT-B-16"  # any open_clip model name, or one shipped in tuneclip_ds/model_configs
     pretrained: str = ""  # local file or folder; empty: random initialisation
     force_image_size: Optional[int] = None
+    freeze_logit_scale: bool = False  # keep the temperature at the checkpoint's value (TuneCLIP's stage II)
 
 
 @dataclass
@@ -70,12 +71,29 @@ class OptimConfig:
     warmup_steps: int = 0
     schedule: Literal["cosine", "constant"] = "cosine"
     min_lr_ratio: float = 0.0  # the cosine ends at lr * min_lr_ratio
+    implementation: Literal["torch", "deepspeed"] = "torch"  # torch.optim.AdamW or DeepSpeed's FusedAdam
+
+
+@dataclass
+class OSRConfig:
+    """TuneCLIP stage I (optimizer statistics recovery): training steps with the learning rate frozen
+    at 0, so that Adam's moments and the loss's estimators recover while the weights stay unchanged."""
+
+    steps: Optional[int] = None  # stage I length in optimizer steps ...
+    epochs: Optional[float] = None  # ... or in epochs of the corpus; neither: no stage I
+    until_converged: Optional[float] = None  # end early once ||m|| and ||v|| change by less than this
+    patience: int = 20  # ... (relative change per step) for this many steps in a row
+    min_steps: int = 0  # never end early before this step
+    reset_moments: bool = False  # ablations: start stage II from fresh Adam state ...
+    reset_estimators: bool = False  # ... or from fresh per-sample estimators
 
 
 @dataclass
 class TrainConfig:
-    steps: Optional[int] = None  # length in optimizer steps ...
-    samples: Optional[int] = None  # ... or in samples seen (global); exactly one of the two
+    # The length of fine-tuning (stage II, after any stage I), exactly one of:
+    steps: Optional[int] = None  # optimizer steps,
+    samples: Optional[int] = None  # samples seen (global batch x steps),
+    epochs: Optional[float] = None  # or epochs of the corpus (needs its size)
     batch_size: int = 32  # per rank, per micro-step
     grad_accum: int = 1
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
@@ -111,6 +129,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    osr: OSRConfig = field(default_factory=OSRConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -198,23 +217,32 @@ def _convert(hint: Any, value: Any, key: str, source: str) -> Any:
 
 def _check(config: Config, source: str) -> None:
     train = config.train
-    if (train.steps is None) == (train.samples is None):
-        raise ConfigError(f"{source}: set exactly one of train.steps and train.samples")
+    if [train.steps, train.samples, train.epochs].count(None) != 2:
+        raise ConfigError(f"{source}: set exactly one of train.steps, train.samples and train.epochs")
+    if config.osr.steps is not None and config.osr.epochs is not None:
+        raise ConfigError(f"{source}: set at most one of osr.steps and osr.epochs")
     positive = {
         "train.batch_size": train.batch_size,
         "train.grad_accum": train.grad_accum,
         "log.every": config.log.every,
         "loss.tile_size": config.loss.tile_size,
         "checkpoint.keep_last": config.checkpoint.keep_last,
+        "osr.patience": config.osr.patience,
     }
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{source}: {key} must be at least 1, got {value}")
     if config.checkpoint.every < 0:
         raise ConfigError(f"{source}: checkpoint.every must be 0 (only at the end) or positive")
-    if config.loss.name in ("gcl", "hgcl") and corpus_size(config) is None:
-        raise ConfigError(f"{source}: loss.name={config.loss.name} schedules gamma in epochs: set data.num_samples "
-                          "(the number of samples in data.train_shards)")
+    if corpus_size(config) is None:
+        for needs_corpus_size, what in [
+            (config.loss.name in ("gcl", "hgcl"), f"loss.name={config.loss.name} schedules gamma in epochs"),
+            (train.epochs is not None, "train.epochs is set"),
+            (config.osr.epochs is not None, "osr.epochs is set"),
+        ]:
+            if needs_corpus_size:
+                raise ConfigError(f"{source}: {what}: set data.num_samples (the number of samples in "
+                                  "data.train_shards)")
     if train.offload_optimizer and train.zero_stage == 0:
         raise ConfigError(f"{source}: train.offload_optimizer needs train.zero_stage 1, 2 or 3")
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from tuneclip_ds.config import Config, ConfigError, OptimConfig
+from tuneclip_ds.config import Config, ConfigError
+from tuneclip_ds.optim import StageClock, build_optimizer, lr_lambda, param_groups
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,13 @@ def build_ds_config(config: Config, world_size: int) -> dict:
         raise ConfigError(f"DeepSpeed config {path} does not exist (train.deepspeed_config)") from None
     except json.JSONDecodeError as error:
         raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {error}") from None
+    owned = [key for key in ("optimizer", "scheduler") if key in ds]
+    if owned:
+        raise ConfigError(
+            f"DeepSpeed config {path} has a {' and a '.join(repr(k) for k in owned)} section, but the experiment "
+            "config's optim section chooses them (optim.implementation: torch|deepspeed, optim.schedule): "
+            "remove the section"
+        )
     conflicts: list[str] = []
     for dotted, value, experiment_key in _experiment_values(config, world_size):
         _fill(ds, dotted, value, experiment_key, conflicts)
@@ -75,45 +82,6 @@ def _fill(ds: dict, dotted: str, value: Any, experiment_key: str, conflicts: lis
     node[leaf] = value
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: no weight decay on gains, biases, embeddings' class token, logit scale and bias."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        exempt = param.ndim < 2 or name.endswith("bias") or "logit_scale" in name or "logit_bias" in name
-        (no_decay if exempt else decay).append(param)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-
-
-def build_optimizer(groups: list[dict], optim: OptimConfig, offload: bool) -> torch.optim.Optimizer:
-    kwargs = dict(lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay)
-    if offload:  # ZeRO-Offload steps on the CPU with DeepSpeed's vectorised Adam (compiled on first use)
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
-    return torch.optim.AdamW(groups, **kwargs)
-
-
-def lr_lambda(optim: OptimConfig, total_steps: int):
-    """Multiplier of the base lr: linear warm-up, then cosine to ``min_lr_ratio`` (or constant)."""
-
-    def factor(step: int) -> float:
-        if step < optim.warmup_steps:
-            return (step + 1) / optim.warmup_steps
-        if optim.schedule == "constant":
-            return 1.0
-        decay_steps = max(1, total_steps - optim.warmup_steps)
-        progress = min(1.0, (step - optim.warmup_steps) / decay_steps)
-        cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
-        return optim.min_lr_ratio + (1.0 - optim.min_lr_ratio) * cosine
-
-    return factor
-
-
 def _check_precision_supported(precision: str) -> None:
     from deepspeed.accelerator import get_accelerator
 
@@ -127,8 +95,11 @@ def _check_precision_supported(precision: str) -> None:
         )
 
 
-def build_engine(config: Config, model: torch.nn.Module, total_steps: int):
-    """``deepspeed.initialize`` for every ZeRO stage, offload and precision; returns the engine."""
+def build_engine(config: Config, model: torch.nn.Module, total_steps: int, clock: StageClock | None = None):
+    """``deepspeed.initialize`` for every ZeRO stage, offload and precision; returns the engine.
+
+    ``total_steps`` is the length of stage II, whose start ``clock`` holds.
+    """
     import deepspeed
 
     _check_precision_supported(config.train.precision)
@@ -137,7 +108,7 @@ def build_engine(config: Config, model: torch.nn.Module, total_steps: int):
     optimizer = build_optimizer(
         param_groups(model, config.optim.weight_decay), config.optim, config.train.offload_optimizer
     )
-    schedule = lr_lambda(config.optim, total_steps)
+    schedule = lr_lambda(config.optim, total_steps, clock)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
@@ -153,19 +124,26 @@ def build_engine(config: Config, model: torch.nn.Module, total_steps: int):
     return engine
 
 
-def full_parameters(engine) -> dict[str, torch.Tensor]:
-    """Full fp32 copies of the model's parameters on every rank (a collective under ZeRO).
+def iter_full_parameters(engine):
+    """``(name, full fp32 copy on the CPU)`` per parameter, one at a time (a collective under ZeRO).
 
     The fp32 master copy where DeepSpeed keeps one, else the parameter itself
-    (ZeRO-0 in fp32).
+    (ZeRO-0 in fp32; a frozen parameter, gathered from its partitions at ZeRO-3).
     """
+    import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
 
-    params = {}
     for name, param in engine.module.named_parameters():
-        full = safe_get_full_fp32_param(param)
-        params[name] = (param if full is None else full).detach().float().cpu().clone()
-    return params
+        full = safe_get_full_fp32_param(param) if param.requires_grad else None
+        if full is None:
+            with deepspeed.zero.GatheredParameters([param], enabled=hasattr(param, "ds_id")):
+                full = param.detach().clone()
+        yield name, full.detach().float().cpu().clone()
+
+
+def full_parameters(engine) -> dict[str, torch.Tensor]:
+    """Every full fp32 parameter by name, on every rank (see ``iter_full_parameters``)."""
+    return dict(iter_full_parameters(engine))
 
 
 def full_optimizer_states(engine, key: str) -> dict[str, torch.Tensor]:

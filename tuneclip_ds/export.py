@@ -77,7 +77,7 @@ class _CheckpointParameters:
 
 def _name_masters(parameters: dict[str, torch.Tensor], masters: list[list[torch.Tensor]]) -> dict:
     """Names for the fp32 masters, which DeepSpeed lists per param group in ``engine.param_groups`` order."""
-    from tuneclip_ds.engine import param_groups
+    from tuneclip_ds.optim import param_groups
 
     stand_in = _CheckpointParameters(parameters)
     names = {id(param): name for name, param in stand_in.named_parameters()}

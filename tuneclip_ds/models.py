@@ -62,6 +62,8 @@ def build_model(cfg: ModelConfig) -> ClipBundle:
         ) from None
     if checkpoint:
         logger.info("loaded %s weights from %s", cfg.name, checkpoint)
+    if cfg.freeze_logit_scale:
+        model.logit_scale.requires_grad_(False)
     tokenizer = open_clip.get_tokenizer(name)
     return ClipBundle(model, preprocess_train, preprocess_val, tokenizer)
 

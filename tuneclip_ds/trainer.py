@@ -11,8 +11,9 @@ from typing import Callable
 import torch
 
 from tuneclip_ds import checkpoint
-from tuneclip_ds.config import Config, corpus_size
+from tuneclip_ds.config import Config, OSRConfig, corpus_size
 from tuneclip_ds.losses import gamma_schedule
+from tuneclip_ds.optim import StageClock, StatisticsRecovery
 
 logger = logging.getLogger(__name__)
 
@@ -39,15 +40,15 @@ class History:
 
     losses: list[float] = field(default_factory=list)
     skipped_batches: int = 0
-    data_skipped: int = 0
 
 
 class Trainer:
-    """Drives a DeepSpeed engine over a stream of batches for a fixed number of optimizer steps.
+    """Drives a DeepSpeed engine over a stream of batches: stage I (``osr``), then ``total_steps`` of stage II.
 
     ``engine(image, text)`` must return open_clip's ``(image_features,
     text_features, logit_scale[, logit_bias])``; ``loss_fn`` returns the
-    global-batch loss (the same value on every rank).
+    global-batch loss (the same value on every rank). Without ``osr`` the run
+    is stage II alone.
     """
 
     def __init__(
@@ -58,12 +59,14 @@ class Trainer:
         loss_fn: Callable[..., torch.Tensor],
         total_steps: int,
         writer=None,
+        osr: StatisticsRecovery | None = None,
     ):
         self.config = config
         self.engine = engine
         self.batches = batches  # an endless BatchStream (with state_dict / load_state_dict)
         self.loss_fn = loss_fn
         self.total_steps = total_steps
+        self.osr = osr or StatisticsRecovery(engine, StageClock(), OSRConfig(), max_steps=0)
         self.writer = writer
         self.is_main = engine.global_rank == 0
         self.global_batch = config.train.batch_size * config.train.grad_accum * engine.dp_world_size
@@ -79,25 +82,51 @@ class Trainer:
     def step(self) -> int:
         return self.engine.global_steps
 
+    @property
+    def end_step(self) -> int:
+        """The run's last step: stage II's length after stage I's end (after its step limit while it runs)."""
+        stage2_start = self.osr.max_steps if self.osr.active else self.osr.clock.stage2_start
+        return stage2_start + self.total_steps
+
     def run(self) -> History:
         self.resume()
-        logger.info("training steps %d..%d, global batch %d", self.step + 1, self.total_steps, self.global_batch)
-        start, first_step = time.perf_counter(), self.step
-        every = self.config.checkpoint.every
-        while self.step < self.total_steps:
-            result = self.train_step()
-            self.history.losses.append(result.loss)
-            self._report(result, elapsed=time.perf_counter() - start, steps_done=self.step - first_step)
-            if self.save_requested or self.stop_requested or (every and self.step % every == 0):
-                self.save()
-            if self.stop_requested:
-                logger.info("stopping at step %d on request; resume with checkpoint.resume=latest", self.step)
-                break
-        if self.config.checkpoint.save_at_end and self.last_saved_step != self.step:
+        finished = True
+        if self.osr.active:
+            if self.osr.start_digest is None:
+                self.osr.begin()
+            finished = self._train_while(lambda: not self.osr.done(self.step))
+            if finished:
+                self._begin_stage2()
+        if finished:
+            logger.info("fine-tuning steps %d..%d, global batch %d", self.step + 1, self.end_step, self.global_batch)
+            finished = self._train_while(lambda: self.step < self.end_step)
+        if finished and self.config.checkpoint.save_at_end and self.last_saved_step != self.step:
             self.save()
         if self.writer is not None:
             self.writer.flush()
         return self.history
+
+    def _train_while(self, condition: Callable[[], bool]) -> bool:
+        """Train until ``condition`` fails (True) or a stop is requested (False), saving on the way."""
+        start, first_step = time.perf_counter(), self.step
+        every = self.config.checkpoint.every
+        while condition():
+            result = self.train_step()
+            self.history.losses.append(result.loss)
+            diagnostics = self.osr.observe() if self.osr.active else {}
+            self._report(result, diagnostics, elapsed=time.perf_counter() - start, steps_done=self.step - first_step)
+            if self.save_requested or self.stop_requested or (every and self.step % every == 0):
+                self.save()
+            if self.stop_requested:
+                logger.info("stopping at step %d on request; resume with checkpoint.resume=latest", self.step)
+                return False
+        return True
+
+    def _begin_stage2(self) -> None:
+        self.osr.begin_stage2(self.step, self.loss_fn)
+        checkpoints_wanted = self.config.checkpoint.every or self.config.checkpoint.save_at_end
+        if checkpoints_wanted and self.last_saved_step != self.step:
+            self.save()  # the recovered statistics: stage II (or several, for ablations) can start from here
 
     def checkpoint_metadata(self) -> dict:
         """What a checkpoint must agree with to be resumed by this run."""
@@ -109,6 +138,7 @@ class Trainer:
             "data": self.batches.state_dict(),
             "rng": checkpoint.rng_states(),
             "loss": self.loss_fn.state_dict() if hasattr(self.loss_fn, "state_dict") else {},
+            "osr": self.osr.state_dict(),
         }
         checkpoint.save(self.engine, self.checkpoint_root, self.step, self.checkpoint_metadata(), rank_state,
                         keep_last=self.config.checkpoint.keep_last)
@@ -129,6 +159,8 @@ class Trainer:
         checkpoint.set_rng_states(state["rng"])
         if hasattr(self.loss_fn, "load_state_dict"):
             self.loss_fn.load_state_dict(state["loss"])
+        if "osr" in state:
+            self.osr.load_state_dict(state["osr"])
         self.last_saved_step = self.step
         logger.info("resumed from %s at step %d", path, self.step)
 
@@ -151,13 +183,12 @@ class Trainer:
                 continue
             self.engine.backward(loss)
             if self.engine.is_gradient_accumulation_boundary():
-                lr = self.engine.get_lr()[0]  # the rate this update uses
+                lr = 0.0 if self.osr.active else self.engine.get_lr()[0]  # the rate this update uses
                 if self.engine.zero_optimization_stage() == 0:
                     grad_norm = _local_grad_norm(self.engine.module)  # stage 0 does not report it
             self.engine.step()
             losses.append(loss.item())
         self.history.skipped_batches += skipped
-        self.history.data_skipped += data_skipped
         engine_norm = self.engine.get_global_grad_norm()
         return StepResult(
             loss=sum(losses) / len(losses),
@@ -194,11 +225,12 @@ class Trainer:
             )
         logger.warning("%s; batch skipped without an update (train.on_nonfinite_loss=skip)", where)
 
-    def _report(self, result: StepResult, elapsed: float, steps_done: int) -> None:
+    def _report(self, result: StepResult, diagnostics: dict[str, float], elapsed: float, steps_done: int) -> None:
         if not self.is_main:
             return
         step = self.step
         scalars = {
+            "train/stage": 1 if self.osr.active else 2,
             "train/loss": result.loss,
             "train/lr": result.lr,
             "train/logit_scale": result.logit_scale,
@@ -211,18 +243,21 @@ class Trainer:
             scalars["train/grad_norm"] = result.grad_norm
         for name, value in getattr(self.loss_fn, "metrics", dict)().items():
             scalars[f"loss/{name}"] = value
+        for name, value in diagnostics.items():
+            scalars[f"osr/{name}"] = value
         if self.writer is not None:
             for name, value in scalars.items():
                 self.writer.add_scalar(name, value, step)
-        if step % self.config.log.every == 0 or step == self.total_steps or step == 1:
-            logger.info(_progress_line(step, self.total_steps, result, elapsed / steps_done))
+        if step % self.config.log.every == 0 or step == self.end_step or step == 1:
+            stage = "stage I (lr frozen)" if self.osr.active else "stage II" if self.osr.max_steps else ""
+            logger.info(_progress_line(step, self.end_step, result, elapsed / steps_done, stage))
 
 
-def _progress_line(step: int, total: int, result: StepResult, seconds_per_step: float) -> str:
+def _progress_line(step: int, total: int, result: StepResult, seconds_per_step: float, stage: str) -> str:
     eta = seconds_per_step * (total - step)
     grad = f" | grad {result.grad_norm:.3f}" if result.grad_norm is not None else ""
     return (
-        f"step {step}/{total} | loss {result.loss:.4f} | lr {result.lr:.3g}{grad} | "
+        f"{stage + ' | ' if stage else ''}step {step}/{total} | loss {result.loss:.4f} | lr {result.lr:.3g}{grad} | "
         f"scale {result.logit_scale:.2f} | {result.samples / result.step_time:.0f} samples/s | "
         f"{result.step_time:.2f} s/step | eta {_duration(eta)}"
     )
@@ -248,9 +283,14 @@ def _as_float(value) -> float:
     return value.item() if isinstance(value, torch.Tensor) else float(value)
 
 
-def total_steps(config: Config, world_size: int) -> int:
-    """The run length in optimizer steps, from ``train.steps`` or ``train.samples``."""
-    if config.train.steps is not None:
-        return config.train.steps
+def stage_lengths(config: Config, world_size: int) -> tuple[int, int]:
+    """Optimizer steps of stage I (at most: it may end early) and of stage II (fine-tuning)."""
     global_batch = config.train.batch_size * config.train.grad_accum * world_size
-    return math.ceil(config.train.samples / global_batch)
+
+    def steps(steps: int | None, samples: int | None, epochs: float | None) -> int:
+        if epochs is not None:
+            samples = epochs * corpus_size(config)
+        return steps if samples is None else math.ceil(samples / global_batch)
+
+    return steps(config.osr.steps or 0, None, config.osr.epochs), steps(config.train.steps, config.train.samples,
+                                                                         config.train.epochs)

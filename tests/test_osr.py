@@ -1,0 +1,212 @@
+"""TuneCLIP stage I (optimizer statistics recovery) and the start of stage II, at every ZeRO stage."""
+
+import pytest
+import torch
+
+from test_checkpoint import assert_bit_identical, train_and_snapshot
+from test_global_batch import GLOBAL_BATCH, fixed_global_batch
+from test_training import TINY_RUN
+
+STAGE1_STEPS = 3
+BASE = [
+    "model.name=tiny-ViT", "train.precision=fp32", "loss.name=infonce", "optim.lr=1e-3", "optim.weight_decay=0.1",
+    "optim.betas=[0.9,0.98]", "optim.schedule=constant", "train.grad_clip=0.5", "checkpoint.save_at_end=false",
+    "output_dir=/tmp/unused",
+]
+
+
+def build_fixed_run(rank, world_size, overrides, batch_for_step=fixed_global_batch):
+    """The trainer as ``build_run`` makes it, fed this rank's share of fixed global batches."""
+    from tuneclip_ds.builders import build_run
+    from tuneclip_ds.config import load_config
+
+    local = GLOBAL_BATCH // world_size
+    config = load_config(None, BASE + [f"train.batch_size={local}"] + overrides)
+    shares = ({k: v[rank * local:(rank + 1) * local] for k, v in batch_for_step(step).items()}
+              for step in range(10**6))
+    return build_run(config, rank, world_size, batches=shares)
+
+
+def snapshot(engine) -> dict:
+    from tuneclip_ds.engine import full_optimizer_states, full_parameters
+    from tuneclip_ds.optim.osr import moment_norms
+
+    return {"params": full_parameters(engine), "exp_avg": full_optimizer_states(engine, "exp_avg"),
+            "exp_avg_sq": full_optimizer_states(engine, "exp_avg_sq"), "norms": moment_norms(engine)}
+
+
+def stage1_then_one_step(rank, world_size, overrides):
+    """Stage I of STAGE1_STEPS steps then one stage-II step; snapshots at the start, at the stage boundary
+    and at the end."""
+    trainer = build_fixed_run(rank, world_size, [f"osr.steps={STAGE1_STEPS}", "train.steps=1"] + overrides)
+    from tuneclip_ds.engine import full_parameters
+
+    snapshots = {"start": {"params": full_parameters(trainer.engine)}}  # no Adam state before the first step
+    begin_stage2 = trainer.osr.begin_stage2
+
+    def snapshot_then_begin(*args):
+        snapshots["boundary"] = snapshot(trainer.engine)
+        begin_stage2(*args)
+
+    trainer.osr.begin_stage2 = snapshot_then_begin
+    trainer.run()
+    snapshots["end"] = snapshot(trainer.engine)
+    return snapshots
+
+
+def reference_adamw(steps: int, lr: float, weight_decay: float, grad_clip: float, betas=(0.9, 0.98)):
+    """Plain torch AdamW on one process, open_clip's ClipLoss on the whole global batch: ``steps`` updates
+    at lr 0 (stage I), then one at ``lr``. Returns (after stage I, after stage II) snapshots by name."""
+    import open_clip
+    from open_clip.loss import ClipLoss
+
+    from tuneclip_ds.models import build_model
+    from tuneclip_ds.config import ModelConfig
+    from tuneclip_ds.optim import param_groups
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="tiny-ViT")).model
+    names = {param: name for name, param in model.named_parameters()}
+    optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=0.0, betas=betas, eps=1e-6,
+                                  weight_decay=weight_decay)
+    loss_fn = ClipLoss()
+    snapshots = []
+    for step in range(steps + 1):
+        if step == steps:
+            snapshots.append(_reference_snapshot(model, optimizer, names))
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+        batch = fixed_global_batch(step)
+        image_features, text_features, logit_scale = model(batch["image"], batch["text"])
+        optimizer.zero_grad()
+        loss_fn(image_features, text_features, logit_scale).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+    snapshots.append(_reference_snapshot(model, optimizer, names))
+    assert open_clip  # the reference is open_clip's own loss
+    return snapshots
+
+
+def _reference_snapshot(model, optimizer, names) -> dict:
+    state = {key: {names[p]: s[key].clone() for p, s in optimizer.state.items()} for key in ("exp_avg", "exp_avg_sq")}
+    return {"params": {n: p.detach().clone() for n, p in model.named_parameters()}, **state,
+            "step": int(next(iter(optimizer.state.values()))["step"]) if optimizer.state else 0}
+
+
+def assert_close_by_name(ours: dict, reference: dict, what: str, rtol: float):
+    assert ours.keys() == reference.keys()
+    for name in reference:
+        error = (ours[name] - reference[name]).norm() / reference[name].norm().clamp_min(1e-20)
+        assert error < rtol, f"{what} of {name}: relative error {error:.2e}"
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return reference_adamw(STAGE1_STEPS, lr=1e-3, weight_decay=0.1, grad_clip=0.5)
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_stage1_recovers_adam_moments_and_leaves_parameters_bit_identical(pool, reference, stage):
+    ours, _ = pool.run(stage1_then_one_step, [f"train.zero_stage={stage}"])
+    after_stage1, after_stage2 = reference
+    assert_bit_identical(ours["boundary"]["params"], ours["start"]["params"], "parameters after stage I")
+    assert_bit_identical(ours["start"]["params"], after_stage1["params"], "the reference's unchanged parameters")
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert_close_by_name(ours["boundary"][key], after_stage1[key], key, rtol=1e-5)
+    assert ours["boundary"]["norms"]["adam_step"] == STAGE1_STEPS == after_stage1["step"]
+    # Stage II continues from the recovered moments and step counter (a fresh Adam would differ).
+    assert ours["end"]["norms"]["adam_step"] == STAGE1_STEPS + 1
+    # Adam's step divides by sqrt(v): last-bit differences in tiny moments of zero-initialised biases grow.
+    assert_close_by_name(ours["end"]["params"], after_stage2["params"], "parameters after stage II", rtol=1e-4)
+    moved = [n for n in ours["end"]["params"] if not torch.equal(ours["end"]["params"][n], ours["start"]["params"][n])]
+    assert len(moved) == len(ours["start"]["params"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides", [
+    ["train.zero_stage=2", "train.offload_optimizer=true"],
+    ["train.zero_stage=3", "train.offload_optimizer=true"],
+    ["train.zero_stage=0", "train.precision=bf16"],
+    ["train.zero_stage=3", "train.precision=bf16"],
+    ["train.zero_stage=2", "optim.implementation=deepspeed"],
+    ["train.zero_stage=1", "train.grad_accum=2"],
+])
+def test_stage1_with_offload_bf16_deepspeed_adam_and_accumulation(pool, overrides):
+    ours, _ = pool.run(stage1_then_one_step, overrides)
+    assert_bit_identical(ours["boundary"]["params"], ours["start"]["params"], "parameters after stage I")
+    assert ours["boundary"]["norms"]["adam_step"] == STAGE1_STEPS
+    assert ours["boundary"]["norms"]["exp_avg_norm"] > 0 and ours["boundary"]["norms"]["exp_avg_sq_norm"] > 0
+    moved = [n for n in ours["end"]["params"] if not torch.equal(ours["end"]["params"][n], ours["start"]["params"][n])]
+    assert moved
+
+
+def test_moment_reset_switch_starts_stage2_from_fresh_adam(pool):
+    ours, _ = pool.run(stage1_then_one_step, ["train.zero_stage=2", "osr.reset_moments=true"])
+    assert ours["boundary"]["norms"]["exp_avg_norm"] > 0
+    assert ours["end"]["norms"]["adam_step"] == 1
+
+
+def run_until_converged(rank, world_size, overrides):
+    """The same global batch every step: with the rate frozen, so is the gradient, and Adam's moments
+    follow a closed form."""
+    trainer = build_fixed_run(rank, world_size, overrides, batch_for_step=lambda step: fixed_global_batch(0))
+    trainer.run()
+    return trainer.osr.clock.stage2_start
+
+
+def expected_stage1_end(beta: float, tolerance: float, patience: int, min_steps: int, max_steps: int) -> int:
+    """With a constant gradient g, ||m_t|| = (1 - beta^t) ||g||: its relative change from t-1 to t is
+    beta^(t-1) (1 - beta) / (1 - beta^(t-1)) (the same for v with beta2)."""
+    settled = 0
+    for t in range(1, max_steps + 1):
+        change = beta ** (t - 1) * (1 - beta) / (1 - beta ** (t - 1)) if t > 1 else float("inf")
+        settled = settled + 1 if change < tolerance else 0
+        if settled >= patience and t >= min_steps:
+            return t
+    return max_steps
+
+
+@pytest.mark.parametrize("min_steps", [0, 14])
+def test_early_stop_when_moments_settle_not_before_min_steps(pool, min_steps):
+    tolerance, patience, max_steps = 0.1, 2, 30
+    overrides = ["optim.betas=[0.9,0.9]", f"osr.steps={max_steps}", f"osr.until_converged={tolerance}",
+                 f"osr.patience={patience}", f"osr.min_steps={min_steps}", "train.steps=1"]
+    end, _ = pool.run(run_until_converged, overrides)
+    assert end == expected_stage1_end(0.9, tolerance, patience, min_steps, max_steps)
+    assert end == (9 if min_steps == 0 else 14)  # the closed form, worked out: settled from t = 8
+
+
+def change_a_parameter_in_stage1(rank, world_size):
+    from tuneclip_ds.optim.osr import ParametersChangedError
+
+    trainer = build_fixed_run(rank, world_size, ["osr.steps=2", "train.steps=1", "train.zero_stage=0"])
+    train_step = trainer.train_step
+
+    def step_and_tamper():
+        result = train_step()
+        with torch.no_grad():
+            trainer.engine.module.logit_scale.add_(1.0)
+        return result
+
+    trainer.train_step = step_and_tamper
+    with pytest.raises(ParametersChangedError) as error:
+        trainer.run()
+    return str(error.value)
+
+
+def test_a_parameter_changed_in_stage1_is_an_error(pool):
+    message, _ = pool.run(change_a_parameter_in_stage1)
+    assert "parameters changed during stage I" in message
+
+
+@pytest.mark.parametrize("interrupt_after", [2, 4])
+def test_resume_in_stage1_and_at_the_boundary_is_exact(pool, synthetic_shards, tmp_path, interrupt_after):
+    common = TINY_RUN + [f"data.train_shards={synthetic_shards}", "train.batch_size=8", "data.shuffle_buffer=16",
+                         "loss.name=hgcl", "data.num_samples=1024", "osr.steps=4", "train.steps=3"]
+    straight, _ = pool.run(train_and_snapshot, common + [f"output_dir={tmp_path}/a"])
+    pool.run(train_and_snapshot, common + [f"output_dir={tmp_path}/b"], interrupt_after)
+    resumed, _ = pool.run(train_and_snapshot, common + [f"output_dir={tmp_path}/b", "checkpoint.resume=latest"])
+    assert resumed["step"] == straight["step"] == 7
+    assert resumed["losses"] == straight["losses"][interrupt_after:]
+    for key in ("params", "exp_avg", "exp_avg_sq"):
+        assert_bit_identical(straight[key], resumed[key], key)

@@ -1,0 +1,203 @@
+"""TuneCLIP stage I, Optimizer Statistics Recovery: normal training steps with the rate frozen at 0.
+
+Every stage-I step runs forward, loss, backward, gradient reduction, clipping
+and the optimizer's step, so Adam's moments, its step counter and the loss's
+per-sample estimators update from real gradients; the learning rate of every
+param group is 0 during the optimizer's own ``step()``, so every parameter
+(and its fp32 master) stays bit-identical.
+
+The freeze is a step pre-hook on the optimizer that DeepSpeed steps (the
+client optimizer, or DeepSpeed's own Adam, inside any ZeRO stage, the bf16 or
+fp16 wrapper, or offload): a scheduler may set any rate between steps, and the
+step still sees 0. Stage II starts from the recovered state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from tuneclip_ds.config import OSRConfig
+from tuneclip_ds.optim.schedule import StageClock
+
+logger = logging.getLogger(__name__)
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+class ParametersChangedError(RuntimeError):
+    """A parameter changed during stage I, whose learning rate is frozen at 0."""
+
+
+def stepped_optimizers(engine) -> list[torch.optim.Optimizer]:
+    """The optimizers whose ``step()`` applies the update (and keeps the moments), under any wrapper."""
+    from deepspeed.runtime.base_optimizer import DeepSpeedOptimizer
+
+    wrapper = engine.optimizer
+    if not isinstance(wrapper, DeepSpeedOptimizer):
+        return [wrapper]  # ZeRO-0 in fp32: the client optimizer itself
+    # ZeRO-3 with a partial optimizer offload also steps a second, on-device optimizer.
+    return [opt for opt in (wrapper.optimizer, getattr(wrapper, "backup_optimizer", None)) if opt is not None]
+
+
+def _state_is_partitioned(engine) -> bool:
+    """ZeRO 1-3 and DeepSpeed's bf16 optimizer shard the moments over the data-parallel ranks."""
+    from deepspeed.runtime.base_optimizer import ZeROOptimizer
+
+    return isinstance(engine.optimizer, ZeROOptimizer)
+
+
+@dataclass
+class ConvergenceMonitor:
+    """Counts the consecutive steps at which every watched statistic changed by less than ``tolerance``
+    (relative change per step)."""
+
+    tolerance: float | None
+    patience: int
+    previous: dict[str, float] = field(default_factory=dict)
+    settled_steps: int = 0
+
+    def observe(self, values: dict[str, float]) -> dict[str, float]:
+        """Relative change of each value since the last step (none at the first)."""
+        changes = {
+            name: abs(value - self.previous[name]) / max(abs(self.previous[name]), 1e-30)
+            for name, value in values.items()
+            if name in self.previous
+        }
+        self.previous = dict(values)
+        settled = bool(changes) and self.tolerance is not None and max(changes.values()) < self.tolerance
+        self.settled_steps = self.settled_steps + 1 if settled else 0
+        return changes
+
+    @property
+    def converged(self) -> bool:
+        return self.tolerance is not None and self.settled_steps >= self.patience
+
+    def state_dict(self) -> dict:
+        return {"previous": dict(self.previous), "settled_steps": self.settled_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.previous, self.settled_steps = dict(state["previous"]), state["settled_steps"]
+
+
+class StatisticsRecovery:
+    """Stage I for a DeepSpeed engine: the frozen rate, its diagnostics and its end.
+
+    ``clock.stage2_start`` is ``None`` while stage I runs; ``begin_stage2``
+    sets it, after checking that no parameter changed.
+    """
+
+    def __init__(self, engine, clock: StageClock, osr: OSRConfig, max_steps: int):
+        self.engine = engine
+        self.clock = clock
+        self.config = osr
+        self.max_steps = max_steps
+        self.monitor = ConvergenceMonitor(osr.until_converged, osr.patience)
+        self.start_digest: str | None = None
+        self._saved_rates: dict[int, list[float]] = {}
+        for optimizer in stepped_optimizers(engine):
+            optimizer.register_step_pre_hook(self._freeze_rates)
+            optimizer.register_step_post_hook(self._restore_rates)
+
+    @property
+    def active(self) -> bool:
+        return self.clock.stage2_start is None
+
+    def _freeze_rates(self, optimizer, args, kwargs) -> None:
+        if self.active:
+            self._saved_rates[id(optimizer)] = [group["lr"] for group in optimizer.param_groups]
+            for group in optimizer.param_groups:
+                group["lr"] = 0.0
+
+    def _restore_rates(self, optimizer, args, kwargs) -> None:
+        """Leave the scheduler's rates in place, so that stage II starts where its schedule says."""
+        for group, rate in zip(optimizer.param_groups, self._saved_rates.pop(id(optimizer), ())):
+            group["lr"] = rate
+
+    def begin(self) -> None:
+        """Start stage I (collective): fingerprint the parameters it must leave unchanged."""
+        self.start_digest = parameter_digest(self.engine)
+        logger.info("stage I (optimizer statistics recovery): up to %d steps with the learning rate frozen at 0; "
+                    "parameter digest %s", self.max_steps, self.start_digest[:16])
+
+    def done(self, step: int) -> bool:
+        enough = step >= self.config.min_steps and self.monitor.converged
+        return step >= self.max_steps or enough
+
+    def observe(self) -> dict[str, float]:
+        """This step's diagnostics (collective): moment norms, their relative change, the Adam step."""
+        norms = moment_norms(self.engine)
+        changes = self.monitor.observe({key: norms[key] for key in ("exp_avg_norm", "exp_avg_sq_norm")})
+        return {**norms, **{f"{name}_change": value for name, value in changes.items()}}
+
+    def begin_stage2(self, step: int, loss_fn) -> None:
+        """End stage I (collective): check the parameters, start the stage-II clock, apply ablation resets."""
+        digest = parameter_digest(self.engine)
+        if digest != self.start_digest:
+            raise ParametersChangedError(
+                f"parameters changed during stage I (digest {self.start_digest[:16]} -> {digest[:16]}); "
+                "the learning rate was not frozen at 0: is a custom optimizer or ds_config scheduler in use?"
+            )
+        logger.info("stage I ended after %d steps (%s); parameters unchanged (digest %s); stage II begins",
+                    step, "converged" if step < self.max_steps else "step limit", digest[:16])
+        self.clock.stage2_start = step
+        if self.config.reset_moments:
+            reset_moments(self.engine)
+        if self.config.reset_estimators and hasattr(loss_fn, "estimators"):
+            loss_fn.estimators.reset()
+
+    def state_dict(self) -> dict:
+        return {"stage2_start": self.clock.stage2_start, "start_digest": self.start_digest,
+                "monitor": self.monitor.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.clock.stage2_start = state["stage2_start"]
+        self.start_digest = state["start_digest"]
+        self.monitor.load_state_dict(state["monitor"])
+
+
+def _optimizer_states(engine):
+    for optimizer in stepped_optimizers(engine):
+        yield from (state for state in optimizer.state.values() if MOMENTS[0] in state)
+
+
+def moment_norms(engine) -> dict[str, float]:
+    """L2 norms of the full ``exp_avg`` and ``exp_avg_sq`` and Adam's step count (collective under ZeRO:
+    each rank sums the squares of its own partition; padding holds zeros)."""
+    squares = torch.zeros(2, dtype=torch.float64, device=engine.device)
+    adam_step = 0
+    for state in _optimizer_states(engine):
+        for i, key in enumerate(MOMENTS):
+            squares[i] += state[key].double().square().sum().to(engine.device)
+        adam_step = max(adam_step, int(state["step"]))
+    if _state_is_partitioned(engine):
+        torch.distributed.all_reduce(squares)
+    return {"exp_avg_norm": squares[0].sqrt().item(), "exp_avg_sq_norm": squares[1].sqrt().item(),
+            "adam_step": float(adam_step)}
+
+
+def reset_moments(engine) -> None:
+    """Zero the moments and the step counters, as if the optimizer were new (an ablation of OSR)."""
+    for optimizer in stepped_optimizers(engine):
+        for state in optimizer.state.values():
+            for key, value in state.items():
+                if key in MOMENTS or key == "step":
+                    state[key] = value.zero_() if isinstance(value, torch.Tensor) else 0
+        for group in optimizer.param_groups:
+            if "step" in group:  # DeepSpeed's FusedAdam counts per group
+                group["step"] = 0
+
+
+def parameter_digest(engine) -> str:
+    """SHA-256 over every full fp32 parameter in name order (collective under ZeRO; the same on every
+    rank and for any world size)."""
+    from tuneclip_ds.engine import iter_full_parameters
+
+    digest = hashlib.sha256()
+    for name, tensor in iter_full_parameters(engine):
+        digest.update(name.encode())
+        digest.update(tensor.contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
