@@ -93,11 +93,11 @@ def test_stage0_bf16_export_has_the_fp32_masters(pool, synthetic_shards, tmp_pat
     output = tmp_path / "model.pt"
     overrides = train_overrides(synthetic_shards, tmp_path, 0, "bf16")
     (engine, exported), _ = pool.run(train_and_export, overrides, [(tmp_path / "run", output)])
-    bf16_params = engine["params"]  # ZeRO-0 bf16: the module's 16-bit parameters
-    masters = {name: exported[output]["tensors"][name].reshape(param.shape) for name, param in bf16_params.items()}
-    assert all(master.dtype == torch.float32 for master in masters.values())
-    assert all(torch.equal(masters[name].bfloat16().float(), param) for name, param in bf16_params.items())
-    assert not all(torch.equal(masters[name], param) for name, param in bf16_params.items())  # finer than bf16
+    masters = engine["params"]  # ZeRO-0 bf16: full_parameters reads DeepSpeed's fp32 masters
+    tensors = exported[output]["tensors"]
+    assert all(tensors[name].dtype == torch.float32 for name in masters)
+    assert all(torch.equal(tensors[name].reshape(master.shape), master) for name, master in masters.items())
+    assert not all(torch.equal(master.bfloat16().float(), master) for master in masters.values())  # finer than bf16
 
 
 def incomplete_run(tmp_path):

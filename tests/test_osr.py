@@ -131,8 +131,12 @@ def test_stage1_recovers_adam_moments_and_leaves_parameters_bit_identical(pool, 
     ["train.zero_stage=2", "optim.implementation=deepspeed"],
     ["train.zero_stage=1", "train.grad_accum=2"],
 ])
-def test_stage1_with_offload_bf16_deepspeed_adam_and_accumulation(pool, overrides):
+def test_stage1_with_offload_bf16_deepspeed_adam_and_accumulation(pool, reference, overrides):
     ours, _ = pool.run(stage1_then_one_step, overrides)
+    dtype = torch.bfloat16 if "train.precision=bf16" in overrides else torch.float32
+    initial = {name: param.to(dtype).float() for name, param in reference[0]["params"].items()}
+    # No update before the first step (DeepSpeed's ZeRO-0 bf16 wrapper steps once when it is built).
+    assert_bit_identical(ours["start"]["params"], initial, "parameters at the start")
     assert_bit_identical(ours["boundary"]["params"], ours["start"]["params"], "parameters after stage I")
     assert ours["boundary"]["norms"]["adam_step"] == STAGE1_STEPS
     assert ours["boundary"]["norms"]["exp_avg_norm"] > 0 and ours["boundary"]["norms"]["exp_avg_sq_norm"] > 0
@@ -210,3 +214,27 @@ def test_resume_in_stage1_and_at_the_boundary_is_exact(pool, synthetic_shards, t
     assert resumed["losses"] == straight["losses"][interrupt_after:]
     for key in ("params", "exp_avg", "exp_avg_sq"):
         assert_bit_identical(straight[key], resumed[key], key)
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_frozen_temperature_keeps_its_value_through_both_stages(pool, stage):
+    ours, _ = pool.run(stage1_then_one_step, [f"train.zero_stage={stage}", "model.freeze_logit_scale=true"])
+    start, end = ours["start"]["params"], ours["end"]["params"]
+    assert torch.equal(end["logit_scale"], start["logit_scale"])
+    assert not torch.equal(end["visual.proj"], start["visual.proj"])
+    assert "logit_scale" not in ours["end"]["exp_avg"]
+
+
+def test_stage_diagnostics_in_tensorboard(pool, synthetic_shards, tmp_path):
+    from test_launch import scalars
+
+    overrides = TINY_RUN + [f"data.train_shards={synthetic_shards}", "train.batch_size=8", "osr.steps=3",
+                            "train.steps=2", f"output_dir={tmp_path}", "run_name=osr", "log.every=1"]
+    pool.run(train_and_snapshot, overrides)
+    logged = scalars(tmp_path / "osr")
+    assert logged["train/stage"] == [1, 1, 1, 2, 2]
+    assert logged["train/lr"][:3] == [0, 0, 0] and min(logged["train/lr"][3:]) > 0
+    assert logged["osr/adam_step"] == [1, 2, 3]
+    assert all(value > 0 for value in logged["osr/exp_avg_norm"] + logged["osr/exp_avg_sq_norm"])
+    assert len(logged["osr/exp_avg_norm_change"]) == 2  # from the second step on
+    assert logged["osr/parameters_unchanged"] == [1]

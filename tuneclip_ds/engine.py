@@ -11,6 +11,7 @@ import torch
 
 from tuneclip_ds.config import Config, ConfigError
 from tuneclip_ds.optim import StageClock, build_optimizer, lr_lambda, param_groups
+from tuneclip_ds.optim.osr import reset_moments
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +110,11 @@ def build_engine(config: Config, model: torch.nn.Module, total_steps: int, clock
         param_groups(model, config.optim.weight_decay), config.optim, config.train.offload_optimizer
     )
     schedule = lr_lambda(config.optim, total_steps, clock)
+    # DeepSpeed's ZeRO-0 bf16/fp16 wrapper takes one optimizer step with zero gradients when it is built:
+    # at rate 0 (the scheduler starts from "initial_lr") it applies no weight decay, and the step it
+    # counted is forgotten below, so that training starts exactly where a fresh AdamW would.
+    for group in optimizer.param_groups:
+        group["initial_lr"], group["lr"] = group["lr"], 0.0
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
@@ -116,6 +122,7 @@ def build_engine(config: Config, model: torch.nn.Module, total_steps: int, clock
         # a callable: DeepSpeed hands it the optimizer it wraps (ZeRO or not)
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
     )
+    reset_moments(engine)
     logger.info(
         "DeepSpeed engine: ZeRO stage %d%s, %s, micro-batch %d x accumulation %d x %d ranks",
         config.train.zero_stage, " + CPU offload" if config.train.offload_optimizer else "",
@@ -133,8 +140,10 @@ def iter_full_parameters(engine):
     import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
 
+    masters = _zero0_masters(engine)
     for name, param in engine.module.named_parameters():
         full = safe_get_full_fp32_param(param) if param.requires_grad else None
+        full = masters.get(id(param), full)
         if full is None:
             with deepspeed.zero.GatheredParameters([param], enabled=hasattr(param, "ds_id")):
                 full = param.detach().clone()
@@ -147,21 +156,36 @@ def full_parameters(engine) -> dict[str, torch.Tensor]:
 
 
 def full_optimizer_states(engine, key: str) -> dict[str, torch.Tensor]:
-    """Full fp32 Adam state ``key`` ("exp_avg", "exp_avg_sq") per parameter (a collective under ZeRO).
+    """Full fp32 Adam state ``key`` ("exp_avg", "exp_avg_sq") per trained parameter (a collective under ZeRO).
 
     ZeRO 1-3 and DeepSpeed's bf16 optimizer keep it in partitioned fp32
-    buffers; ZeRO-0 in fp32 keeps it in the client optimizer, keyed by parameter.
+    buffers; ZeRO-0 keeps it in the client optimizer, keyed by the parameter
+    (fp32) or by its fp32 master (bf16/fp16).
     """
     from deepspeed.utils import safe_get_full_optimizer_state
 
+    from tuneclip_ds.optim.osr import stepped_optimizers
+
     _relink_optimizer_state_fragments(engine.optimizer)
+    masters = _zero0_masters(engine)
+    client = stepped_optimizers(engine)[0]
     states = {}
     for name, param in engine.module.named_parameters():
+        if not param.requires_grad:
+            continue  # frozen: no optimizer state
         full = safe_get_full_optimizer_state(param, key)
         if full is None:
-            full = engine.optimizer.state[param][key]
+            full = client.state[masters.get(id(param), param)][key]
         states[name] = full.detach().float().cpu().clone()
     return states
+
+
+def _zero0_masters(engine) -> dict[int, torch.Tensor]:
+    """ZeRO-0 in bf16/fp16: DeepSpeed's wrapper keeps a whole fp32 master per parameter (by parameter id)."""
+    wrapper = engine.optimizer
+    pairs = zip(getattr(wrapper, "fp16_groups", ()), getattr(wrapper, "fp32_groups", ()))
+    return {id(low): high for lows, highs in pairs for low, high in zip(lows, highs)
+            if isinstance(low, torch.Tensor)}
 
 
 def _relink_optimizer_state_fragments(optimizer) -> None:

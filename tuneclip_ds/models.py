@@ -64,8 +64,20 @@ def build_model(cfg: ModelConfig) -> ClipBundle:
         logger.info("loaded %s weights from %s", cfg.name, checkpoint)
     if cfg.freeze_logit_scale:
         model.logit_scale.requires_grad_(False)
-    tokenizer = open_clip.get_tokenizer(name)
-    return ClipBundle(model, preprocess_train, preprocess_val, tokenizer)
+    return ClipBundle(model, preprocess_train, preprocess_val, _tokenizer(name, cfg.name))
+
+
+def _tokenizer(name: str, model_name: str) -> Callable:
+    """open_clip's tokenizer for the model; SigLIP-style models use a Hugging Face one, read offline."""
+    try:
+        return open_clip.get_tokenizer(name)
+    except (ImportError, OSError) as error:
+        raise ModelLoadError(
+            f"the text tokenizer of {model_name} could not be loaded ({type(error).__name__}: {error}). "
+            "Models with a Hugging Face tokenizer (SigLIP, ...) need `pip install transformers sentencepiece` "
+            "and the tokenizer files in the local Hugging Face cache (no downloads at run time: set "
+            "HF_HUB_OFFLINE=1 after fetching them once)"
+        ) from None
 
 
 def _resolve_weights(cfg: ModelConfig) -> tuple[str, str | None]:

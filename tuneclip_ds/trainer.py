@@ -115,7 +115,7 @@ class Trainer:
             self.history.losses.append(result.loss)
             diagnostics = self.osr.observe() if self.osr.active else {}
             self._report(result, diagnostics, elapsed=time.perf_counter() - start, steps_done=self.step - first_step)
-            if self.save_requested or self.stop_requested or (every and self.step % every == 0):
+            if self._agree_to_save() or (every and self.step % every == 0):
                 self.save()
             if self.stop_requested:
                 logger.info("stopping at step %d on request; resume with checkpoint.resume=latest", self.step)
@@ -123,7 +123,10 @@ class Trainer:
         return True
 
     def _begin_stage2(self) -> None:
-        self.osr.begin_stage2(self.step, self.loss_fn)
+        digest = self.osr.begin_stage2(self.step, self.loss_fn)  # raises if a parameter changed
+        if self.writer is not None:
+            self.writer.add_scalar("osr/parameters_unchanged", 1.0, self.step)
+            self.writer.add_text("osr/parameter_digest", digest, self.step)
         checkpoints_wanted = self.config.checkpoint.every or self.config.checkpoint.save_at_end
         if checkpoints_wanted and self.last_saved_step != self.step:
             self.save()  # the recovered statistics: stage II (or several, for ablations) can start from here
@@ -251,6 +254,21 @@ class Trainer:
         if step % self.config.log.every == 0 or step == self.end_step or step == 1:
             stage = "stage I (lr frozen)" if self.osr.active else "stage II" if self.osr.max_steps else ""
             logger.info(_progress_line(step, self.end_step, result, elapsed / steps_done, stage))
+
+    def _agree_to_save(self) -> bool:
+        """Whether to save after this step (and stop, with ``stop_requested``): the same answer on every rank.
+
+        Saving is collective, but a preemption signal may reach some ranks only, at any moment (even during a
+        save); its handler just notes it (tuneclip_ds.preemption). Here, between steps, each rank adds what it
+        noted to its flags and every rank takes the maximum of the flags over ranks.
+        """
+        from tuneclip_ds import preemption
+
+        flags = torch.tensor([self.save_requested, self.stop_requested or preemption.requested()],
+                             dtype=torch.int32, device=self.engine.device)
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        self.save_requested, self.stop_requested = (bool(flag) for flag in flags.tolist())
+        return self.save_requested or self.stop_requested
 
 
 def _progress_line(step: int, total: int, result: StepResult, seconds_per_step: float, stage: str) -> str:

@@ -133,8 +133,9 @@ class StatisticsRecovery:
         changes = self.monitor.observe({key: norms[key] for key in ("exp_avg_norm", "exp_avg_sq_norm")})
         return {**norms, **{f"{name}_change": value for name, value in changes.items()}}
 
-    def begin_stage2(self, step: int, loss_fn) -> None:
-        """End stage I (collective): check the parameters, start the stage-II clock, apply ablation resets."""
+    def begin_stage2(self, step: int, loss_fn) -> str:
+        """End stage I (collective): check the parameters, start the stage-II clock, apply ablation resets.
+        Returns the parameters' digest."""
         digest = parameter_digest(self.engine)
         if digest != self.start_digest:
             raise ParametersChangedError(
@@ -148,6 +149,7 @@ class StatisticsRecovery:
             reset_moments(self.engine)
         if self.config.reset_estimators and hasattr(loss_fn, "estimators"):
             loss_fn.estimators.reset()
+        return digest
 
     def state_dict(self) -> dict:
         return {"stage2_start": self.clock.stage2_start, "start_digest": self.start_digest,
