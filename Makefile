@@ -4,7 +4,7 @@ PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.requirements-installed
 NPROC ?= 2
 
-.PHONY: demo test test-slow env clean-demo
+.PHONY: demo demo-tuneclip test test-slow env clean-demo
 
 env: $(STAMP)
 
@@ -18,6 +18,12 @@ $(STAMP): requirements.txt
 demo: $(STAMP)
 	OMP_NUM_THREADS=1 $(VENV)/bin/deepspeed --num_gpus $(NPROC) --module tuneclip_ds.train --config configs/demo.yaml
 
+# TuneCLIP's two stages, fine-tuning the model `make demo` trained (made first if missing).
+demo-tuneclip: $(STAMP)
+	test -f runs/demo/checkpoints/latest || $(MAKE) demo
+	$(PYTHON) -m tuneclip_ds.export runs/demo --output runs/demo/model.pt
+	OMP_NUM_THREADS=1 $(VENV)/bin/deepspeed --num_gpus $(NPROC) --module tuneclip_ds.train --config configs/tuneclip_demo.yaml
+
 test: $(STAMP)
 	$(PYTHON) -m pytest -q tests
 
@@ -25,4 +31,4 @@ test-slow: $(STAMP)
 	$(PYTHON) -m pytest -q -m slow -o addopts= tests
 
 clean-demo:
-	rm -rf runs/demo data/synthetic
+	rm -rf runs/demo runs/tuneclip_demo data/synthetic
