@@ -115,6 +115,26 @@ def test_ds_config_contradictions_are_reported(tmp_path):
     assert "gradient_accumulation_steps" not in text  # "auto" is filled, not a contradiction
 
 
+def test_ds_config_optimizer_and_scheduler_sections_are_refused(tmp_path):
+    user_json = tmp_path / "ds.json"
+    user_json.write_text(json.dumps({"optimizer": {"type": "AdamW"}, "scheduler": {"type": "WarmupLR"}}))
+    config = load_config(None, ["train.steps=1", f"train.deepspeed_config={user_json}"])
+    with pytest.raises(ConfigError, match="has a 'optimizer' and a 'scheduler' section.*remove the section"):
+        build_ds_config(config, 1)
+
+
+def test_stage_lengths_in_steps_and_epochs():
+    from tuneclip_ds.trainer import stage_lengths
+
+    config = load_config(None, ["train.epochs=2", "osr.epochs=1.5", "data.num_samples=1000", "train.batch_size=50"])
+    assert stage_lengths(config, world_size=4) == (8, 10)  # ceil(1500 / 200), 2000 / 200
+    assert stage_lengths(load_config(None, ["train.samples=90", "train.batch_size=8"]), 2) == (0, 6)
+    with pytest.raises(ConfigError, match="osr.epochs is set: set data.num_samples"):
+        load_config(None, ["train.steps=1", "osr.epochs=1", "data.synthetic=null"])
+    with pytest.raises(ConfigError, match="at most one of osr.steps and osr.epochs"):
+        load_config(None, ["train.steps=1", "osr.epochs=1", "osr.steps=3", "data.num_samples=10"])
+
+
 def test_ds_config_missing_file():
     config = load_config(None, ["train.steps=1", "train.deepspeed_config=/no/such.json"])
     with pytest.raises(ConfigError, match="/no/such.json does not exist"):
