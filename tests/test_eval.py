@@ -434,13 +434,12 @@ def test_command_line_with_torchrun_equals_one_process(tmp_path, heldout, weight
     assert result.stdout.count("wrote ") == 1  # rank 0 reports
 
 
-def test_command_line_asks_to_export_a_training_checkpoint(tmp_path, heldout, capsys):
-    checkpoint = tmp_path / "checkpoints"
-    (checkpoint / "global_step100").mkdir(parents=True)
-    (checkpoint / "latest").write_text("global_step100")
+def test_command_line_names_an_incomplete_training_checkpoint(tmp_path, heldout, capsys):
+    checkpoints = tmp_path / "run" / "checkpoints"
+    (checkpoints / "step_00000100").mkdir(parents=True)  # a save that never completed
     suite = write_suite(tmp_path, [{"name": "ret", "kind": "retrieval", "data": heldout}])
-    assert eval_main(["--model", "tiny-ViT", "--pretrained", str(checkpoint), "--tasks", str(suite)]) == 2
-    assert "is a DeepSpeed training checkpoint" in capsys.readouterr().err
+    assert eval_main(["--model", "tiny-ViT", "--pretrained", str(tmp_path / "run"), "--tasks", str(suite)]) == 2
+    assert "holds no complete checkpoint" in capsys.readouterr().err
 
 
 def test_command_line_bad_input_is_one_message(tmp_path, capsys):

@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 import torch
 
-from tuneclip_ds.config import Config, DataConfig, LossConfig
+from tuneclip_ds.config import Config, DataConfig, LossConfig, SyntheticConfig
 from tuneclip_ds.data.stream import BatchStream
 from tuneclip_ds.engine import build_engine
 from tuneclip_ds.losses import build_loss
@@ -19,27 +19,29 @@ logger = logging.getLogger(__name__)
 
 
 def ensure_synthetic_corpus(data: DataConfig, rank: int) -> None:
-    """Rank 0 writes the synthetic corpus when ``data.synthetic`` is set and the folder has no shards."""
+    """Rank 0 writes the synthetic corpus when ``data.synthetic`` is set and the folder has no shards, and
+    its held-out split when ``data.synthetic.val_shards`` names a folder without shards."""
+    spec = data.synthetic
+    if rank == 0:
+        _write_split_once(Path(data.train_shards), spec, spec.num_samples, "train")
+        if spec.val_shards:
+            _write_split_once(Path(spec.val_shards), spec, spec.val_samples, "val")
+    torch.distributed.barrier()
+
+
+def _write_split_once(folder: Path, spec: SyntheticConfig, num_samples: int, split: str) -> None:
     from tuneclip_ds.data.synthetic import write_synthetic_corpus
 
-    folder = Path(data.train_shards)
-    if rank == 0 and not any(folder.glob("*.tar")):
-        spec = data.synthetic
-        logger.info("writing a synthetic corpus of %d samples to %s", spec.num_samples, folder)
-        partial = folder.with_name(folder.name + ".partial")  # renamed when complete: a killed write leaves no shards
-        shutil.rmtree(partial, ignore_errors=True)
-        write_synthetic_corpus(
-            str(partial),
-            num_samples=spec.num_samples,
-            samples_per_shard=spec.samples_per_shard,
-            image_size=spec.image_size,
-            difficulty=spec.difficulty,
-            seed=spec.seed,
-        )
-        if folder.exists():
-            folder.rmdir()  # empty (no shards); a folder holding other files is left alone and the rename fails
-        partial.rename(folder)
-    torch.distributed.barrier()
+    if any(folder.glob("*.tar")):
+        return
+    logger.info("writing a synthetic %s split of %d samples to %s", split, num_samples, folder)
+    partial = folder.with_name(folder.name + ".partial")  # renamed when complete: a killed write leaves no shards
+    shutil.rmtree(partial, ignore_errors=True)
+    write_synthetic_corpus(str(partial), num_samples=num_samples, samples_per_shard=spec.samples_per_shard,
+                           image_size=spec.image_size, difficulty=spec.difficulty, seed=spec.seed, split=split)
+    if folder.exists():
+        folder.rmdir()  # empty (no shards); a folder holding other files is left alone and the rename fails
+    partial.rename(folder)
 
 
 def build_batches(config: Config, bundle: ClipBundle, rank: int, world_size: int) -> BatchStream:
@@ -84,9 +86,20 @@ def build_run(config: Config, rank: int, world_size: int, batches=None) -> Train
     torch.manual_seed(config.seed)
     bundle = build_model(config.model)
     batches = build_batches(config, bundle, rank, world_size) if batches is None else batches
+    evaluator = build_evaluator(config, bundle)  # checks the evaluation data before the engine is built
     stage1_steps, stage2_steps = stage_lengths(config, world_size)
     clock = StageClock(stage2_start=None if stage1_steps else 0)
     engine = build_engine(config, bundle.model, stage2_steps, clock)
     osr = StatisticsRecovery(engine, clock, config.osr, stage1_steps)
     loss_fn = build_loss_from_config(config.loss)
-    return Trainer(config, engine, batches, loss_fn, stage2_steps, writer=build_writer(config, rank), osr=osr)
+    return Trainer(config, engine, batches, loss_fn, stage2_steps, writer=build_writer(config, rank), osr=osr,
+                   evaluator=evaluator)
+
+
+def build_evaluator(config: Config, bundle: ClipBundle):
+    """Evaluation during training when ``eval.tasks`` names a suite (its inputs are checked now)."""
+    if not config.eval.tasks:
+        return None
+    from tuneclip_ds.eval.periodic import TrainingEvaluator
+
+    return TrainingEvaluator(config.eval, bundle.preprocess_val, bundle.tokenizer)

@@ -7,6 +7,7 @@ Layout of ``RUN_DIR/checkpoints``::
         complete.json         written by rank 0 once every rank has finished writing
         universal/            DeepSpeed's universal form, made on the first resume on another world size
     latest                    the tag of the newest complete checkpoint (replaced atomically)
+    best                      the tag of the best-evaluated one (eval.select); pruning keeps it
 
 A save interrupted at any point leaves no ``complete.json`` and does not touch
 ``latest``: the previous checkpoint stays the one resumed from.
@@ -38,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 COMPLETE = "complete.json"
 LATEST = "latest"
+BEST = "best"
 UNIVERSAL = "universal"
 
 
@@ -83,8 +85,23 @@ def complete_checkpoints(root: Path) -> list[Path]:
 
 
 def _prune(root: Path, keep_last: int) -> None:
+    best = (root / BEST).read_text().strip() if (root / BEST).is_file() else None
     for old in complete_checkpoints(root)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old.name != best:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def mark_best(root: Path, step: int) -> None:
+    """Point ``best`` at the checkpoint of ``step`` (rank 0; the checkpoint is complete)."""
+    write_atomically(root / BEST, lambda path: Path(path).write_text(tag_for(step)))
+    logger.info("best checkpoint so far: %s", root / tag_for(step))
+
+
+def find_best(root: Path) -> Path:
+    pointer = root / BEST
+    if not pointer.is_file():
+        raise CheckpointError(f"{root} has no best checkpoint: it is chosen by eval.select during training")
+    return check_complete(root / pointer.read_text().strip())
 
 
 def resolve(resume: str, root: Path) -> Path | None:

@@ -31,6 +31,8 @@ class SyntheticConfig:
     image_size: int = 64
     difficulty: float = 0.3
     seed: int = 0
+    val_shards: str = ""  # also write a held-out split here (for evaluation) when it has no shards
+    val_samples: int = 512
 
 
 @dataclass
@@ -116,6 +118,16 @@ class CheckpointConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Zero-shot evaluation during training, on every rank, with the best checkpoint kept."""
+
+    tasks: str = ""  # a suite YAML (see configs/eval/); empty: no evaluation during training
+    every: int = 0  # optimizer steps between evaluations; they also run when stage II starts and at the end
+    select: str = ""  # the result that picks the best checkpoint, e.g. imagenet/top1 or average; empty: none
+    mode: Literal["max", "min"] = "max"
+
+
+@dataclass
 class LogConfig:
     every: int = 10  # steps between progress lines and TensorBoard scalars
 
@@ -132,6 +144,7 @@ class Config:
     osr: OSRConfig = field(default_factory=OSRConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
     @property
@@ -232,8 +245,11 @@ def _check(config: Config, source: str) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{source}: {key} must be at least 1, got {value}")
-    if config.checkpoint.every < 0:
-        raise ConfigError(f"{source}: checkpoint.every must be 0 (only at the end) or positive")
+    if config.eval.select and not config.eval.tasks:
+        raise ConfigError(f"{source}: eval.select={config.eval.select!r} needs eval.tasks (a suite YAML)")
+    for key, value in {"checkpoint.every": config.checkpoint.every, "eval.every": config.eval.every}.items():
+        if value < 0:
+            raise ConfigError(f"{source}: {key} must be 0 (only at the end) or positive")
     if corpus_size(config) is None:
         for needs_corpus_size, what in [
             (config.loss.name in ("gcl", "hgcl"), f"loss.name={config.loss.name} schedules gamma in epochs"),

@@ -24,18 +24,22 @@ STAGE0_STATES = "mp_rank_00_model_states.pt"
 ZERO_DIM = ("logit_scale", "logit_bias")  # kept as [1] in training for DeepSpeed, 0-dim in open_clip files
 
 
-def find_checkpoint(path: Path) -> Path:
-    """The checkpoint ``path`` names: a ``step_*`` folder, or the latest complete one of a run
-    directory or of its ``checkpoints/`` folder."""
+def find_checkpoint(path: Path, best: bool = False) -> Path:
+    """The checkpoint ``path`` names: a ``step_*`` folder, or the latest (or ``best``) complete one of a
+    run directory or of its ``checkpoints/`` folder."""
     if not path.exists():
         raise CheckpointError(f"{path} does not exist: give a run directory or one of its checkpoints/step_* folders")
     if (path / checkpoint.COMPLETE).is_file() or any(path.glob("*model_states.pt")):  # a checkpoint folder
+        if best:
+            raise CheckpointError(f"--best picks a checkpoint of a run: give the run directory, not {path}")
         return checkpoint.check_complete(path)
     if (path / "checkpoints").is_dir():  # a run directory
         path = path / "checkpoints"
     elif not ((path / checkpoint.LATEST).is_file() or any(path.glob("step_*"))):  # nor a checkpoints/ folder
         raise CheckpointError(f"{path} is not a run directory or checkpoint: expected checkpoints/, or a "
                               f"step_* folder with DeepSpeed's files and {checkpoint.COMPLETE}")
+    if best:
+        return checkpoint.find_best(path)
     latest = checkpoint.find_latest(path)
     if latest is None:
         raise CheckpointError(f"{path} holds no complete checkpoint (none was saved, or every save was interrupted)")
@@ -98,12 +102,12 @@ def open_clip_state_dict(weights: dict[str, torch.Tensor]) -> dict[str, torch.Te
     return exported
 
 
-def export(source: Path, output: Path, safetensors: bool = False) -> str:
+def export(source: Path, output: Path, safetensors: bool = False, best: bool = False) -> str:
     """Write the weights of the checkpoint ``source`` names to ``output``; returns what was written."""
     if safetensors != (output.suffix == ".safetensors"):
         raise InputError(f"--output {output}: open_clip picks the format by the suffix, so use a .safetensors "
                          "name with --safetensors and another (e.g. .pt) without it")
-    folder = find_checkpoint(source)
+    folder = find_checkpoint(source, best)
     metadata = checkpoint.read_metadata(folder)
     state_dict = open_clip_state_dict(fp32_weights(folder, metadata["zero_stage"]))
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -129,9 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("source", type=Path, help="a run directory (its latest checkpoint) or a step_* checkpoint")
     parser.add_argument("--output", type=Path, required=True, help="the file to write, e.g. model.pt")
     parser.add_argument("--safetensors", action="store_true", help="write safetensors (name ending .safetensors)")
+    parser.add_argument("--best", action="store_true", help="the run's best-evaluated checkpoint (eval.select)")
     args = parser.parse_args(argv)
     try:
-        print(export(args.source, args.output, args.safetensors))
+        print(export(args.source, args.output, args.safetensors, args.best))
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

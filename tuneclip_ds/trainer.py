@@ -48,7 +48,8 @@ class Trainer:
     ``engine(image, text)`` must return open_clip's ``(image_features,
     text_features, logit_scale[, logit_bias])``; ``loss_fn`` returns the
     global-batch loss (the same value on every rank). Without ``osr`` the run
-    is stage II alone.
+    is stage II alone. ``evaluator`` runs when stage II starts, every
+    ``eval.every`` steps and at the end, and picks the best checkpoint.
     """
 
     def __init__(
@@ -60,6 +61,7 @@ class Trainer:
         total_steps: int,
         writer=None,
         osr: StatisticsRecovery | None = None,
+        evaluator=None,
     ):
         self.config = config
         self.engine = engine
@@ -67,6 +69,8 @@ class Trainer:
         self.loss_fn = loss_fn
         self.total_steps = total_steps
         self.osr = osr or StatisticsRecovery(engine, StageClock(), OSRConfig(), max_steps=0)
+        self.evaluator = evaluator  # a TrainingEvaluator, or None
+        self.last_eval_step: int | None = None
         self.writer = writer
         self.is_main = engine.global_rank == 0
         self.global_batch = config.train.batch_size * config.train.grad_accum * engine.dp_world_size
@@ -97,9 +101,13 @@ class Trainer:
             finished = self._train_while(lambda: not self.osr.done(self.step))
             if finished:
                 self._begin_stage2()
+        elif self.step == 0:
+            self._evaluate()  # the starting model, stage II's baseline
         if finished:
             logger.info("fine-tuning steps %d..%d, global batch %d", self.step + 1, self.end_step, self.global_batch)
             finished = self._train_while(lambda: self.step < self.end_step)
+        if finished:
+            self._evaluate()
         if finished and self.config.checkpoint.save_at_end and self.last_saved_step != self.step:
             self.save()
         if self.writer is not None:
@@ -115,6 +123,8 @@ class Trainer:
             self.history.losses.append(result.loss)
             diagnostics = self.osr.observe() if self.osr.active else {}
             self._report(result, diagnostics, elapsed=time.perf_counter() - start, steps_done=self.step - first_step)
+            if self.config.eval.every and self.step % self.config.eval.every == 0:
+                self._evaluate()
             if self._agree_to_save() or (every and self.step % every == 0):
                 self.save()
             if self.stop_requested:
@@ -127,9 +137,28 @@ class Trainer:
         if self.writer is not None:
             self.writer.add_scalar("osr/parameters_unchanged", 1.0, self.step)
             self.writer.add_text("osr/parameter_digest", digest, self.step)
-        checkpoints_wanted = self.config.checkpoint.every or self.config.checkpoint.save_at_end
-        if checkpoints_wanted and self.last_saved_step != self.step:
+        self._evaluate()
+        if self.checkpoints_wanted and self.last_saved_step != self.step:
             self.save()  # the recovered statistics: stage II (or several, for ablations) can start from here
+
+    @property
+    def checkpoints_wanted(self) -> bool:
+        return bool(self.config.checkpoint.every or self.config.checkpoint.save_at_end)
+
+    def _evaluate(self) -> None:
+        """Evaluate (once per step), log to TensorBoard, and keep the checkpoint of the best result."""
+        if self.evaluator is None or self.last_eval_step == self.step:
+            return
+        results, is_best = self.evaluator(self.engine, self.input_dtype, self.step)
+        self.last_eval_step = self.step
+        if self.writer is not None:
+            for name, value in results.items():
+                self.writer.add_scalar(f"eval/{name}", value, self.step)
+        if is_best and self.checkpoints_wanted:
+            if self.last_saved_step != self.step:
+                self.save()
+            if self.is_main:
+                checkpoint.mark_best(self.checkpoint_root, self.step)
 
     def checkpoint_metadata(self) -> dict:
         """What a checkpoint must agree with to be resumed by this run."""
@@ -142,6 +171,7 @@ class Trainer:
             "rng": checkpoint.rng_states(),
             "loss": self.loss_fn.state_dict() if hasattr(self.loss_fn, "state_dict") else {},
             "osr": self.osr.state_dict(),
+            "eval": self.evaluator.state_dict() if self.evaluator is not None else {},
         }
         checkpoint.save(self.engine, self.checkpoint_root, self.step, self.checkpoint_metadata(), rank_state,
                         keep_last=self.config.checkpoint.keep_last)
@@ -164,6 +194,8 @@ class Trainer:
             self.loss_fn.load_state_dict(state["loss"])
         if "osr" in state:
             self.osr.load_state_dict(state["osr"])
+        if self.evaluator is not None and "eval" in state:
+            self.evaluator.load_state_dict(state["eval"])
         self.last_saved_step = self.step
         logger.info("resumed from %s at step %d", path, self.step)
 

@@ -3,8 +3,9 @@
     python -m tuneclip_ds.eval --model ViT-B-16 --pretrained weights.safetensors --tasks configs/eval/synthetic.yaml
     torchrun --nproc_per_node 8 -m tuneclip_ds.eval ...     # the samples split over 8 ranks
 
---pretrained is a local weights file or open_clip folder (empty: random initialisation). A
-training checkpoint directory (DeepSpeed format) is exported to a weights file first.
+--pretrained is a local weights file or open_clip folder (empty: random initialisation), or a
+training run (its latest checkpoint) or one of its checkpoints/step_* folders: those are exported
+to a temporary weights file first, as `python -m tuneclip_ds.export` does.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -29,15 +31,12 @@ logger = logging.getLogger("tuneclip_ds.eval")
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class TrainingCheckpointError(InputError):
-    """A DeepSpeed training checkpoint where model weights were expected."""
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m tuneclip_ds.eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="open_clip model name (or one in tuneclip_ds/model_configs)")
-    parser.add_argument("--pretrained", default="", help="local weights file or open_clip folder")
+    parser.add_argument("--pretrained", default="",
+                        help="local weights file, open_clip folder, training run or checkpoint folder")
     parser.add_argument("--tasks", required=True, help="suite YAML (see configs/eval/)")
     parser.add_argument("--output", default="eval_results.json", help="where to write the metrics as JSON")
     parser.add_argument("--batch-size", type=int, help="batch size of every task (default: the suite's)")
@@ -52,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         suite = suite_from_args(args)
         check_suite(suite)
-        reject_training_checkpoint(args.pretrained)
+        workdir = tempfile.TemporaryDirectory(prefix="tuneclip_eval_")
+        args.weights = export_training_checkpoint(args.pretrained, Path(workdir.name))
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+        workdir.cleanup()
     if rank == 0:
         print(format_table(results))
         report = {"model": args.model, "pretrained": args.pretrained, "tasks": args.tasks,
@@ -86,16 +87,19 @@ def suite_from_args(args: argparse.Namespace) -> Suite:
     return Suite([dataclasses.replace(task, **overrides) for task in suite.tasks], suite.averages)
 
 
-def reject_training_checkpoint(pretrained: str) -> None:
-    """A DeepSpeed checkpoint folder (the run's, with ``latest``, or one ``global_step*`` tag) is not a weights file."""
+def export_training_checkpoint(pretrained: str, workdir: Path) -> str:
+    """The weights file to load: ``pretrained`` itself, or the export of the training run or checkpoint it names."""
+    from tuneclip_ds import checkpoint, export
+
     path = Path(pretrained)
-    if not pretrained or not path.is_dir():
-        return
-    if (path / "latest").is_file() or any(path.glob("global_step*")) or any(path.glob("*model_states.pt")):
-        raise TrainingCheckpointError(
-            f"{pretrained} is a DeepSpeed training checkpoint, not model weights: export the weights first "
-            "(python -m tuneclip_ds.export) and pass the exported file to --pretrained"
-        )
+    if not pretrained or not path.is_dir() or (path / "open_clip_config.json").is_file():
+        return pretrained
+    markers = [path / "checkpoints", path / checkpoint.LATEST, path / checkpoint.COMPLETE]
+    if not any(marker.exists() for marker in markers) and not any(path.glob("*model_states.pt")):
+        return pretrained  # an open_clip folder with one weights file
+    weights = workdir / "weights.pt"
+    logger.info("%s", export.export(path, weights))
+    return str(weights)
 
 
 def start_distributed() -> tuple[int, int]:
@@ -112,7 +116,7 @@ def run(args: argparse.Namespace, suite: Suite, rank: int, world_size: int) -> d
     from tuneclip_ds.models import build_model
 
     device = resolve_device(args.device)
-    bundle = build_model(ModelConfig(name=args.model, pretrained=args.pretrained))
+    bundle = build_model(ModelConfig(name=args.model, pretrained=args.weights))
     if not args.pretrained and rank == 0:
         logger.warning("no --pretrained weights: evaluating a randomly initialised %s", args.model)
     model = bundle.model.to(device)
