@@ -46,7 +46,7 @@ def stage1_then_one_step(rank, world_size, overrides):
 
     def snapshot_then_begin(*args):
         snapshots["boundary"] = snapshot(trainer.engine)
-        begin_stage2(*args)
+        return begin_stage2(*args)
 
     trainer.osr.begin_stage2 = snapshot_then_begin
     trainer.run()

@@ -9,9 +9,9 @@ import torch
 
 from tuneclip_ds.config import Config, DataConfig, LossConfig, SyntheticConfig
 from tuneclip_ds.data.stream import BatchStream
-from tuneclip_ds.engine import build_engine
+from tuneclip_ds.engine import build_ds_config, build_engine
 from tuneclip_ds.losses import build_loss
-from tuneclip_ds.models import ClipBundle, build_model
+from tuneclip_ds.models import ClipBundle, build_model, build_partitioned_model
 from tuneclip_ds.optim import StageClock, StatisticsRecovery
 from tuneclip_ds.trainer import Trainer, stage_lengths
 
@@ -84,7 +84,7 @@ def build_writer(config: Config, rank: int):
 def build_run(config: Config, rank: int, world_size: int, batches=None) -> Trainer:
     """The trainer of ``config``; ``batches`` (an iterator of batch dicts) replaces the data pipeline."""
     torch.manual_seed(config.seed)
-    bundle = build_model(config.model)
+    bundle = build_training_model(config, world_size)
     batches = build_batches(config, bundle, rank, world_size) if batches is None else batches
     evaluator = build_evaluator(config, bundle)  # checks the evaluation data before the engine is built
     stage1_steps, stage2_steps = stage_lengths(config, world_size)
@@ -94,6 +94,13 @@ def build_run(config: Config, rank: int, world_size: int, batches=None) -> Train
     loss_fn = build_loss_from_config(config.loss)
     return Trainer(config, engine, batches, loss_fn, stage2_steps, writer=build_writer(config, rank), osr=osr,
                    evaluator=evaluator)
+
+
+def build_training_model(config: Config, world_size: int) -> ClipBundle:
+    """At ZeRO-3 the model is built partitioned (``deepspeed.zero.Init``); otherwise whole on every rank."""
+    if config.train.zero_stage == 3:
+        return build_partitioned_model(config.model, build_ds_config(config, world_size))
+    return build_model(config.model)
 
 
 def build_evaluator(config: Config, bundle: ClipBundle):

@@ -51,6 +51,11 @@ class ModelConfig:
     pretrained: str = ""  # local file or folder; empty: random initialisation
     force_image_size: Optional[int] = None
     freeze_logit_scale: bool = False  # keep the temperature at the checkpoint's value (TuneCLIP's stage II)
+    grad_checkpointing: bool = False  # recompute each tower's blocks in backward: less activation memory
+    lock_image: bool = False  # freeze the image tower (LiT) ...
+    lock_image_unlocked_groups: int = 0  # ... except its last N layer groups
+    lock_text: bool = False  # freeze the text tower ...
+    lock_text_unlocked_layers: int = 0  # ... except its last N layers
 
 
 @dataclass

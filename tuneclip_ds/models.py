@@ -31,8 +31,9 @@ class ClipBundle:
     tokenizer: Callable
 
 
-def build_model(cfg: ModelConfig) -> ClipBundle:
-    """An fp32 open_clip model with its transforms and tokenizer.
+def build_model(cfg: ModelConfig, load_weights: bool = True) -> ClipBundle:
+    """An fp32 open_clip model with its transforms and tokenizer (``load_weights=False``: the
+    architecture ``cfg`` names, randomly initialised).
 
     ``logit_scale`` (and ``logit_bias``) are made 1-element tensors instead of
     0-dim ones: DeepSpeed mishandles 0-dim parameters (ZeRO-0 clipping,
@@ -47,7 +48,8 @@ def build_model(cfg: ModelConfig) -> ClipBundle:
     try:
         model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
             name,
-            pretrained=checkpoint,
+            pretrained=checkpoint if load_weights else None,
+            load_weights=load_weights,
             precision="fp32",
             force_image_size=cfg.force_image_size,
             nonscalar_logit_scale=True,
@@ -60,11 +62,54 @@ def build_model(cfg: ModelConfig) -> ClipBundle:
             f"checkpoint {checkpoint} does not fit model {cfg.name}: {first_line}. "
             f"Set model.name to the architecture the checkpoint was trained with"
         ) from None
-    if checkpoint:
+    if checkpoint and load_weights:
         logger.info("loaded %s weights from %s", cfg.name, checkpoint)
+    _apply_training_options(model, cfg)
+    return ClipBundle(model, preprocess_train, preprocess_val, _tokenizer(name, cfg.name))
+
+
+def _apply_training_options(model: torch.nn.Module, cfg: ModelConfig) -> None:
+    """Frozen parts (open_clip's own lock methods) and gradient checkpointing."""
     if cfg.freeze_logit_scale:
         model.logit_scale.requires_grad_(False)
-    return ClipBundle(model, preprocess_train, preprocess_val, _tokenizer(name, cfg.name))
+    if cfg.lock_image:
+        model.lock_image_tower(unlocked_groups=cfg.lock_image_unlocked_groups)
+    if cfg.lock_text:
+        model.lock_text_tower(unlocked_layers=cfg.lock_text_unlocked_layers)
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+
+
+def build_partitioned_model(cfg: ModelConfig, ds_config: dict) -> ClipBundle:
+    """The model for ZeRO-3, built under ``deepspeed.zero.Init``: no rank ever holds it whole on its device.
+
+    Rank 0 alone builds the full model on the CPU (pretrained weights, or the
+    seeded random initialisation the other ZeRO stages get) and fills the
+    partitions one parameter at a time; the CPU copy is then dropped.
+    """
+    import deepspeed
+
+    source = build_model(cfg).model if torch.distributed.get_rank() == 0 else None
+    deepspeed.init_distributed()  # DeepSpeed's view of the process group (which zero.Init reads) is set up lazily
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+        bundle = build_model(cfg, load_weights=False)
+    _copy_from_rank0(bundle.model, source)
+    return bundle
+
+
+def _copy_from_rank0(model: torch.nn.Module, source: torch.nn.Module | None) -> None:
+    import deepspeed
+
+    params = dict(source.named_parameters()) if source is not None else {}
+    for name, param in model.named_parameters():
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):  # re-partitioned from rank 0 on exit
+            if source is not None:
+                param.data.copy_(params[name].data)
+    buffers = dict(source.named_buffers()) if source is not None else {}
+    for name, buffer in model.named_buffers():  # not partitioned: every rank holds them
+        if source is not None:
+            buffer.copy_(buffers[name])
+        torch.distributed.broadcast(buffer, src=0)
 
 
 def _tokenizer(name: str, model_name: str) -> Callable:

@@ -13,7 +13,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        exempt = param.ndim < 2 or name.endswith("bias") or "logit_scale" in name or "logit_bias" in name
+        ndim = len(getattr(param, "ds_shape", param.shape))  # a ZeRO-3 partitioned parameter's data is empty
+        exempt = ndim < 2 or name.endswith("bias") or "logit_scale" in name or "logit_bias" in name
         (no_decay if exempt else decay).append(param)
     return [
         {"params": decay, "weight_decay": weight_decay},
