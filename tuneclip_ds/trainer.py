@@ -94,25 +94,26 @@ class Trainer:
 
     def run(self) -> History:
         self.resume()
-        finished = True
-        if self.osr.active:
-            if self.osr.start_digest is None:
-                self.osr.begin()
-            finished = self._train_while(lambda: not self.osr.done(self.step))
-            if finished:
-                self._begin_stage2()
-        elif self.step == 0:
-            self._evaluate()  # the starting model, stage II's baseline
-        if finished:
-            logger.info("fine-tuning steps %d..%d, global batch %d", self.step + 1, self.end_step, self.global_batch)
-            finished = self._train_while(lambda: self.step < self.end_step)
-        if finished:
+        if self._train_stages():
             self._evaluate()
-        if finished and self.config.checkpoint.save_at_end and self.last_saved_step != self.step:
-            self.save()
+            if self.config.checkpoint.save_at_end and self.last_saved_step != self.step:
+                self.save()
         if self.writer is not None:
             self.writer.flush()
         return self.history
+
+    def _train_stages(self) -> bool:
+        """Stage I (unless over), then stage II to the end; False when stopped on request."""
+        if self.osr.active:
+            if self.osr.start_digest is None:
+                self.osr.begin()
+            if not self._train_while(lambda: not self.osr.done(self.step)):
+                return False
+            self._begin_stage2()
+        elif self.step == 0:
+            self._evaluate()  # the starting model, stage II's baseline
+        logger.info("fine-tuning steps %d..%d, global batch %d", self.step + 1, self.end_step, self.global_batch)
+        return self._train_while(lambda: self.step < self.end_step)
 
     def _train_while(self, condition: Callable[[], bool]) -> bool:
         """Train until ``condition`` fails (True) or a stop is requested (False), saving on the way."""
