@@ -1,0 +1,225 @@
+"""The memory planner: model states against DeepSpeed's estimators, activations against a measured
+peak on the CPU, ring traffic against the bytes the losses really send, and the command line.
+
+The children of the gloo pool import this module to find ``_loss_traffic``: no open_clip at the
+top (see tests/gloo_pool.py).
+"""
+
+import json
+import os
+import subprocess
+import sys
+from unittest import mock
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from tuneclip_ds.plan import Setup, make_plan, model_shape, model_states, ring_traffic
+from tuneclip_ds.plan.__main__ import main
+from tuneclip_ds.plan.estimate import MODEL_STATE_ROWS, activation_bytes
+from tuneclip_ds.plan.shape import count_params, largest_layer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def vit_b_32():
+    return model_shape("ViT-B-32")
+
+
+# ---------------------------------------------------------------- model states
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("nodes, gpus_per_node", [(1, 1), (1, 8), (2, 8), (4, 4)])
+@pytest.mark.parametrize("offload", [False, True])
+def test_zero2_model_states_equal_deepspeeds_estimate(vit_b_32, precision, nodes, gpus_per_node, offload):
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    setup = Setup(nodes=nodes, gpus_per_node=gpus_per_node, zero_stage=2, offload_optimizer=offload,
+                  precision=precision)
+    _, expected = estimate_zero2_model_states_mem_needs(vit_b_32.params, gpus_per_node, nodes, cpu_offload=offload)
+    assert sum(model_states(vit_b_32, setup).values()) == pytest.approx(expected, abs=1)  # DeepSpeed rounds down
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("nodes, gpus_per_node", [(1, 1), (1, 8), (2, 8), (4, 4)])
+@pytest.mark.parametrize("offload, offload_params", [(False, False), (True, False), (True, True)])
+def test_zero3_model_states_equal_deepspeeds_estimate(vit_b_32, precision, nodes, gpus_per_node, offload,
+                                                      offload_params):
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    setup = Setup(nodes=nodes, gpus_per_node=gpus_per_node, zero_stage=3, offload_optimizer=offload,
+                  offload_params=offload_params, precision=precision)
+    _, expected, largest_layer_memory = estimate_zero3_model_states_mem_needs(
+        vit_b_32.params, vit_b_32.largest_layer, gpus_per_node, nodes, cpu_offload=offload,
+        cpu_offload_params=offload_params)
+    rows = model_states(vit_b_32, setup)
+    assert rows["gathered layer"] == largest_layer_memory
+    assert sum(rows.values()) == pytest.approx(expected, abs=1)
+
+
+def test_model_states_of_the_stages_deepspeed_does_not_estimate(vit_b_32):
+    """ZeRO-0 and -1 and fp32 follow the same table: bytes per parameter on 4 GPUs."""
+    per_param = {
+        (0, "bf16"): 2 + 2 + 4 + 4 + 8,
+        (1, "bf16"): 2 + 2 + (4 + 4 + 8) / 4,
+        (0, "fp32"): 4 + 4 + 8,  # no master copy: the optimizer steps the weights themselves
+        (2, "fp32"): 4 + (4 + 4 + 8) / 4,
+    }
+    for (stage, precision), expected in per_param.items():
+        rows = model_states(vit_b_32, Setup(gpus_per_node=4, zero_stage=stage, precision=precision))
+        assert sum(rows.values()) == pytest.approx(expected * vit_b_32.params)
+    offloaded = model_states(vit_b_32, Setup(gpus_per_node=4, zero_stage=1, offload_optimizer=True))
+    assert offloaded == {"parameters": 2 * vit_b_32.params, "gradients": 2 * vit_b_32.params,
+                         "optimizer states": 0, "gathered layer": 0}
+
+
+def test_parameter_counts_are_deepspeeds():
+    """The meta model counts as DeepSpeed's ``model_to_params`` counts the real one."""
+    import open_clip
+    from deepspeed.runtime.zero.stage3 import model_to_params
+
+    real = open_clip.create_model("tiny-ViT")
+    shape = model_shape("tiny-ViT")
+    assert model_to_params(real) == (count_params(real), largest_layer(real)) == (shape.params, shape.largest_layer)
+
+
+# ---------------------------------------------------------------- activations
+
+
+def _measure(model: str, batch_size: int, precisions: list[str]) -> list[dict]:
+    """The measured and estimated activation peaks of every precision, with and without gradient
+    checkpointing, in a fresh process (see tuneclip_ds/plan/measure.py for the method)."""
+    command = [sys.executable, "-m", "tuneclip_ds.plan.measure", "--model", model, "--batch-size", str(batch_size),
+               "--precision", *precisions, "--grad-checkpointing", "off", "on"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return [json.loads(line) for line in done.stdout.splitlines()]
+
+
+def _assert_within_30_percent(results: list[dict]) -> None:
+    for result in results:
+        assert abs(result["estimated"] - result["measured"]) <= 0.3 * result["measured"], result
+
+
+def test_activation_estimate_within_30_percent_of_the_measured_peak():
+    results = _measure("tiny-ViT", 256, ["fp32", "bf16"])
+    assert len(results) == 4
+    _assert_within_30_percent(results)
+    fp32 = {result["grad_checkpointing"]: result["measured"] for result in results if result["precision"] == "fp32"}
+    assert fp32[True] < 0.6 * fp32[False]  # checkpointing keeps one of the 16 widths of each block
+
+
+@pytest.mark.slow
+def test_activation_estimate_within_30_percent_of_the_measured_peak_vit_b_32():
+    _assert_within_30_percent(_measure("ViT-B-32", 8, ["fp32"]))
+
+
+def test_activations_scale_with_batch_precision_and_checkpointing(vit_b_32):
+    def estimate(batch_size, precision="bf16", checkpointing=False):
+        return activation_bytes(vit_b_32, batch_size, precision, checkpointing)
+
+    assert estimate(256) == pytest.approx(2 * estimate(128), rel=1e-3)  # but for one parameter's gradient
+    assert 1.9 * estimate(128) < estimate(128, "fp32") < 2 * estimate(128)  # the statistics are fp32 in both
+    assert estimate(128, checkpointing=True) < estimate(128) / 4
+
+
+# ---------------------------------------------------------------- ring traffic
+
+
+def _loss_traffic(rank, world_size, loss_name, batch_size, dim, dtype):
+    """Bytes this rank sends to the others in one forward and backward of the loss: point-to-point
+    (the ring) and all_to_all (the estimators), without the part a rank keeps for itself."""
+    from tuneclip_ds.losses import build_loss
+
+    sent = []
+    send_and_receive, all_to_all = dist.batch_isend_irecv, dist.all_to_all_single
+
+    def counting_send_and_receive(operations):
+        sent.extend(op.tensor.nbytes for op in operations if op.op is dist.isend)
+        return send_and_receive(operations)
+
+    def counting_all_to_all(output, tensor, output_splits=None, input_splits=None, **kwargs):
+        kept = input_splits[rank] if input_splits else len(tensor) // world_size
+        sent.append((len(tensor) - kept) * tensor[:1].nbytes)
+        return all_to_all(output, tensor, output_splits, input_splits, **kwargs)
+
+    generator = torch.Generator().manual_seed(rank)
+    image, text = (torch.nn.functional.normalize(torch.randn(batch_size, dim, generator=generator), dim=-1)
+                   .to(dtype).requires_grad_() for _ in range(2))
+    ids = torch.arange(rank * batch_size, (rank + 1) * batch_size)  # owners alternate: half stay here
+    loss = build_loss(loss_name, tile_size=16)
+    with mock.patch.object(dist, "batch_isend_irecv", counting_send_and_receive), \
+            mock.patch.object(dist, "all_to_all_single", counting_all_to_all):
+        loss(image, text, torch.tensor([10.0]), torch.tensor([-10.0]), sample_ids=ids).backward()
+    return sum(sent)
+
+
+@pytest.mark.parametrize("loss", ["infonce", "siglip", "hgcl"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_ring_traffic_is_what_the_losses_send(pool, loss, precision):
+    batch_size, dim = 24, 32
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+    sent = pool.run(_loss_traffic, loss, batch_size, dim, dtype)
+    setup = Setup(gpus_per_node=2, batch_size=batch_size, precision=precision, loss=loss)
+    assert sent == [sum(ring_traffic(dim, setup).values())] * 2
+
+
+# ---------------------------------------------------------------- command line
+
+
+def test_vit_bigg_plan_reports_memory_per_gpu_and_a_verdict(capsys):
+    argv = ["--model", "ViT-bigG-14", "--nodes", "2", "--gpus-per-node", "8", "--batch-size", "32", "--zero", "3",
+            "--precision", "bf16", "--grad-checkpointing"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "ViT-bigG-14: 2,539.6M parameters" in out and "16 ranks, ZeRO-3, bf16, gradient checkpointing" in out
+    for row in (*MODEL_STATE_ROWS, "= model states", "activations", "loss buffers", "= total"):
+        assert f"\n  {row} " in out
+    assert "ring loss traffic per rank:" in out
+    assert "verdict: FITS in 80 GiB per GPU" in out
+
+
+def test_plan_does_not_fit(capsys):
+    assert main(["--model", "ViT-bigG-14", "--batch-size", "1", "--zero", "0", "--gpu-memory", "40"]) == 0
+    assert "verdict: DOES NOT FIT in 40 GiB per GPU" in capsys.readouterr().out
+
+
+def test_plan_from_an_experiment_config(capsys):
+    config = os.path.join(ROOT, "configs", "tuneclip_vitb16.yaml")
+    assert main(["--config", config, "train.batch_size=48", "--gpus-per-node", "8", "--zero", "3"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("ViT-B-16:") and "batch 48 per GPU" in out and "ZeRO-3" in out
+
+
+def test_total_is_the_sum_of_the_rows(vit_b_32):
+    plan = make_plan(vit_b_32, Setup(gpus_per_node=8, zero_stage=3, batch_size=64))
+    assert plan.total == sum(plan.gpu.values()) and plan.fits
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "ViT-Nope-99"], "'ViT-Nope-99' is not an open_clip model"),
+    (["--model", "ViT-B-32", "--batch-size", "0"], "batch_size must be at least 1, got 0"),
+    (["--model", "ViT-B-32", "--zero", "0", "--offload"], "optimizer offload needs ZeRO stage 1, 2 or 3"),
+    (["--model", "ViT-B-32", "--zero", "2", "--offload", "--offload-params"], "parameter offload needs ZeRO stage 3"),
+])
+def test_bad_input_is_one_message_and_exit_status_2(capsys, argv, message):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+def test_zero_stage_out_of_range_is_refused_by_the_parser(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["--model", "ViT-B-32", "--zero", "5"])
+    assert stop.value.code == 2
+    assert "argument --zero: invalid choice: 5" in capsys.readouterr().err
+
+
+def test_bad_model_exits_2_without_traceback_from_the_shell():
+    done = subprocess.run([sys.executable, "-m", "tuneclip_ds.plan", "--model", "ViT-Nope-99"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "error: --model 'ViT-Nope-99' is not an open_clip model" in done.stderr

@@ -1,0 +1,140 @@
+"""Per-GPU memory of a training run, and whether it fits:
+
+    python -m tuneclip_ds.plan --model ViT-bigG-14 --nodes 2 --gpus-per-node 8 --batch-size 32 --zero 3 \\
+        --precision bf16 --grad-checkpointing
+    python -m tuneclip_ds.plan --config configs/X.yaml [key.sub=value ...] --nodes 4 --gpus-per-node 8
+
+With ``--config`` the experiment's model, batch, accumulation, precision, ZeRO stage, offload,
+checkpointing and loss are the defaults; flags given as well override them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from tuneclip_ds.errors import InputError
+from tuneclip_ds.plan.estimate import GIB, LOSSES, MODEL_STATE_ROWS, PRECISION_BYTES, Plan, Setup, make_plan
+
+MIB = 2**20
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m tuneclip_ds.plan", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="take the defaults from this experiment YAML")
+    parser.add_argument("overrides", nargs="*", help="with --config: overrides such as train.batch_size=64")
+    parser.add_argument("--model", help="open_clip model name (or tiny-ViT)")
+    parser.add_argument("--force-image-size", type=int, help="the vision tower's input size")
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--gpus-per-node", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, help="per GPU and micro-step (default 32)")
+    parser.add_argument("--grad-accum", type=int, help="micro-steps per optimizer step (default 1)")
+    parser.add_argument("--zero", type=int, choices=[0, 1, 2, 3], help="ZeRO stage (default 2)")
+    parser.add_argument("--offload", action="store_true", default=None, help="optimizer states on the CPU")
+    parser.add_argument("--offload-params", action="store_true", default=False,
+                        help="ZeRO-3: parameters on the CPU too (with --offload)")
+    parser.add_argument("--precision", choices=sorted(PRECISION_BYTES), help="default bf16")
+    parser.add_argument("--grad-checkpointing", action="store_true", default=None)
+    parser.add_argument("--loss", choices=LOSSES, help="default infonce")
+    parser.add_argument("--tile-size", type=int, help="the ring loss's tile width (default 1024)")
+    parser.add_argument("--gpu-memory", type=float, default=Setup.gpu_memory_gib, help="GiB per GPU (default 80)")
+    args = parser.parse_args(argv)
+    if args.overrides and not args.config:
+        parser.error(f"overrides {' '.join(args.overrides)} need --config")
+    if not (args.model or args.config):
+        parser.error("give --model or --config")
+    return args
+
+
+def resolve(args: argparse.Namespace) -> tuple[str, int | None, Setup]:
+    """The model name, forced image size and setup that the flags and the experiment config give."""
+    experiment = None
+    if args.config:
+        from tuneclip_ds.config import load_config
+
+        experiment = load_config(args.config, args.overrides)
+
+    def pick(flag: str, key: str, default=None):
+        value = getattr(args, flag)
+        if value is None and experiment is not None:
+            section, name = key.split(".")
+            value = getattr(getattr(experiment, section), name)
+        return default if value is None else value
+
+    setup = Setup(
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        batch_size=pick("batch_size", "train.batch_size", Setup.batch_size),
+        grad_accum=pick("grad_accum", "train.grad_accum", Setup.grad_accum),
+        zero_stage=pick("zero", "train.zero_stage", Setup.zero_stage),
+        offload_optimizer=pick("offload", "train.offload_optimizer", Setup.offload_optimizer),
+        offload_params=args.offload_params,
+        precision=pick("precision", "train.precision", Setup.precision),
+        grad_checkpointing=pick("grad_checkpointing", "model.grad_checkpointing", Setup.grad_checkpointing),
+        loss=pick("loss", "loss.name", Setup.loss),
+        tile_size=pick("tile_size", "loss.tile_size", Setup.tile_size),
+        gpu_memory_gib=args.gpu_memory,
+    )
+    return pick("model", "model.name"), pick("force_image_size", "model.force_image_size"), setup
+
+
+def format_plan(plan: Plan) -> str:
+    shape, setup = plan.shape, plan.setup
+    options = [f"ZeRO-{setup.zero_stage}", setup.precision]
+    options += ["optimizer offload"] * setup.offload_optimizer + ["parameter offload"] * setup.offload_params
+    options += ["gradient checkpointing"] * setup.grad_checkpointing
+    global_batch = setup.batch_size * setup.grad_accum * setup.world_size
+    lines = [
+        f"{shape.name}: {shape.params / 1e6:,.1f}M parameters (image {shape.image_params / 1e6:,.1f}M, "
+        f"text and the rest {shape.text_params / 1e6:,.1f}M; largest layer {shape.largest_layer / 1e6:,.1f}M)",
+        f"{setup.nodes} node(s) x {setup.gpus_per_node} GPU(s) = {setup.world_size} ranks, {', '.join(options)}; "
+        f"batch {setup.batch_size} per GPU x {setup.grad_accum} accumulation = global {global_batch:,}; "
+        f"loss {setup.loss}, tile {setup.tile_size}",
+        "",
+        f"{'per GPU':<42}{'GiB':>9}",
+    ]
+    rows = [(row, plan.gpu[row]) for row in MODEL_STATE_ROWS]
+    rows += [("= model states", plan.model_states)]
+    rows += [(row, value) for row, value in plan.gpu.items() if row not in MODEL_STATE_ROWS]
+    rows += [("= total", plan.total)]
+    lines += [f"  {row:<40}{value / GIB:>9.3f}" for row, value in rows]
+    lines += ["", f"CPU per node for the model states (DeepSpeed's estimate): {plan.cpu_per_node / GIB:,.1f} GiB"]
+    lines += [_traffic_line(plan), "", _verdict(plan)]
+    return "\n".join(lines)
+
+
+def _traffic_line(plan: Plan) -> str:
+    parts = ", ".join(f"{part} {value / MIB:,.2f}" for part, value in plan.traffic.items())
+    micro_step = sum(plan.traffic.values())
+    return (f"ring loss traffic per rank: {micro_step / MIB:,.2f} MiB sent per micro-step ({parts}), "
+            f"{micro_step * plan.setup.grad_accum / MIB:,.2f} MiB per optimizer step")
+
+
+def _verdict(plan: Plan) -> str:
+    available = plan.setup.gpu_memory_gib
+    used = plan.total / GIB
+    if plan.fits:
+        return (f"verdict: FITS in {available:g} GiB per GPU ({used:.1f} GiB estimated, {available - used:.1f} GiB "
+                "left for the CUDA context, ZeRO buffers and fragmentation)")
+    return (f"verdict: DOES NOT FIT in {available:g} GiB per GPU ({used:.1f} GiB estimated, "
+            f"{used - available:.1f} GiB over)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.ERROR)  # open_clip warns that the meta model has no weights
+    try:
+        name, force_image_size, setup = resolve(args)
+        from tuneclip_ds.plan.shape import model_shape
+
+        print(format_plan(make_plan(model_shape(name, force_image_size), setup)))
+    except InputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
