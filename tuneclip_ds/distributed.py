@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import subprocess
 
 import torch
 
@@ -27,7 +28,9 @@ def init_distributed() -> tuple[int, int]:
     from deepspeed.accelerator import get_accelerator
 
     if "RANK" not in os.environ:
-        os.environ.update(_slurm_environment() if "SLURM_PROCID" in os.environ else _single_process_environment())
+        # A task that srun started; a job's batch script has SLURM_PROCID too, but runs as a single process.
+        srun_task = "SLURM_STEP_ID" in os.environ
+        os.environ.update(_slurm_environment() if srun_task else _single_process_environment())
     _limit_cpu_threads()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if get_accelerator().device_name() != "cpu":
@@ -47,17 +50,31 @@ def _single_process_environment() -> dict[str, str]:
 def _slurm_environment() -> dict[str, str]:
     """torch.distributed's variables from a task that ``srun`` started (one task per GPU).
 
-    MASTER_ADDR / MASTER_PORT must be exported by the job script (see slurm/train.sbatch).
+    The master is the job's first node, on a port derived from the job id, unless the job script chose.
     """
-    for name in ("MASTER_ADDR", "MASTER_PORT"):
-        if name not in os.environ:
-            raise RuntimeError(f"{name} is not set: export it in the job script before srun (see slurm/train.sbatch)")
+    here = tasks_on_node(os.environ["SLURM_STEP_TASKS_PER_NODE"], int(os.environ["SLURM_NODEID"]))
     return {
         "RANK": os.environ["SLURM_PROCID"],
         "LOCAL_RANK": os.environ["SLURM_LOCALID"],
         "WORLD_SIZE": os.environ["SLURM_NTASKS"],
-        "LOCAL_WORLD_SIZE": os.environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0],
+        "LOCAL_WORLD_SIZE": str(here),
+        "MASTER_ADDR": os.environ.get("MASTER_ADDR") or _first_host(os.environ["SLURM_STEP_NODELIST"]),
+        "MASTER_PORT": os.environ.get("MASTER_PORT") or str(20000 + int(os.environ["SLURM_JOB_ID"]) % 20000),
     }
+
+
+def tasks_on_node(tasks_per_node: str, node: int) -> int:
+    """The task count of node ``node`` in Slurm's compressed per-node counts, e.g. ``"4(x2),3"``."""
+    counts = []
+    for group in tasks_per_node.split(","):
+        count, _, repeat = group.partition("(x")
+        counts += [int(count)] * int(repeat.rstrip(")") or 1)
+    return counts[node]
+
+
+def _first_host(nodelist: str) -> str:
+    hosts = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
+    return hosts.stdout.split()[0]
 
 
 def _limit_cpu_threads() -> None:

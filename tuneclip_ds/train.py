@@ -8,17 +8,27 @@ import sys
 
 import torch
 
+from tuneclip_ds import preemption
 from tuneclip_ds.config import Config, ConfigError, load_config, save_config
 from tuneclip_ds.errors import InputError
 
 
+# The exit status of a run stopped by a preemption signal after its checkpoint (sysexits' "try again later").
+PREEMPTED = 75
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m tuneclip_ds.train", description=__doc__)
+    add_config_arguments(parser)
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # set by `deepspeed`
+    return parser.parse_args(argv)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments that name the experiment (shared with tuneclip_ds.submit)."""
     parser.add_argument("--config", help="experiment YAML (see configs/)")
     parser.add_argument("--deepspeed_config", "--deepspeed-config", help="DeepSpeed JSON (default: ds_configs/)")
-    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # set by `deepspeed`
     parser.add_argument("overrides", nargs="*", help="config overrides such as optim.lr=1e-5 train.steps=100")
-    return parser.parse_args(argv)
 
 
 def resolve_config(args: argparse.Namespace) -> Config:
@@ -44,19 +54,30 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    preemption.install()
+    return train(config)
 
+
+def train(config: Config) -> int:
+    """Train as one rank of the world the launcher's environment describes; returns the exit status."""
     from tuneclip_ds.distributed import init_distributed
 
     rank, world_size = init_distributed()
     setup_logging(rank)
     try:
-        history = run(config, rank, world_size)
+        trainer = run(config, rank, world_size)
+        # No rank leaves before all are done (rank 0's last TensorBoard events included): srun, torchrun and
+        # deepspeed kill the other ranks when one exits with a nonzero status such as PREEMPTED.
+        torch.distributed.barrier()
     except InputError as error:  # bad input found while building: a message, no traceback
         logging.getLogger("tuneclip_ds").error("%s", error)
         return 2
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+    if trainer.stop_requested:
+        return PREEMPTED
+    history = trainer.history
     if rank == 0 and history.losses:
         print(f"run directory: {config.run_dir}")
         print(f"loss: {history.losses[0]:.4f} at the first step -> {history.losses[-1]:.4f} at the last")
@@ -64,13 +85,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(config: Config, rank: int, world_size: int):
+    """Build the run and train it; returns the trainer."""
     from tuneclip_ds.builders import build_run
 
     if rank == 0:
         config.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, config.run_dir / "config.yaml")
     trainer = build_run(config, rank, world_size)
-    return trainer.run()
+    trainer.run()
+    return trainer
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from tuneclip_ds import checkpoint
+from tuneclip_ds import checkpoint, preemption
 from tuneclip_ds.config import Config, OSRConfig, corpus_size
 from tuneclip_ds.losses import gamma_schedule
 from tuneclip_ds.optim import StageClock, StatisticsRecovery
@@ -77,7 +77,8 @@ class Trainer:
         self.history = History()
         self.input_dtype = _engine_dtype(engine)
         self.checkpoint_root = config.run_dir / "checkpoints"
-        # Set by signal handlers (preemption): save after the step in flight, and maybe stop there.
+        # Save after the step in flight, and maybe stop there: set by callers, and agreed over the ranks with
+        # the preemption signals noted by tuneclip_ds.preemption (see _agree_to_save).
         self.save_requested = False
         self.stop_requested = False
         self.last_saved_step: int | None = None
@@ -295,8 +296,6 @@ class Trainer:
         save); its handler just notes it (tuneclip_ds.preemption). Here, between steps, each rank adds what it
         noted to its flags and every rank takes the maximum of the flags over ranks.
         """
-        from tuneclip_ds import preemption
-
         flags = torch.tensor([self.save_requested, self.stop_requested or preemption.requested()],
                              dtype=torch.int32, device=self.engine.device)
         torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
