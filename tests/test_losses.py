@@ -263,14 +263,14 @@ class ReferenceGCL:
         surrogate = tau * (g / (self.eps + u)).mean(dim=1).sum() / size
         reported = tau * torch.log(self.eps + u).mean(dim=1).sum() / size
         self.last_metrics = {
-            "log_u_mean": torch.log(u).mean().item(),
-            "log_u_min": torch.log(u).min().item(),
-            "log_u_max": torch.log(u).max().item(),
-            "active_negative_fraction": self.active_fraction(similarity),
+            "batch_log_u_mean": torch.log(u).mean().item(),
+            "batch_log_u_min": torch.log(u).min().item(),
+            "batch_log_u_max": torch.log(u).max().item(),
+            "inside_margin_fraction": self.inside_margin_fraction(similarity),
         }
         return reported.detach() + surrogate - surrogate.detach()
 
-    def active_fraction(self, similarity):
+    def inside_margin_fraction(self, similarity):
         size = similarity.shape[0]
         active = 0
         for s in (similarity, similarity.T):
@@ -296,7 +296,8 @@ def _gcl_steps_worker(rank, world_size, group, loss_kwargs, steps, initial_state
     results = []
     for gamma, batch_kwargs in steps:
         loss_fn.gamma = gamma
-        results.append(loss_and_grads(loss_fn, make_batch(**batch_kwargs), rank, world_size) | {"metrics": loss_fn.metrics()})
+        results.append(loss_and_grads(loss_fn, make_batch(**batch_kwargs), rank, world_size)
+                       | {"metrics": loss_fn.metrics()})
     return results, loss_fn.state_dict()
 
 
@@ -470,7 +471,7 @@ def test_hgcl_negatives_beyond_the_margin_get_no_gradient():
     image_grad, text_grad = torch.autograd.grad(loss, [image, text])
     assert torch.all(image_grad[0] == 0) and torch.all(text_grad[0] == 0)
     assert torch.all(image_grad[1:].abs().sum(dim=1) > 0) and torch.all(text_grad[1:].abs().sum(dim=1) > 0)
-    assert loss_fn.metrics()["active_negative_fraction"] == pytest.approx(4 / 12)
+    assert loss_fn.metrics()["inside_margin_fraction"] == pytest.approx(4 / 12)
 
 
 # ---------------------------------------------------------------- gather-free guarantees
@@ -506,6 +507,28 @@ def test_no_tensor_is_larger_than_a_tile_or_the_features(pool, world_size, name)
     local_batch = 12 // world_size
     for largest in run_on_ranks(pool, world_size, _largest_tensor_worker, name, 3):
         assert largest <= local_batch * 4
+
+
+def _unequal_batch_worker(rank, world_size, group, name):
+    """Rank 0 holds one sample more than the others: the error message of each rank, then the loss
+    of an equal split of one batch (the group still works)."""
+    loss_fn = build_loss(name, group=group)
+    try:
+        loss_and_grads(loss_fn, make_batch(5 if rank == 0 else 4, bias=-5.0))
+    except ValueError as error:
+        message = str(error)
+    else:
+        message = None
+    return message, loss_and_grads(loss_fn, make_batch(8, bias=-5.0), rank, world_size)["loss"]
+
+
+@pytest.mark.parametrize("name", ["infonce", "siglip", "hgcl"])
+def test_unequal_local_batches_raise_the_same_error_on_every_rank(pool, name):
+    (message_0, loss_0), (message_1, loss_1) = run_on_ranks(pool, 2, _unequal_batch_worker, name)
+    assert message_0 is not None and "per-rank batch sizes differ: between 4 and 5 samples" in message_0
+    assert "drop_last" in message_0
+    assert message_1 == message_0.replace("5 on rank 0", "4 on rank 1")
+    assert loss_0 == loss_1 and torch.isfinite(loss_0)
 
 
 def _all_gather_worker(rank, world_size, group):

@@ -229,7 +229,8 @@ def test_stage_diagnostics_in_tensorboard(pool, synthetic_shards, tmp_path):
     from test_launch import scalars
 
     overrides = TINY_RUN + [f"data.train_shards={synthetic_shards}", "train.batch_size=8", "osr.steps=3",
-                            "train.steps=2", f"output_dir={tmp_path}", "run_name=osr", "log.every=1"]
+                            "train.steps=2", f"output_dir={tmp_path}", "run_name=osr", "log.every=1",
+                            "loss.name=hgcl", "data.num_samples=1024"]
     pool.run(train_and_snapshot, overrides)
     logged = scalars(tmp_path / "osr")
     assert logged["train/stage"] == [1, 1, 1, 2, 2]
@@ -238,3 +239,39 @@ def test_stage_diagnostics_in_tensorboard(pool, synthetic_shards, tmp_path):
     assert all(value > 0 for value in logged["osr/exp_avg_norm"] + logged["osr/exp_avg_sq_norm"])
     assert len(logged["osr/exp_avg_norm_change"]) == 2  # from the second step on
     assert logged["osr/parameters_unchanged"] == [1]
+    assert len(logged["osr/estimator_log_mean_u"]) == 3 and len(logged["osr/estimator_mean_u_change"]) == 2
+    assert len(logged["loss/batch_log_u_mean"]) == 5
+
+
+def estimator_ids_after_stage2(rank, world_size, overrides):
+    trainer = build_fixed_run(rank, world_size, ["loss.name=hgcl", "data.num_samples=1000", "osr.steps=2",
+                                                 "train.steps=1"] + overrides)
+    trainer.run()
+    return sorted(trainer.loss_fn.state_dict()["ids"].tolist())
+
+
+@pytest.mark.parametrize("reset", [False, True])
+def test_estimators_carry_over_into_stage2_unless_reset(pool, reset):
+    ids = pool.run(estimator_ids_after_stage2, [f"osr.reset_estimators={str(reset).lower()}"])
+    steps = [2] if reset else [0, 1, 2]  # fixed_global_batch(step) holds ids 100 * step + 0..15
+    assert sorted(sum(ids, [])) == [100 * step + i for step in steps for i in range(GLOBAL_BATCH)]
+
+
+def mean_u_after_updates(rank, world_size):
+    from tuneclip_ds.losses import build_loss
+
+    loss_fn = build_loss("hgcl", tile_size=4)
+    generator = torch.Generator().manual_seed(0)
+    for step in range(3):
+        features = torch.nn.functional.normalize(torch.randn(2, GLOBAL_BATCH, 8, generator=generator), dim=-1)
+        local = slice(rank * GLOBAL_BATCH // 2, (rank + 1) * GLOBAL_BATCH // 2)
+        ids = torch.arange(GLOBAL_BATCH) * (step + 1)  # partly seen before
+        loss_fn.gamma = 0.5
+        loss_fn(features[0, local], features[1, local], torch.tensor([20.0]), sample_ids=ids[local])
+    return loss_fn.estimators.log_mean_u(loss_fn.group_info(), torch.device("cpu")), loss_fn.state_dict()
+
+
+def test_estimator_table_mean_is_over_every_rank_and_direction(pool):
+    (mean_0, state_0), (mean_1, state_1) = pool.run(mean_u_after_updates)
+    everything = torch.cat([state_0["log_u"], state_1["log_u"]]).double()
+    assert mean_0 == mean_1 == pytest.approx(torch.log(torch.exp(everything).mean()).item(), rel=1e-12)

@@ -88,7 +88,7 @@ class OSRConfig:
 
     steps: Optional[int] = None  # stage I length in optimizer steps ...
     epochs: Optional[float] = None  # ... or in epochs of the corpus; neither: no stage I
-    until_converged: Optional[float] = None  # end early once ||m|| and ||v|| change by less than this
+    until_converged: Optional[float] = None  # end early once ||m||, ||v|| (and mean u) change by less than this
     patience: int = 20  # ... (relative change per step) for this many steps in a row
     min_steps: int = 0  # never end early before this step
     reset_moments: bool = False  # ablations: start stage II from fresh Adam state ...

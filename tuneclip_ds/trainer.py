@@ -123,7 +123,7 @@ class Trainer:
         while condition():
             result = self.train_step()
             self.history.losses.append(result.loss)
-            diagnostics = self.osr.observe() if self.osr.active else {}
+            diagnostics = self.osr.observe(self.loss_fn) if self.osr.active else {}
             self._report(result, diagnostics, elapsed=time.perf_counter() - start, steps_done=self.step - first_step)
             if self.config.eval.every and self.step % self.config.eval.every == 0:
                 self._evaluate()

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 import torch
 import torch.distributed as dist
 
-from tuneclip_ds.losses.ring import GroupInfo
+from tuneclip_ds.losses.ring import GroupInfo, all_reduce_max, all_reduce_sum
 
 
 class EstimatorTable:
@@ -45,6 +45,23 @@ class EstimatorTable:
         owned_log_u = self._update_owned(owned_ids // world_size, owned_log_g, gamma)
         sorted_log_u = _all_to_all(owned_log_u, received, sent, info)
         return torch.empty_like(sorted_log_u).index_copy_(0, order, sorted_log_u)
+
+    def log_mean_u(self, info: GroupInfo, device: torch.device) -> float:
+        """``log`` of the mean of ``u`` over every seen sample and direction of the whole table (collective;
+        -inf while empty): one number whose change per step says whether the estimators have settled."""
+        self._check_layout(info)
+        empty = torch.zeros(0, dtype=torch.float64, device=device)
+        log_u = empty if self.log_u is None else self.log_u[self.seen].to(device, torch.float64)
+        shift = all_reduce_max(log_u.max().reshape(1) if log_u.numel() else empty.new_full((1,), -math.inf), info)
+        if not math.isfinite(shift.item()):
+            return -math.inf
+        sums = all_reduce_sum(torch.stack([torch.exp(log_u - shift).sum(), empty.new_tensor(log_u.numel())]), info)
+        return shift.item() + math.log(sums[0].item() / sums[1].item())
+
+    def reset(self) -> None:
+        """Forget every estimate: each sample takes its next ``g`` as if seen for the first time."""
+        if self.seen is not None:
+            self.seen.zero_()
 
     def state_dict(self, info: GroupInfo) -> dict[str, torch.Tensor]:
         """The seen samples this rank owns: ``ids`` [m] and their ``log_u`` [m, directions], on CPU."""

@@ -16,7 +16,6 @@ from collections.abc import Callable, Iterable, Mapping
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 
 from tuneclip_ds.losses.base import RingLoss, global_value_with_local_gradient, with_zero_bias_gradient
 from tuneclip_ds.losses.estimators import EstimatorTable
@@ -32,7 +31,23 @@ def linear(difference: torch.Tensor) -> torch.Tensor:
 
 def hinge_squared(difference: torch.Tensor, margin: float) -> torch.Tensor:
     """Zero (no gradient) for a negative already ``margin`` below its positive."""
-    return F.relu(difference + margin).square()
+    return _HingeSquared.apply(difference, margin)
+
+
+class _HingeSquared(torch.autograd.Function):
+    """``[x + margin]_+^2`` with the derivative ``2 [x + margin]_+`` written out: autograd's relu and
+    square would keep three tile-sized tensors and make five passes over them in backward."""
+
+    @staticmethod
+    def forward(ctx, difference, margin):
+        hinge = (difference + margin).clamp_min_(0)
+        ctx.save_for_backward(hinge)
+        return hinge.square()
+
+    @staticmethod
+    def backward(ctx, grad):
+        hinge, = ctx.saved_tensors
+        return (grad * hinge).mul_(2), None
 
 
 def make_pairwise(name: str, margin: float = 0.1) -> Pairwise:
@@ -91,6 +106,7 @@ class GlobalContrastiveLoss(RingLoss):
             logsumexp=True,
             exclude_positive=True,
             both_directions=True,
+            count_positive_values=True,  # for the inside-margin fraction of metrics()
         )
         self.gamma = gamma
         self.eps = eps
@@ -102,10 +118,10 @@ class GlobalContrastiveLoss(RingLoss):
             raise ValueError("GlobalContrastiveLoss needs the sample_ids of the batch")
         info = self.group_info()
         inputs = LossInputs.prepare(image_features, text_features, logit_scale)
-        global_batch = inputs.local_batch * info.world_size
+        log_sum, active_pairs = pair_statistics(self.reduction, inputs, self.tile_size, info)
+        global_batch = inputs.local_batch * info.world_size  # the same on every rank: pair_statistics checked
         if global_batch < 2:
             raise ValueError("GlobalContrastiveLoss needs a global batch of at least 2 samples")
-        log_sum, active_pairs = pair_statistics(self.reduction, inputs, self.tile_size, info)
         log_g = log_sum - math.log(global_batch - 1)  # [2, b]
         ids = torch.as_tensor(sample_ids, dtype=torch.int64, device=image_features.device)
         with torch.no_grad():
@@ -119,23 +135,32 @@ class GlobalContrastiveLoss(RingLoss):
         return global_value_with_local_gradient(global_value.to(reported.dtype), surrogate, info.world_size)
 
     def _reduce_statistics(self, reported, log_u, active_pairs, global_batch, info):
-        """Global reported loss, kept with the metrics' statistics: two small all_reduces."""
-        sums = all_reduce_sum(torch.stack([reported, log_u.sum(), active_pairs.sum()]).double(), info)
+        """Global reported loss, kept with the metrics' statistics: two small all_reduces, in float64
+        so that pair counts stay exact."""
+        sums = all_reduce_sum(torch.stack([x.double() for x in (reported, log_u.sum(), active_pairs.sum())]), info)
         extremes = all_reduce_max(torch.stack([-log_u.min(), log_u.max()]).double(), info)
         self._last_statistics = (sums, extremes, global_batch)
         return sums[0]
 
     def metrics(self) -> dict[str, float]:
-        """Over the last global batch: mean/min/max of ``log u`` (both directions) and the fraction
-        of negative pairs with ``h > 0`` (inside the margin for ``hinge_sq``)."""
+        """Statistics of the last forward's global batch (under gradient accumulation, the step's last
+        micro-batch), not of the whole estimator table, which would cost a pass over it every step:
+
+        * ``batch_log_u_mean/min/max``: of the batch samples' ``log u`` after this step's update,
+          both directions;
+        * ``inside_margin_fraction``: the fraction of the batch's negative pairs (``j != i``, both
+          directions) with ``h(s_ij - s_ii) > 0``; for ``hinge_sq`` the negatives inside the margin,
+          ``s_ij > s_ii - margin``, the only ones that get a gradient; for ``linear`` those more
+          similar to the anchor than its positive.
+        """
         if self._last_statistics is None:
             return {}
         sums, extremes, global_batch = self._last_statistics
         return {
-            "log_u_mean": sums[1].item() / (2 * global_batch),
-            "log_u_min": -extremes[0].item(),
-            "log_u_max": extremes[1].item(),
-            "active_negative_fraction": sums[2].item() / (2 * global_batch * (global_batch - 1)),
+            "batch_log_u_mean": sums[1].item() / (2 * global_batch),
+            "batch_log_u_min": -extremes[0].item(),
+            "batch_log_u_max": extremes[1].item(),
+            "inside_margin_fraction": sums[2].item() / (2 * global_batch * (global_batch - 1)),
         }
 
     def state_dict(self) -> dict[str, torch.Tensor]:

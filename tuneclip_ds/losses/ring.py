@@ -45,6 +45,23 @@ def all_reduce_max(tensor: torch.Tensor, info: GroupInfo) -> torch.Tensor:
     return tensor
 
 
+def check_equal_local_batch(local_batch: int, info: GroupInfo, device: torch.device) -> None:
+    """Raise the same ``ValueError`` on every rank unless all ranks of the group hold ``local_batch``
+    samples. The ring exchanges blocks of one shape: unequal blocks would hang the exchange or mix
+    up rows. One all_reduce of two numbers (collective: every rank must call it)."""
+    if info.world_size == 1:
+        return
+    extremes = all_reduce_max(torch.tensor([local_batch, -local_batch], device=device), info).tolist()
+    largest, smallest = extremes[0], -extremes[1]
+    if largest != smallest:
+        raise ValueError(
+            f"per-rank batch sizes differ: between {smallest} and {largest} samples across the "
+            f"{info.world_size} ranks ({local_batch} on rank {info.rank}); the ring losses need the same "
+            "local batch on every rank: drop the last incomplete batch (drop_last) or give every rank "
+            "equal batches"
+        )
+
+
 def ring_blocks(
     block: tuple[torch.Tensor, ...], info: GroupInfo
 ) -> Iterator[tuple[int, tuple[torch.Tensor, ...]]]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -124,14 +125,21 @@ class StatisticsRecovery:
                     "parameter digest %s", self.max_steps, self.start_digest[:16])
 
     def done(self, step: int) -> bool:
+        """Stage I is over: its step limit, or settled statistics (not before ``osr.min_steps``)."""
         enough = step >= self.config.min_steps and self.monitor.converged
         return step >= self.max_steps or enough
 
-    def observe(self) -> dict[str, float]:
-        """This step's diagnostics (collective): moment norms, their relative change, the Adam step."""
-        norms = moment_norms(self.engine)
-        changes = self.monitor.observe({key: norms[key] for key in ("exp_avg_norm", "exp_avg_sq_norm")})
-        return {**norms, **{f"{name}_change": value for name, value in changes.items()}}
+    def observe(self, loss_fn) -> dict[str, float]:
+        """This step's diagnostics (collective): moment norms, Adam's step, with GCL/HGCL the mean of the
+        estimators ``u`` over the whole table, and the relative change per step of each."""
+        diagnostics = moment_norms(self.engine)
+        watched = {key: diagnostics[key] for key in ("exp_avg_norm", "exp_avg_sq_norm")}
+        if hasattr(loss_fn, "estimators"):
+            log_mean = loss_fn.estimators.log_mean_u(loss_fn.group_info(), self.engine.device)
+            diagnostics["estimator_log_mean_u"] = log_mean
+            watched["estimator_mean_u"] = math.exp(log_mean)  # below exp's range limit: |log u| <= scale * (2 + m)^2
+        changes = self.monitor.observe(watched)
+        return {**diagnostics, **{f"{name}_change": value for name, value in changes.items()}}
 
     def begin_stage2(self, step: int, loss_fn) -> str:
         """End stage I (collective): check the parameters, start the stage-II clock, apply ablation resets.
