@@ -18,7 +18,7 @@ import torch
 
 from tuneclip_ds import checkpoint
 from tuneclip_ds.checkpoint import CheckpointError
-from tuneclip_ds.errors import InputError
+from tuneclip_ds.errors import InputError, command
 
 STAGE0_STATES = "mp_rank_00_model_states.pt"
 ZERO_DIM = ("logit_scale", "logit_bias")  # kept as [1] in training for DeepSpeed, 0-dim in open_clip files
@@ -127,6 +127,7 @@ def _save(state_dict: dict, path: str, safetensors: bool, metadata: dict) -> Non
         torch.save(state_dict, path)
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tuneclip_ds.export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -135,11 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--safetensors", action="store_true", help="write safetensors (name ending .safetensors)")
     parser.add_argument("--best", action="store_true", help="the run's best-evaluated checkpoint (eval.select)")
     args = parser.parse_args(argv)
-    try:
-        print(export(args.source, args.output, args.safetensors, args.best))
-    except InputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    print(export(args.source, args.output, args.safetensors, args.best))
     return 0
 
 

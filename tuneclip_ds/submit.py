@@ -29,7 +29,7 @@ from submitit.core.utils import FailedJobError, UncompletedJobError
 
 from tuneclip_ds import preemption, train
 from tuneclip_ds.config import Config
-from tuneclip_ds.errors import InputError
+from tuneclip_ds.errors import InputError, command
 
 # The signal submitit's jobs get before a time limit (sbatch --signal), and its handler's.
 SUBMITIT_SIGNAL = signal.Signals["SIG" + submitit.JobEnvironment.USR_SIG]
@@ -109,19 +109,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_intermixed_args(argv)
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    config = train.resolve_config(args)
+    minutes = time_limit_minutes(args.time)
+    executor = local_executor(args, config, minutes) if args.local else slurm_executor(args, config, minutes)
     try:
-        config = train.resolve_config(args)
-        minutes = time_limit_minutes(args.time)
-        executor = local_executor(args, config, minutes) if args.local else slurm_executor(args, config, minutes)
         job = executor.submit(TrainingJob(config, args.max_requeues))
-    except InputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
     except FailedJobError as error:  # sbatch refused the job; its message says why
-        print(f"error: the job was not queued: {error}", file=sys.stderr)
-        return 2
+        raise InputError(f"the job was not queued: {error}") from None
     report(job, config)
     return wait_for(job) if args.local else 0
 

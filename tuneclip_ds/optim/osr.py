@@ -148,7 +148,7 @@ class StatisticsRecovery:
         if digest != self.start_digest:
             raise ParametersChangedError(
                 f"parameters changed during stage I (digest {self.start_digest[:16]} -> {digest[:16]}); "
-                "the learning rate was not frozen at 0: is a custom optimizer or ds_config scheduler in use?"
+                "the learning rate was not frozen at 0: is a parameter changed outside the optimizer's step?"
             )
         logger.info("stage I ended after %d steps (%s); parameters unchanged (digest %s); stage II begins",
                     step, "converged" if step < self.max_steps else "step limit", digest[:16])
@@ -181,7 +181,8 @@ def moment_norms(engine) -> dict[str, float]:
     adam_step = 0
     for state in _optimizer_states(engine):
         for i, key in enumerate(MOMENTS):
-            squares[i] += state[key].double().square().sum().to(engine.device)
+            # the norm reduces in place: no float64 copy of the partition at every stage-I step
+            squares[i] += torch.linalg.vector_norm(state[key]).double().square().to(engine.device)
         adam_step = max(adam_step, int(state["step"]))
     if _state_is_partitioned(engine):
         torch.distributed.all_reduce(squares)

@@ -14,7 +14,7 @@ import argparse
 import logging
 import sys
 
-from tuneclip_ds.errors import InputError
+from tuneclip_ds.errors import command
 from tuneclip_ds.plan.estimate import GIB, LOSSES, MODEL_STATE_ROWS, PRECISION_BYTES, Plan, Setup, make_plan
 
 MIB = 2**20
@@ -122,17 +122,14 @@ def _verdict(plan: Plan) -> str:
             f"{used - available:.1f} GiB over)")
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.ERROR)  # open_clip warns that the meta model has no weights
-    try:
-        name, force_image_size, setup = resolve(args)
-        from tuneclip_ds.plan.shape import model_shape
+    name, force_image_size, setup = resolve(args)
+    from tuneclip_ds.plan.shape import model_shape
 
-        print(format_plan(make_plan(model_shape(name, force_image_size), setup)))
-    except InputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    print(format_plan(make_plan(model_shape(name, force_image_size), setup)))
     return 0
 
 
