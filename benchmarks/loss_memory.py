@@ -42,7 +42,6 @@ defaults to ``loss.tile_size`` of the experiment config.
 import argparse
 import datetime
 import gc
-import itertools
 import os
 import socket
 import statistics
@@ -59,6 +58,7 @@ import torch.nn.functional as F
 import tuneclip_ds  # noqa: F401  (before open_clip: lets torchvision import on a CPU-only torch)
 from tuneclip_ds.config import LossConfig
 from tuneclip_ds.losses import build_loss
+from tuneclip_ds.plan.measure import AllocatorPeak
 
 CLIP_LOSS = "open_clip ClipLoss"
 SIGLIP_LOSS = "open_clip SigLipLoss"
@@ -207,18 +207,6 @@ def make_inputs(batch: int, dim: int, rank: int, device: torch.device, sigmoid: 
     leaves = [None if x is None else x.to(device).requires_grad_() for x in (image, text, scale, bias)]
     sample_ids = torch.arange(rank * batch, (rank + 1) * batch, device=device)
     return leaves, sample_ids
-
-
-class AllocatorPeak:
-    """Peak growth of the bytes torch allocates on the CPU during a call."""
-
-    def measure(self, call) -> int:
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profile:
-            call()
-        # one event per allocation (bytes > 0) and per release (bytes < 0), from every thread
-        events = [e for e in profile.profiler.kineto_results.events() if e.name() == "[memory]"]
-        events.sort(key=lambda event: event.start_ns())
-        return max(itertools.accumulate((event.nbytes() for event in events), initial=0))
 
 
 class CudaPeak:

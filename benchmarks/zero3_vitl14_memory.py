@@ -39,13 +39,14 @@ import os
 import sys
 import tempfile
 import time
+from pathlib import Path
 from unittest import mock
 
 import torch
 import torch.multiprocessing as mp
 
 import tuneclip_ds  # noqa: F401  (before open_clip: lets torchvision import on a CPU-only torch)
-from tuneclip_ds.engine import DS_CONFIG_DIR
+from tuneclip_ds.engine import DS_CONFIG_DIR, read_ds_json
 from tuneclip_ds.plan.measure import MMAP_THRESHOLD, RssPeak
 
 WORLD_SIZE = 2
@@ -60,7 +61,7 @@ def main(argv=None) -> None:
     results = {}
     for checkpointing in (mode == "on" for mode in options.grad_checkpointing):
         results[checkpointing] = run_ranks(options, checkpointing)
-    plans = {checkpointing: planned(options.model, checkpointing) for checkpointing in results}
+    plans = {checkpointing: planned(options, checkpointing) for checkpointing in results}
     print(markdown_tables(options.model, results, plans))
 
 
@@ -68,7 +69,7 @@ def parse_args(argv) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="ViT-L-14")
     parser.add_argument("--grad-checkpointing", nargs="+", choices=["off", "on"], default=["off", "on"])
-    parser.add_argument("--steps", type=int, default=1, help="optimizer steps measured, one after the other")
+    parser.add_argument("--steps", type=int, default=2, help="optimizer steps measured, one after the other")
     parser.add_argument("--deepspeed-config", default=str(DS_CONFIG_DIR / "zero3_large.json"))
     return parser.parse_args(argv)
 
@@ -147,13 +148,15 @@ def fixed_batches(model: str, rank: int):
         yield batch
 
 
-def planned(model: str, checkpointing: bool):
-    """The planner's figures for the same setup: one node of 2 'GPUs', batch 1, ZeRO-3, fp32."""
-    from tuneclip_ds.plan import Setup, make_plan, model_shape
+def planned(options: argparse.Namespace, checkpointing: bool):
+    """The planner's figures for the same setup: one node of 2 'GPUs', batch 1, ZeRO-3, fp32, the same
+    DeepSpeed JSON, torch's AdamW as it runs on the CPU."""
+    from tuneclip_ds.plan import Setup, ZeroSettings, make_plan, model_shape
 
+    zero = ZeroSettings.from_json(read_ds_json(Path(options.deepspeed_config)), options.deepspeed_config)
     setup = Setup(nodes=1, gpus_per_node=WORLD_SIZE, batch_size=1, zero_stage=3, precision="fp32",
-                  grad_checkpointing=checkpointing)
-    return make_plan(model_shape(model), setup)
+                  grad_checkpointing=checkpointing, zero=zero, device="cpu")
+    return make_plan(model_shape(options.model), setup)
 
 
 def markdown_tables(model: str, results: dict, plans: dict) -> str:
@@ -182,9 +185,9 @@ def planner_table(plans: dict) -> str:
     """The planner's rows per GPU, a column per setting."""
     lines = ["| planner, per GPU | " + " | ".join(f"checkpointing {_on_off(c)}" for c in plans) + " |",
              "|---|" + "---|" * len(plans)]
-    for row in [*next(iter(plans.values())).gpu, "total"]:
-        values = [plan.total if row == "total" else plan.gpu[row] for plan in plans.values()]
-        lines.append(f"| {row} | " + " | ".join(map(_gib, values)) + " |")
+    columns = [plan.rows() for plan in plans.values()]
+    for cells in zip(*columns):
+        lines.append(f"| {cells[0][0]} | " + " | ".join(_gib(value) for _, value in cells) + " |")
     return "\n".join(lines)
 
 

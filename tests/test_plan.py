@@ -5,6 +5,7 @@ The children of the gloo pool import this module to find ``_loss_traffic``: no o
 top (see tests/gloo_pool.py).
 """
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -15,9 +16,12 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tuneclip_ds.plan import Setup, make_plan, model_shape, model_states, ring_traffic
+from tuneclip_ds.engine import DS_CONFIG_DIR
+from tuneclip_ds.plan import Setup, ZeroSettings, make_plan, model_shape, model_states, ring_traffic
 from tuneclip_ds.plan.__main__ import main
-from tuneclip_ds.plan.estimate import MODEL_STATE_ROWS, activation_bytes
+from tuneclip_ds.plan.estimate import (MODEL_STATE_ROWS, activation_bytes, bucket_bytes, optimizer_step_bytes,
+                                       stage3_transients)
+from tuneclip_ds.plan.measure import AllocatorPeak
 from tuneclip_ds.plan.shape import count_params, largest_layer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -84,6 +88,98 @@ def test_parameter_counts_are_deepspeeds():
     real = open_clip.create_model("tiny-ViT")
     shape = model_shape("tiny-ViT")
     assert model_to_params(real) == (count_params(real), largest_layer(real)) == (shape.params, shape.largest_layer)
+
+
+# ---------------------------------------------------------------- ZeRO's buffers and the optimizer step
+
+
+def test_zero_settings_default_to_deepspeeds_and_read_the_json():
+    assert ZeroSettings.from_json({}, "empty") == ZeroSettings()
+    large = ZeroSettings.from_json(json.loads((DS_CONFIG_DIR / "zero3_large.json").read_text()), "zero3_large.json")
+    assert (large.reduce_bucket_size, large.max_live_parameters, large.max_reuse_distance) == (2e8, 3e8, 3e8)
+    assert ZeroSettings.from_json({"zero_optimization": {"overlap_comm": False}}, "x").overlaps(3) is False
+    assert ZeroSettings().overlaps(3) and not ZeroSettings().overlaps(2)
+
+
+def _bucket_buffers(rank, world_size, stage, overlap, precision):
+    """The gradient buckets a DeepSpeed engine allocates in one backward, as (elements, bytes each):
+    ZeRO-1/2 make theirs in backward and release them at its end, so they are read just before."""
+    import deepspeed
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 8))
+    ds_config = {"train_micro_batch_size_per_gpu": 2, "bf16": {"enabled": precision == "bf16"},
+                 "zero_optimization": {"stage": stage, "reduce_bucket_size": 3000, "overlap_comm": overlap},
+                 "steps_per_print": 10**9}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()), config=ds_config)
+    seen = []
+
+    def read_buckets():
+        buffers = []
+        for bucket in engine.optimizer.ipg_buckets.values():
+            buffers += bucket.buffer if isinstance(bucket.buffer, list) else [bucket.buffer]
+        seen.append(sum(buffer.numel() * buffer.element_size() for buffer in buffers))
+
+    if stage < 3:
+        release = engine.optimizer._release_ipg_buffers
+        engine.optimizer._release_ipg_buffers = lambda: (read_buckets(), release())
+    inputs = torch.randn(2, 64, dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
+    engine.backward(engine(inputs).float().sum())
+    read_buckets()
+    return seen
+
+
+@pytest.mark.parametrize("stage, overlap, precision", [(1, False, "fp32"), (2, True, "bf16"), (2, False, "bf16"),
+                                                       (3, True, "bf16"), (3, False, "fp32")])
+def test_gradient_buckets_are_the_ones_deepspeed_allocates(pool, stage, overlap, precision):
+    seen = pool.run(_bucket_buffers, stage, overlap, precision)[0]
+    setup = Setup(gpus_per_node=2, zero_stage=stage, precision=precision,
+                  zero=ZeroSettings(reduce_bucket_size=3000, overlap_comm=overlap))
+    if stage < 3:  # in backward, gone after it
+        assert seen == [bucket_bytes(setup), 0]
+    else:  # allocated once and kept
+        assert seen == [bucket_bytes(setup)]
+    shape = model_shape("tiny-ViT")
+    plan = make_plan(shape, setup)
+    assert (plan.held if stage == 3 else plan.forward_backward)["gradient buckets"] == bucket_bytes(setup)
+
+
+def _adamw_step_peak(numel: int, **implementation) -> int:
+    """Bytes torch's AdamW allocates at its peak in a step of one flat tensor of ``numel`` elements
+    (the second step: the moments exist)."""
+    flat = torch.nn.Parameter(torch.zeros(numel))
+    flat.grad = torch.ones(numel)
+    optimizer = torch.optim.AdamW([flat], **implementation)
+    optimizer.step()
+    return AllocatorPeak().measure(optimizer.step)
+
+
+@pytest.mark.parametrize("device, implementation, optimizer", [
+    ("cuda", {"foreach": True}, "torch"),  # torch's default on GPUs
+    ("cpu", {"foreach": False}, "torch"),  # torch's default on the CPU
+    ("cuda", {"fused": True}, "deepspeed"),  # fused, as DeepSpeed's FusedAdam: no temporaries
+])
+def test_optimizer_temporaries_are_what_adamw_allocates(vit_b_32, device, implementation, optimizer):
+    """ZeRO-1 on one rank steps the whole model as one flat fp32 tensor of ``params`` elements."""
+    shape = dataclasses.replace(vit_b_32, params=1_000_000)
+    setup = Setup(zero_stage=1, precision="bf16", optimizer=optimizer, device=device)
+    planned = optimizer_step_bytes(shape, setup).get("optimizer temporaries", 0)
+    measured = _adamw_step_peak(shape.params, **implementation)
+    assert planned == pytest.approx(measured, abs=4096)  # a few scalars besides
+
+
+def test_stage3_keeps_the_whole_model_gathered_within_the_reuse_distance(vit_b_32):
+    """With DeepSpeed's defaults (reuse distance 1e9) every parameter of a model under 5e8 is kept;
+    zero3_large.json's 3e8 keeps 1.5e8 and prefetches 5e7 more."""
+    def gathered(zero):
+        setup = Setup(gpus_per_node=2, zero_stage=3, precision="fp32", zero=zero)
+        return stage3_transients(vit_b_32, setup)["parameters gathered ahead"] / 4 + vit_b_32.largest_layer
+
+    assert gathered(ZeroSettings()) == vit_b_32.params
+    large = ZeroSettings(max_reuse_distance=300_000_000, prefetch_bucket_size=50_000_000)
+    assert gathered(large) == min(vit_b_32.params, 200_000_000)
+    limited = ZeroSettings(max_reuse_distance=100_000, prefetch_bucket_size=50_000_000, max_live_parameters=1_000_000)
+    assert gathered(limited) == pytest.approx(vit_b_32.largest_layer)  # 5e4 kept and 9.5e5 prefetched < one layer
 
 
 # ---------------------------------------------------------------- activations
@@ -176,7 +272,11 @@ def test_vit_bigg_plan_reports_memory_per_gpu_and_a_verdict(capsys):
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "ViT-bigG-14: 2,539.6M parameters" in out and "16 ranks, ZeRO-3, bf16, gradient checkpointing" in out
-    for row in (*MODEL_STATE_ROWS, "= model states", "activations", "loss buffers", "= total"):
+    rows = (*MODEL_STATE_ROWS, "= model states", "gradient buckets", "= held through the step",
+            "forward-backward: activations", "forward-backward: loss buffers",
+            "forward-backward: parameters gathered ahead", "forward-backward: reduce-scatter copy",
+            "optimizer step: flat fp32 gradient", "optimizer step: optimizer temporaries", "= total")
+    for row in rows:
         assert f"\n  {row} " in out
     assert "ring loss traffic per rank:" in out
     assert "verdict: FITS in 80 GiB per GPU" in out
@@ -195,9 +295,13 @@ def test_plan_from_an_experiment_config(capsys):
     assert "\nViT-B-16-quickgelu: " in "\n" + out and "batch 48 per GPU" in out and "ZeRO-3" in out
 
 
-def test_total_is_the_sum_of_the_rows(vit_b_32):
-    plan = make_plan(vit_b_32, Setup(gpus_per_node=8, zero_stage=3, batch_size=64))
-    assert plan.total == sum(plan.gpu.values()) and plan.fits
+def test_total_is_what_is_held_and_the_larger_peak(vit_b_32):
+    for batch_size in (1, 512):  # the optimizer step's peak, then forward and backward's, is the larger
+        plan = make_plan(vit_b_32, Setup(gpus_per_node=8, zero_stage=3, batch_size=batch_size))
+        added = [sum(plan.forward_backward.values()), sum(plan.optimizer_step.values())]
+        assert plan.total == pytest.approx(sum(plan.held.values()) + max(added))
+        assert plan.rows()[-1] == ("= total (held + the larger peak)", plan.total)
+    assert added[0] > added[1] and plan.fits
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -205,11 +309,20 @@ def test_total_is_the_sum_of_the_rows(vit_b_32):
     (["--model", "ViT-B-32", "--batch-size", "0"], "batch_size must be at least 1, got 0"),
     (["--model", "ViT-B-32", "--zero", "0", "--offload"], "optimizer offload needs ZeRO stage 1, 2 or 3"),
     (["--model", "ViT-B-32", "--zero", "2", "--offload", "--offload-params"], "parameter offload needs ZeRO stage 3"),
+    (["--model", "ViT-B-32", "--deepspeed-config", "nope.json"], "DeepSpeed config nope.json does not exist"),
 ])
 def test_bad_input_is_one_message_and_exit_status_2(capsys, argv, message):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+def test_a_zero_setting_deepspeed_refuses_is_one_message(capsys, tmp_path):
+    ds_json = tmp_path / "bad.json"
+    ds_json.write_text(json.dumps({"zero_optimization": {"stage": 3, "reduce_bucket_size": "lots"}}))
+    assert main(["--model", "ViT-B-32", "--zero", "3", "--deepspeed-config", str(ds_json)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {ds_json}: zero_optimization is not valid") and "reduce_bucket_size" in err
 
 
 def test_zero_stage_out_of_range_is_refused_by_the_parser(capsys):

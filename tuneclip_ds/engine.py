@@ -19,9 +19,23 @@ DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
 _AUTO = "auto"
 
 
-def default_ds_config_path(config: Config) -> Path:
-    suffix = "_offload" if config.train.offload_optimizer else ""
-    return DS_CONFIG_DIR / f"zero{config.train.zero_stage}{suffix}.json"
+def default_ds_config_path(zero_stage: int, offload_optimizer: bool) -> Path:
+    return DS_CONFIG_DIR / f"zero{zero_stage}{'_offload' if offload_optimizer else ''}.json"
+
+
+def ds_config_path(config: Config) -> Path:
+    """``train.deepspeed_config``, or the shipped JSON for the ZeRO stage and offload."""
+    train = config.train
+    return Path(train.deepspeed_config or default_ds_config_path(train.zero_stage, train.offload_optimizer))
+
+
+def read_ds_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"DeepSpeed config {path} does not exist (train.deepspeed_config)") from None
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {error}") from None
 
 
 def build_ds_config(config: Config, world_size: int) -> dict:
@@ -30,13 +44,8 @@ def build_ds_config(config: Config, world_size: int) -> dict:
     A value the JSON sets (other than "auto") that differs from the experiment
     config is a contradiction and raises ``ConfigError`` listing every one.
     """
-    path = Path(config.train.deepspeed_config) if config.train.deepspeed_config else default_ds_config_path(config)
-    try:
-        ds = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"DeepSpeed config {path} does not exist (train.deepspeed_config)") from None
-    except json.JSONDecodeError as error:
-        raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {error}") from None
+    path = ds_config_path(config)
+    ds = read_ds_json(path)
     owned = [key for key in ("optimizer", "scheduler") if key in ds]
     if owned:
         raise ConfigError(

@@ -13,9 +13,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from dataclasses import replace
+from pathlib import Path
 
 from tuneclip_ds.errors import command
-from tuneclip_ds.plan.estimate import GIB, LOSSES, MODEL_STATE_ROWS, PRECISION_BYTES, Plan, Setup, make_plan
+from tuneclip_ds.plan.estimate import (DEVICES, GIB, LOSSES, OPTIMIZERS, PRECISION_BYTES, Plan, Setup,
+                                       ZeroSettings, make_plan)
 
 MIB = 2**20
 
@@ -40,6 +43,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--loss", choices=LOSSES, help="default infonce")
     parser.add_argument("--tile-size", type=int, help="the ring loss's tile width (default 1024)")
     parser.add_argument("--gpu-memory", type=float, default=Setup.gpu_memory_gib, help="GiB per GPU (default 80)")
+    parser.add_argument("--deepspeed-config", help="the DeepSpeed JSON whose ZeRO buckets and stage-3 limits count "
+                        "(default: train.deepspeed_config, else ds_configs/zero<stage>[_offload].json)")
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, help="torch (AdamW, default) or deepspeed (fused Adam)")
+    parser.add_argument("--device", choices=DEVICES, default=Setup.device,
+                        help="where torch's AdamW runs: cuda (foreach, default) or cpu (one tensor at a time)")
+    parser.add_argument("--pretrained", action="store_true", default=None,
+                        help="a pretrained file is read at start-up (default: model.pretrained is set)")
     args = parser.parse_args(argv)
     if args.overrides and not args.config:
         parser.error(f"overrides {' '.join(args.overrides)} need --config")
@@ -63,21 +73,36 @@ def resolve(args: argparse.Namespace) -> tuple[str, int | None, Setup]:
             value = getattr(getattr(experiment, section), name)
         return default if value is None else value
 
+    zero_stage = pick("zero", "train.zero_stage", Setup.zero_stage)
+    offload = pick("offload", "train.offload_optimizer", Setup.offload_optimizer)
     setup = Setup(
         nodes=args.nodes,
         gpus_per_node=args.gpus_per_node,
         batch_size=pick("batch_size", "train.batch_size", Setup.batch_size),
         grad_accum=pick("grad_accum", "train.grad_accum", Setup.grad_accum),
-        zero_stage=pick("zero", "train.zero_stage", Setup.zero_stage),
-        offload_optimizer=pick("offload", "train.offload_optimizer", Setup.offload_optimizer),
+        zero_stage=zero_stage,
+        offload_optimizer=offload,
         offload_params=args.offload_params,
         precision=pick("precision", "train.precision", Setup.precision),
         grad_checkpointing=pick("grad_checkpointing", "model.grad_checkpointing", Setup.grad_checkpointing),
         loss=pick("loss", "loss.name", Setup.loss),
         tile_size=pick("tile_size", "loss.tile_size", Setup.tile_size),
         gpu_memory_gib=args.gpu_memory,
+        optimizer=pick("optimizer", "optim.implementation", Setup.optimizer),
+        device=args.device,
+        pretrained=bool(pick("pretrained", "model.pretrained", Setup.pretrained)),
     )
+    setup.check()  # before the JSON is looked for: a stage and offload that cannot go together have none
+    setup = replace(setup, zero=_zero_settings(pick("deepspeed_config", "train.deepspeed_config"), zero_stage, offload))
     return pick("model", "model.name"), pick("force_image_size", "model.force_image_size"), setup
+
+
+def _zero_settings(path: str | None, zero_stage: int, offload: bool) -> ZeroSettings:
+    """The ZeRO settings of the DeepSpeed JSON the trainer would read."""
+    from tuneclip_ds.engine import default_ds_config_path, read_ds_json
+
+    json_path = Path(path) if path else default_ds_config_path(zero_stage, offload)
+    return ZeroSettings.from_json(read_ds_json(json_path), str(json_path))
 
 
 def format_plan(plan: Plan) -> str:
@@ -93,14 +118,11 @@ def format_plan(plan: Plan) -> str:
         f"batch {setup.batch_size} per GPU x {setup.grad_accum} accumulation = global {global_batch:,}; "
         f"loss {setup.loss}, tile {setup.tile_size}",
         "",
-        f"{'per GPU':<42}{'GiB':>9}",
+        f"{'per GPU':<50}{'GiB':>9}",
     ]
-    rows = [(row, plan.gpu[row]) for row in MODEL_STATE_ROWS]
-    rows += [("= model states", plan.model_states)]
-    rows += [(row, value) for row, value in plan.gpu.items() if row not in MODEL_STATE_ROWS]
-    rows += [("= total", plan.total)]
-    lines += [f"  {row:<40}{value / GIB:>9.3f}" for row, value in rows]
-    lines += ["", f"CPU per node for the model states (DeepSpeed's estimate): {plan.cpu_per_node / GIB:,.1f} GiB"]
+    lines += [f"  {row:<48}{value / GIB:>9.3f}" for row, value in plan.rows()]
+    lines += ["", f"CPU per node for the model states (DeepSpeed's estimate): {plan.cpu_per_node / GIB:,.1f} GiB, "
+              f"and while the model is built {plan.startup_cpu_per_node / GIB:,.1f} GiB more"]
     lines += [_traffic_line(plan), "", _verdict(plan)]
     return "\n".join(lines)
 
@@ -117,7 +139,7 @@ def _verdict(plan: Plan) -> str:
     used = plan.total / GIB
     if plan.fits:
         return (f"verdict: FITS in {available:g} GiB per GPU ({used:.1f} GiB estimated, {available - used:.1f} GiB "
-                "left for the CUDA context, ZeRO buffers and fragmentation)")
+                "left for the CUDA context, NCCL and fragmentation)")
     return (f"verdict: DOES NOT FIT in {available:g} GiB per GPU ({used:.1f} GiB estimated, "
             f"{used - available:.1f} GiB over)")
 

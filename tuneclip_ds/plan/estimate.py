@@ -18,7 +18,28 @@ it. Optimizer offload moves every partitioned state but the parameters to the CP
 offload (stage 3) moves the parameters too. In 16 bits at stages 2 and 3 this is exactly
 DeepSpeed's ``estimate_zero2_model_states_mem_needs`` / ``estimate_zero3_model_states_mem_needs``
 (GPU side); DeepSpeed has no estimator for stages 0 and 1 or for fp32, which follow the same
-table. ZeRO's communication buckets, the CUDA context and allocator fragmentation are not counted.
+table.
+
+Held beside them at stage 3: ZeRO's gradient bucket, ``reduce_bucket_size`` elements in the
+training precision, allocated once.
+
+On top of what is held, the step has two peaks, of which the larger counts:
+
+* forward and backward: the activations and the loss's buffers (below); at stages 1-2 the
+  gradient buckets, made in each backward (``reduce_bucket_size`` elements, two with
+  ``overlap_comm``); at stage 3 the flat
+  copy of a full bucket that the gradient reduce-scatter makes, and the parameters gathered beyond
+  the one layer: from the second step on, DeepSpeed keeps a parameter gathered after use when it
+  comes back within ``stage3_max_reuse_distance`` elements, which holds the last half of that
+  distance of forward across the turn into backward, and prefetches ``stage3_prefetch_bucket_size``
+  ahead within ``stage3_max_live_parameters``; the whole model at most;
+* the optimizer step, run on the G elements of one group's partition at a time (at stage 3 at
+  most ``sub_group_size``; whole groups at stage 0): at stages 1-3 the group's gradient made flat
+  in fp32, 4G (counted among the model states in 16 bits at stages 1-2), and the optimizer's
+  temporaries: torch's AdamW on a GPU (``foreach``) 4G, on the CPU (one tensor at a time) 8 bytes
+  per element of the largest tensor, DeepSpeed's fused Adam none. Offload runs the step on the CPU.
+
+The CUDA context, NCCL's own buffers and allocator fragmentation are not counted.
 
 Activations, per sample and block of width d, MLP width m, t tokens, w bytes per element: what
 autograd keeps from forward to backward, read off the saved tensors of open_clip's blocks on the
@@ -40,7 +61,7 @@ while everything is kept).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tuneclip_ds.errors import InputError
 from tuneclip_ds.plan.shape import ModelShape, Tower
@@ -48,10 +69,44 @@ from tuneclip_ds.plan.shape import ModelShape, Tower
 GIB = 2**30
 PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 LOSSES = ("infonce", "siglip", "gcl", "hgcl")
+OPTIMIZERS = ("torch", "deepspeed")  # optim.implementation: torch's AdamW, DeepSpeed's fused Adam
+DEVICES = ("cuda", "cpu")  # where torch's AdamW runs: foreach on GPUs, one tensor at a time on the CPU
 MODEL_STATE_ROWS = ("parameters", "gradients", "optimizer states", "gathered layer")
 # Similarity tiles alive at once in the ring loss's backward: benchmarks/loss_memory.py measures
 # 6 (InfoNCE) to 9 (SigLIP) at b=2048, d=512, tile 512, fp32, 2 ranks; the most is taken.
 LOSS_TILES_ALIVE = 9
+
+
+@dataclass(frozen=True)
+class ZeroSettings:
+    """The DeepSpeed JSON's settings that size ZeRO's buffers; the defaults are DeepSpeed's."""
+
+    reduce_bucket_size: int = 500_000_000
+    contiguous_gradients: bool = True
+    overlap_comm: bool | None = None  # None: DeepSpeed's default, on at stage 3 only
+    prefetch_bucket_size: int = 50_000_000
+    max_live_parameters: int = 1_000_000_000
+    max_reuse_distance: int = 1_000_000_000
+    sub_group_size: int = 1_000_000_000
+
+    @classmethod
+    def from_json(cls, ds_config: dict, source: str) -> ZeroSettings:
+        """Read through DeepSpeed's own parser; a value it refuses is an ``InputError`` naming ``source``."""
+        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+        from pydantic import ValidationError
+
+        section = dict(ds_config.get("zero_optimization", {}))
+        section.pop("stage", None)  # the experiment config (or --zero) sets the stage
+        try:
+            zero = DeepSpeedZeroConfig(**section)
+        except ValidationError as error:
+            raise InputError(f"{source}: zero_optimization is not valid for DeepSpeed: {error}") from None
+        return cls(int(zero.reduce_bucket_size), zero.contiguous_gradients, section.get("overlap_comm"),
+                   int(zero.prefetch_bucket_size), int(zero.max_live_parameters), int(zero.max_reuse_distance),
+                   int(zero.sub_group_size))
+
+    def overlaps(self, stage: int) -> bool:
+        return stage == 3 if self.overlap_comm is None else self.overlap_comm
 
 
 @dataclass(frozen=True)
@@ -70,10 +125,19 @@ class Setup:
     loss: str = "infonce"
     tile_size: int = 1024
     gpu_memory_gib: float = 80.0
+    zero: ZeroSettings = field(default_factory=ZeroSettings)
+    optimizer: str = "torch"
+    device: str = "cuda"
+    pretrained: bool = False  # a pretrained file is read at start-up
 
     @property
     def world_size(self) -> int:
         return self.nodes * self.gpus_per_node
+
+    @property
+    def width(self) -> int:
+        """Bytes per element in the training precision."""
+        return PRECISION_BYTES[self.precision]
 
     def check(self) -> None:
         """Raise ``InputError`` naming the first value that makes no sense."""
@@ -82,7 +146,8 @@ class Setup:
                 raise InputError(f"{key} must be at least 1, got {getattr(self, key)}")
         if self.gpu_memory_gib <= 0:
             raise InputError(f"gpu memory must be positive, got {self.gpu_memory_gib} GiB")
-        choices = {"zero_stage": (0, 1, 2, 3), "precision": tuple(PRECISION_BYTES), "loss": LOSSES}
+        choices = {"zero_stage": (0, 1, 2, 3), "precision": tuple(PRECISION_BYTES), "loss": LOSSES,
+                   "optimizer": OPTIMIZERS, "device": DEVICES}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise InputError(f"{key} must be one of {', '.join(map(str, allowed))}, got {getattr(self, key)!r}")
@@ -96,29 +161,55 @@ class Setup:
 class Plan:
     shape: ModelShape
     setup: Setup
-    gpu: dict[str, float]  # bytes per GPU by row, in display order
+    held: dict[str, float]  # bytes per GPU held through the step, by row, in display order
+    forward_backward: dict[str, float]  # what forward and backward add at their peak
+    optimizer_step: dict[str, float]  # what the optimizer step adds at its peak
     cpu_per_node: int  # DeepSpeed's estimate of the model states' CPU memory per node
+    startup_cpu_per_node: float  # the full copies the node's ranks build while the model is made
     traffic: dict[str, float]  # bytes one rank sends per micro-step, by part
 
     @property
     def model_states(self) -> float:
-        return sum(self.gpu[row] for row in MODEL_STATE_ROWS)
+        return sum(self.held[row] for row in MODEL_STATE_ROWS)
+
+    @property
+    def peaks(self) -> dict[str, float]:
+        """What each phase of the step adds to what is held."""
+        return {"forward-backward": sum(self.forward_backward.values()),
+                "optimizer step": sum(self.optimizer_step.values())}
 
     @property
     def total(self) -> float:
-        return sum(self.gpu.values())
+        return sum(self.held.values()) + max(self.peaks.values())
 
     @property
     def fits(self) -> bool:
         return self.total <= self.setup.gpu_memory_gib * GIB
 
+    def rows(self) -> list[tuple[str, float]]:
+        """(label, bytes per GPU) in display order: what is held, each phase's additions, the sums."""
+        rows = [(row, self.held[row]) for row in MODEL_STATE_ROWS]
+        rows += [("= model states", self.model_states)]
+        rows += [(row, value) for row, value in self.held.items() if row not in MODEL_STATE_ROWS]
+        rows += [("= held through the step", sum(self.held.values()))]
+        for phase, added in (("forward-backward", self.forward_backward), ("optimizer step", self.optimizer_step)):
+            rows += [(f"{phase}: {row}", value) for row, value in added.items()]
+            rows += [(f"= {phase} peak, added", self.peaks[phase])]
+        return rows + [("= total (held + the larger peak)", self.total)]
+
 
 def make_plan(shape: ModelShape, setup: Setup) -> Plan:
     setup.check()
-    gpu = model_states(shape, setup)
-    gpu["activations"] = activation_bytes(shape, setup.batch_size, setup.precision, setup.grad_checkpointing)
-    gpu["loss buffers"] = loss_buffer_bytes(shape.embed_dim, setup)
-    return Plan(shape, setup, gpu, cpu_per_node(shape, setup), ring_traffic(shape.embed_dim, setup))
+    held = model_states(shape, setup)
+    forward_backward = {
+        "activations": activation_bytes(shape, setup.batch_size, setup.precision, setup.grad_checkpointing),
+        "loss buffers": loss_buffer_bytes(shape.embed_dim, setup),
+    }
+    # ZeRO-3 allocates its bucket once; stages 1-2 theirs in each backward, released at its end
+    (held if setup.zero_stage == 3 else forward_backward)["gradient buckets"] = bucket_bytes(setup)
+    forward_backward.update(stage3_transients(shape, setup))
+    return Plan(shape, setup, held, forward_backward, optimizer_step_bytes(shape, setup), cpu_per_node(shape, setup),
+                startup_cpu_bytes(shape, setup), ring_traffic(shape.embed_dim, setup))
 
 
 def model_states(shape: ModelShape, setup: Setup) -> dict[str, float]:
@@ -130,22 +221,65 @@ def model_states(shape: ModelShape, setup: Setup) -> dict[str, float]:
         if not offloaded:
             rows[row] += bytes_per_param * shape.params / (setup.world_size if partitioned else 1)
     if setup.zero_stage == 3:  # a layer's parameters and gradients, gathered whole while it runs
-        rows["gathered layer"] = 2 * PRECISION_BYTES[setup.precision] * shape.largest_layer
+        rows["gathered layer"] = 2 * setup.width * shape.largest_layer
     return rows
 
 
 def _state_components(setup: Setup) -> list[tuple[str, int, int]]:
     """(row, bytes per parameter, first ZeRO stage that partitions it) of each model state."""
-    width = PRECISION_BYTES[setup.precision]
     mixed = setup.precision != "fp32"
-    components = [("parameters", width, 3)]
+    components = [("parameters", setup.width, 3)]
     if not (mixed and setup.zero_stage == 3):  # ZeRO-3 counts the gradient partition once, in fp32
-        components.append(("gradients", width, 2))
+        components.append(("gradients", setup.width, 2))
     if mixed:  # the fp32 gradients of the optimizer's partition
         components.append(("gradients", 4, 1))
     if mixed or setup.zero_stage > 0:  # ZeRO copies even fp32 weights to a master
         components.append(("optimizer states", 4, 1))
     return components + [("optimizer states", 8, 1)]  # Adam's two moments
+
+
+def bucket_bytes(setup: Setup) -> float:
+    """ZeRO's gradient buckets (``contiguous_gradients``): at stages 1-2 one of ``reduce_bucket_size``
+    elements, two with ``overlap_comm``; at stage 3 one. All in the training precision, DeepSpeed's
+    default communication type."""
+    zero = setup.zero
+    if setup.zero_stage == 0 or not zero.contiguous_gradients:
+        return 0.0
+    buckets = 2 if setup.zero_stage < 3 and zero.overlaps(setup.zero_stage) else 1
+    return buckets * zero.reduce_bucket_size * setup.width
+
+
+def stage3_transients(shape: ModelShape, setup: Setup) -> dict[str, float]:
+    """At stage 3, what forward and backward gather and copy beyond the model states: the parameters
+    kept or prefetched beyond the one gathered layer, and the reduce-scatter's flat copy of a full
+    bucket (see the module's docstring)."""
+    if setup.zero_stage != 3:
+        return {}
+    zero = setup.zero
+    kept = min(zero.max_reuse_distance / 2, shape.params)
+    prefetched = min(zero.prefetch_bucket_size, max(0, zero.max_live_parameters - kept))
+    gathered = max(0, min(kept + prefetched, shape.params) - shape.largest_layer)
+    reduce_copy = min(zero.reduce_bucket_size, shape.params) if setup.world_size > 1 else 0
+    return {"parameters gathered ahead": setup.width * gathered, "reduce-scatter copy": setup.width * reduce_copy}
+
+
+def optimizer_step_bytes(shape: ModelShape, setup: Setup) -> dict[str, float]:
+    """What the optimizer step adds on the GPU (see the module's docstring): nothing under offload."""
+    if setup.offload_optimizer:
+        return {}
+    if setup.zero_stage == 0:
+        stepped = shape.params
+    else:
+        stepped = shape.params / setup.world_size
+        if setup.zero_stage == 3:
+            stepped = min(stepped, setup.zero.sub_group_size)
+    rows = {}
+    if setup.zero_stage == 3 or (setup.zero_stage > 0 and setup.precision == "fp32"):
+        rows["flat fp32 gradient"] = 4 * stepped
+    if setup.optimizer == "torch":
+        largest_tensor = stepped if setup.zero_stage > 0 else shape.largest_param
+        rows["optimizer temporaries"] = 4 * stepped if setup.device == "cuda" else 8 * largest_tensor
+    return rows
 
 
 def cpu_per_node(shape: ModelShape, setup: Setup) -> int:
@@ -163,6 +297,14 @@ def cpu_per_node(shape: ModelShape, setup: Setup) -> int:
     cpu, _ = estimate_zero2_model_states_mem_needs(shape.params, setup.gpus_per_node, setup.nodes,
                                                    cpu_offload=setup.offload_optimizer)
     return cpu
+
+
+def startup_cpu_bytes(shape: ModelShape, setup: Setup) -> float:
+    """CPU memory per node while the model is built: a whole fp32 copy on every rank below stage 3,
+    on the first rank alone at stage 3 (it fills the partitions from it); a pretrained file adds its
+    state dict to each copy, counted in fp32."""
+    copies = 1 if setup.zero_stage == 3 else setup.gpus_per_node
+    return copies * 4 * shape.params * (2 if setup.pretrained else 1)
 
 
 def activation_bytes(shape: ModelShape, batch_size: int, precision: str, checkpointing: bool) -> float:
@@ -206,7 +348,7 @@ def ring_traffic(embed_dim: int, setup: Setup) -> dict[str, float]:
     GCL/HGCL also route each sample's estimator to its owner and back. A few scalar all-reduces
     are left out."""
     others = setup.world_size - 1
-    forward_block = _directions(setup.loss) * setup.batch_size * embed_dim * PRECISION_BYTES[setup.precision]
+    forward_block = _directions(setup.loss) * setup.batch_size * embed_dim * setup.width
     traffic = {"forward": others * forward_block, "backward": others * _backward_block(embed_dim, setup)}
     if setup.loss in ("gcl", "hgcl"):
         # the counts (int64 per rank), then per sample its id (int64) and log g (2 x fp32) out and
@@ -223,5 +365,5 @@ def _backward_block(embed_dim: int, setup: Setup) -> int:
     """Both features in the training precision, and in fp32 the positives and, per direction, the
     row statistics and their upstream gradients."""
     b = setup.batch_size
-    features = 2 * b * embed_dim * PRECISION_BYTES[setup.precision]
+    features = 2 * b * embed_dim * setup.width
     return features + 4 * b * (1 + 2 * _directions(setup.loss))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import os
 import sys
@@ -36,6 +37,21 @@ class RssPeak:
 
     def peak(self) -> int:
         return _proc_status_bytes("VmHWM") - self.before
+
+
+class AllocatorPeak:
+    """Peak growth of the bytes torch allocates on the CPU during a call, from the profiler's
+    allocation events (exact, whatever glibc does with the memory)."""
+
+    def measure(self, call) -> int:
+        import torch
+
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profile:
+            call()
+        # one event per allocation (bytes > 0) and per release (bytes < 0), from every thread
+        events = [e for e in profile.profiler.kineto_results.events() if e.name() == "[memory]"]
+        events.sort(key=lambda event: event.start_ns())
+        return max(itertools.accumulate((event.nbytes() for event in events), initial=0))
 
 
 def _proc_status_bytes(key: str) -> int:
