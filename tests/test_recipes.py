@@ -1,6 +1,6 @@
 """The shipped experiment configs: each loads, and each large-model recipe's header quotes planner
 commands whose per-GPU figures are what the planner prints, with the recipe itself fitting 80 GB
-GPUs with room to spare (the planner leaves out the CUDA context, ZeRO's buckets, fragmentation)."""
+GPUs with room to spare (the planner leaves out the CUDA context, NCCL's buffers, fragmentation)."""
 
 import re
 import shlex
@@ -15,7 +15,7 @@ from tuneclip_ds.plan.__main__ import main
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))  # not configs/eval/, which holds evaluation suites
 LARGE_RECIPES = ["tuneclip_vitl14.yaml", "tuneclip_vitbigg14.yaml", "tuneclip_siglip_so400m.yaml"]
-HEADROOM_GIB = 60  # of 80: what the planner leaves out (buckets, gathered parameters, AdamW temporaries) needs some
+HEADROOM_GIB = 60  # of 80: what the planner leaves out (CUDA context, NCCL, fragmentation) needs some
 # "#   python -m tuneclip_ds.plan ARGS" followed by "#   -> X GiB per GPU"
 PLANNER_LINES = re.compile(r"^#\s+python -m tuneclip_ds\.plan (.+)\n#\s+-> ([\d.]+) GiB per GPU", re.MULTILINE)
 ESTIMATE = re.compile(r"\(([\d.]+) GiB estimated")
