@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--loss", choices=LOSSES, help="default infonce")
     parser.add_argument("--tile-size", type=int, help="the ring loss's tile width (default 1024)")
     parser.add_argument("--gpu-memory", type=float, default=Setup.gpu_memory_gib, help="GiB per GPU (default 80)")
-    parser.add_argument("--deepspeed-config", help="the DeepSpeed JSON whose ZeRO buckets and stage-3 limits count "
+    parser.add_argument("--deepspeed-config", help="the DeepSpeed JSON whose bucket sizes and stage-3 limits count "
                         "(default: train.deepspeed_config, else ds_configs/zero<stage>[_offload].json)")
     parser.add_argument("--optimizer", choices=OPTIMIZERS, help="torch (AdamW, default) or deepspeed (fused Adam)")
     parser.add_argument("--device", choices=DEVICES, default=Setup.device,
