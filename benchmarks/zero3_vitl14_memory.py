@@ -1,4 +1,4 @@
-"""One ZeRO-3 training step of ViT-L-14 on 2 CPU ranks: each rank's measured peak memory against
+"""ZeRO-3 training steps of ViT-L-14 on 2 CPU ranks: each rank's measured peak memory against
 the memory planner's per-GPU estimate for the same setup.
 
     .venv/bin/python benchmarks/zero3_vitl14_memory.py                          # checkpointing off, then on
@@ -11,10 +11,12 @@ engine with torch's AdamW, the InfoNCE ring loss. The DeepSpeed JSON is
 ``ds_configs/zero3_large.json``, the one for large models: ``zero3.json``'s reduce bucket (5e8
 elements) and reuse distance (1e9) exceed ViT-L-14's 428M parameters, so its whole fp32 gradient
 would be bucketed and, from the second step, its whole model kept gathered, more than 2 ranks can
-hold beside each other on a 24 GiB machine. Each rank then takes one optimizer step
+hold beside each other on a 24 GiB machine. Each rank then takes two optimizer steps
 (``Trainer.train_step``: forward, loss, backward, gradient reduction, clipping, AdamW) on a fixed
-random batch; ``--steps 2`` measures a second one as well, which holds Adam's moments and ZeRO's
-bucket from the start and prefetches along the first step's trace.
+random batch (``--steps``). The second is the steady state the planner estimates: it holds Adam's
+moments and ZeRO's bucket from the start and keeps parameters gathered along the first step's
+trace. The planner is asked for the same setup with the same JSON and ``device="cpu"`` (torch's
+AdamW steps one tensor at a time on the CPU).
 
 Memory is the resident set size, read with ``tuneclip_ds.plan.measure``'s ``RssPeak`` (the ranks
 run with glibc's mmap threshold at 64 KiB, so the RSS follows the tensors alive). Figures count
@@ -23,7 +25,8 @@ torch, DeepSpeed, open_clip: no part of the planner's figure):
 
 * construction peak: the highest RSS while ``build_run`` ran. Rank 0 holds the whole model in
   fp32 for a while then, to fill the partitions from (a pretrained file adds its state dict): a
-  start-up cost the planner leaves out, which is why the step is measured on its own;
+  start-up cost the planner reports apart (CPU while the model is built), which is why the step is
+  measured on its own;
 * held at start: the RSS when the step starts (the partitioned parameters, fp32 masters and
   gradients; after the first step also Adam's moments and ZeRO's bucket);
 * forward-backward and optimizer-step peaks: the highest RSS in each phase of the step, the
