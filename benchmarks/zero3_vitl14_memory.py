@@ -49,7 +49,7 @@ import torch
 import torch.multiprocessing as mp
 
 import tuneclip_ds  # noqa: F401  (before open_clip: lets torchvision import on a CPU-only torch)
-from tuneclip_ds.engine import DS_CONFIG_DIR, read_ds_json
+from tuneclip_ds.engine import DS_CONFIG_DIR
 from tuneclip_ds.plan.measure import MMAP_THRESHOLD, RssPeak
 
 WORLD_SIZE = 2
@@ -156,7 +156,7 @@ def planned(options: argparse.Namespace, checkpointing: bool):
     DeepSpeed JSON, torch's AdamW as it runs on the CPU."""
     from tuneclip_ds.plan import Setup, ZeroSettings, make_plan, model_shape
 
-    zero = ZeroSettings.from_json(read_ds_json(Path(options.deepspeed_config)), options.deepspeed_config)
+    zero = ZeroSettings.from_file(Path(options.deepspeed_config))
     setup = Setup(nodes=1, gpus_per_node=WORLD_SIZE, batch_size=1, zero_stage=3, precision="fp32",
                   grad_checkpointing=checkpointing, zero=zero, device="cpu")
     return make_plan(model_shape(options.model), setup)

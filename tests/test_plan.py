@@ -95,7 +95,7 @@ def test_parameter_counts_are_deepspeeds():
 
 def test_zero_settings_default_to_deepspeeds_and_read_the_json():
     assert ZeroSettings.from_json({}, "empty") == ZeroSettings()
-    large = ZeroSettings.from_json(json.loads((DS_CONFIG_DIR / "zero3_large.json").read_text()), "zero3_large.json")
+    large = ZeroSettings.from_file(DS_CONFIG_DIR / "zero3_large.json")
     assert (large.reduce_bucket_size, large.max_live_parameters, large.max_reuse_distance) == (2e8, 3e8, 3e8)
     assert ZeroSettings.from_json({"zero_optimization": {"overlap_comm": False}}, "x").overlaps(3) is False
     assert ZeroSettings().overlaps(3) and not ZeroSettings().overlaps(2)

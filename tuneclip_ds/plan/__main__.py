@@ -99,10 +99,9 @@ def resolve(args: argparse.Namespace) -> tuple[str, int | None, Setup]:
 
 def _zero_settings(path: str | None, zero_stage: int, offload: bool) -> ZeroSettings:
     """The ZeRO settings of the DeepSpeed JSON the trainer would read."""
-    from tuneclip_ds.engine import default_ds_config_path, read_ds_json
+    from tuneclip_ds.engine import default_ds_config_path
 
-    json_path = Path(path) if path else default_ds_config_path(zero_stage, offload)
-    return ZeroSettings.from_json(read_ds_json(json_path), str(json_path))
+    return ZeroSettings.from_file(Path(path) if path else default_ds_config_path(zero_stage, offload))
 
 
 def format_plan(plan: Plan) -> str:

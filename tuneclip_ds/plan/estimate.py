@@ -27,9 +27,8 @@ On top of what is held, the step has two peaks, of which the larger counts:
 
 * forward and backward: the activations and the loss's buffers (below); at stages 1-2 the
   gradient buckets, made in each backward (``reduce_bucket_size`` elements, two with
-  ``overlap_comm``); at stage 3 the flat
-  copy of a full bucket that the gradient reduce-scatter makes, and the parameters gathered beyond
-  the one layer: from the second step on, DeepSpeed keeps a parameter gathered after use when it
+  ``overlap_comm``); at stage 3 the flat copy of a full bucket that the gradient reduce-scatter
+  makes, and the parameters gathered beyond the one layer: from the second step on, DeepSpeed keeps a parameter gathered after use when it
   comes back within ``stage3_max_reuse_distance`` elements, which holds the last half of that
   distance of forward across the turn into backward, and prefetches ``stage3_prefetch_bucket_size``
   ahead within ``stage3_max_live_parameters``; the whole model at most;
@@ -62,6 +61,7 @@ while everything is kept).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from tuneclip_ds.errors import InputError
 from tuneclip_ds.plan.shape import ModelShape, Tower
@@ -90,6 +90,12 @@ class ZeroSettings:
     sub_group_size: int = 1_000_000_000
 
     @classmethod
+    def from_file(cls, path: Path) -> ZeroSettings:
+        from tuneclip_ds.engine import read_ds_json
+
+        return cls.from_json(read_ds_json(path), str(path))
+
+    @classmethod
     def from_json(cls, ds_config: dict, source: str) -> ZeroSettings:
         """Read through DeepSpeed's own parser; a value it refuses is an ``InputError`` naming ``source``."""
         from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
@@ -101,6 +107,7 @@ class ZeroSettings:
             zero = DeepSpeedZeroConfig(**section)
         except ValidationError as error:
             raise InputError(f"{source}: zero_optimization is not valid for DeepSpeed: {error}") from None
+        # overlap_comm as written: DeepSpeed resolves its default by the stage, set only later
         return cls(int(zero.reduce_bucket_size), zero.contiguous_gradients, section.get("overlap_comm"),
                    int(zero.prefetch_bucket_size), int(zero.max_live_parameters), int(zero.max_reuse_distance),
                    int(zero.sub_group_size))
