@@ -4,7 +4,7 @@ PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.requirements-installed
 NPROC ?= 2
 
-.PHONY: demo demo-tuneclip test test-slow env clean-demo
+.PHONY: demo test test-slow env reproduce pretrain clean-demo
 
 env: $(STAMP)
 
@@ -15,14 +15,17 @@ $(STAMP): requirements.txt
 	$(PYTHON) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
+# TuneCLIP (stage I, then HGCL) beside naive fine-tuning of the shipped pretrained model, 2 CPU ranks each.
 demo: $(STAMP)
-	OMP_NUM_THREADS=1 $(VENV)/bin/deepspeed --num_gpus $(NPROC) --module tuneclip_ds.train --config configs/demo.yaml
+	$(PYTHON) -m tuneclip_ds.demo --nproc $(NPROC)
 
-# TuneCLIP's two stages, fine-tuning the model `make demo` trained (made first if missing).
-demo-tuneclip: $(STAMP)
-	test -f runs/demo/checkpoints/latest || $(MAKE) demo
-	$(PYTHON) -m tuneclip_ds.export runs/demo --output runs/demo/model.pt
-	OMP_NUM_THREADS=1 $(VENV)/bin/deepspeed --num_gpus $(NPROC) --module tuneclip_ds.train --config configs/tuneclip_demo.yaml
+# The miniature reproduction (about an hour on 2 cores): docs/reproduce/.
+reproduce: $(STAMP)
+	$(PYTHON) benchmarks/reproduce/run.py --nproc $(NPROC)
+
+# Makes tuneclip_ds/pretrained/ again (the shipped model and its card).
+pretrain: $(STAMP)
+	$(PYTHON) benchmarks/reproduce/pretrain.py --nproc $(NPROC)
 
 test: $(STAMP)
 	$(PYTHON) -m pytest -q tests
@@ -31,4 +34,4 @@ test-slow: $(STAMP)
 	$(PYTHON) -m pytest -q -m slow -o addopts= tests
 
 clean-demo:
-	rm -rf runs/demo runs/tuneclip_demo data/synthetic
+	rm -rf runs/demo data/shapes/train

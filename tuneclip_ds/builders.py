@@ -23,22 +23,26 @@ def ensure_synthetic_corpus(data: DataConfig, rank: int) -> None:
     its held-out split when ``data.synthetic.val_shards`` names a folder without shards."""
     spec = data.synthetic
     if rank == 0:
-        _write_split_once(Path(data.train_shards), spec, spec.num_samples, "train")
+        _write_split_once(Path(data.train_shards), spec, spec.num_samples, spec.split)
         if spec.val_shards:
             _write_split_once(Path(spec.val_shards), spec, spec.val_samples, "val")
+        if spec.shifted_val_shards:
+            _write_split_once(Path(spec.shifted_val_shards), spec, spec.val_samples, "val", domain="shifted")
     torch.distributed.barrier()
 
 
-def _write_split_once(folder: Path, spec: SyntheticConfig, num_samples: int, split: str) -> None:
+def _write_split_once(folder: Path, spec: SyntheticConfig, num_samples: int, split: str,
+                      domain: str = "standard") -> None:
     from tuneclip_ds.data.synthetic import write_synthetic_corpus
 
     if any(folder.glob("*.tar")):
         return
-    logger.info("writing a synthetic %s split of %d samples to %s", split, num_samples, folder)
+    logger.info("writing a synthetic %s split (%s scenery) of %d samples to %s", split, domain, num_samples, folder)
     partial = folder.with_name(folder.name + ".partial")  # renamed when complete: a killed write leaves no shards
     shutil.rmtree(partial, ignore_errors=True)
     write_synthetic_corpus(str(partial), num_samples=num_samples, samples_per_shard=spec.samples_per_shard,
-                           image_size=spec.image_size, difficulty=spec.difficulty, seed=spec.seed, split=split)
+                           image_size=spec.image_size, difficulty=spec.difficulty, seed=spec.seed, split=split,
+                           paraphrase=spec.paraphrase, domain=domain)
     if folder.exists():
         folder.rmdir()  # empty (no shards); a folder holding other files is left alone and the rename fails
     partial.rename(folder)

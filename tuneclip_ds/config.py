@@ -30,9 +30,12 @@ class SyntheticConfig:
     samples_per_shard: int = 256
     image_size: int = 64
     difficulty: float = 0.3
+    paraphrase: float = 0.0  # captions with synonyms and paraphrases (semantic duplicates), in [0, 1]
     seed: int = 0
+    split: str = "train"  # the training split's name (and shard prefix): splits of other names are disjoint
     val_shards: str = ""  # also write a held-out split here (for evaluation) when it has no shards
     val_samples: int = 512
+    shifted_val_shards: str = ""  # ... and a held-out split of unseen scenery (distribution shift)
 
 
 @dataclass
@@ -81,6 +84,9 @@ class OptimConfig:
     implementation: Literal["torch", "deepspeed"] = "torch"  # torch.optim.AdamW or DeepSpeed's FusedAdam
 
 
+RECOVERABLE = ("m", "v", "u")  # osr.recover's choices
+
+
 @dataclass
 class OSRConfig:
     """TuneCLIP stage I (optimizer statistics recovery): training steps with the learning rate frozen
@@ -91,8 +97,9 @@ class OSRConfig:
     until_converged: Optional[float] = None  # end early once ||m||, ||v|| (and mean u) change by less than this
     patience: int = 20  # ... (relative change per step) for this many steps in a row
     min_steps: int = 0  # never end early before this step
-    reset_moments: bool = False  # ablations: start stage II from fresh Adam state ...
-    reset_estimators: bool = False  # ... or from fresh per-sample estimators
+    # The statistics recovered in stage I that stage II starts from: m (Adam's exp_avg), v (exp_avg_sq),
+    # u (the loss's per-sample estimators). One left out starts fresh (ablations; e.g. [v]: "v only").
+    recover: list[str] = field(default_factory=lambda: list(RECOVERABLE))
 
 
 @dataclass
@@ -128,6 +135,7 @@ class EvalConfig:
 
     tasks: str = ""  # a suite YAML (see configs/eval/); empty: no evaluation during training
     every: int = 0  # optimizer steps between evaluations; they also run when stage II starts and at the end
+    at_steps: list[int] = field(default_factory=list)  # also after these steps of stage II (e.g. [1, 2, 5])
     select: str = ""  # the result that picks the best checkpoint, e.g. imagenet/top1 or average; empty: none
     mode: Literal["max", "min"] = "max"
 
@@ -217,6 +225,10 @@ def _convert(hint: Any, value: Any, key: str, source: str) -> Any:
         if value not in args or isinstance(value, bool):  # True == 1 would pass for stage 1
             raise ConfigError(f"{source}: {key} must be one of {list(args)}, got {value!r}")
         return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: {key} must be a list, got {value!r}")
+        return [_convert(args[0], v, f"{key}[{i}]", source) for i, v in enumerate(value)]
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{source}: {key} must be a list of {len(args)} values, got {value!r}")
@@ -239,6 +251,10 @@ def _check(config: Config, source: str) -> None:
         raise ConfigError(f"{source}: set exactly one of train.steps, train.samples and train.epochs")
     if config.osr.steps is not None and config.osr.epochs is not None:
         raise ConfigError(f"{source}: set at most one of osr.steps and osr.epochs")
+    recover = config.osr.recover
+    if any(name not in RECOVERABLE for name in recover) or len(set(recover)) != len(recover):
+        raise ConfigError(f"{source}: osr.recover must list each of {list(RECOVERABLE)} at most once, "
+                          f"got {recover!r}")
     positive = {
         "train.batch_size": train.batch_size,
         "train.grad_accum": train.grad_accum,

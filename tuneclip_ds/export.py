@@ -5,7 +5,8 @@
 A run directory means its latest complete checkpoint. The file holds fp32
 weights (DeepSpeed's fp32 master copies where training kept them) with a 0-dim
 ``logit_scale``/``logit_bias`` like open_clip's own checkpoints, and loads with
-``open_clip.create_model(MODEL, pretrained=FILE)``; MODEL is printed.
+``open_clip.create_model(MODEL, pretrained=FILE)``; MODEL is printed. ``--dtype fp16`` (or bf16) halves the
+file, for shipping; open_clip casts the values to the model's precision on load.
 """
 
 from __future__ import annotations
@@ -93,28 +94,31 @@ def _name_masters(parameters: dict[str, torch.Tensor], masters: list[list[torch.
             for group, tensors in zip(groups, masters) for param, master in zip(group, tensors)}
 
 
-def open_clip_state_dict(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """fp32, one storage per tensor (safetensors refuses views of a shared buffer), 0-dim scale and bias."""
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def open_clip_state_dict(weights: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> dict:
+    """One storage per tensor (safetensors refuses views of a shared buffer), 0-dim scale and bias."""
     exported = {}
     for name, tensor in weights.items():
-        tensor = tensor.detach().float().clone()
+        tensor = tensor.detach().to(dtype).clone()
         exported[name] = tensor.reshape(()) if name.rsplit(".", 1)[-1] in ZERO_DIM else tensor
     return exported
 
 
-def export(source: Path, output: Path, safetensors: bool = False, best: bool = False) -> str:
+def export(source: Path, output: Path, safetensors: bool = False, best: bool = False, dtype: str = "fp32") -> str:
     """Write the weights of the checkpoint ``source`` names to ``output``; returns what was written."""
     if safetensors != (output.suffix == ".safetensors"):
         raise InputError(f"--output {output}: open_clip picks the format by the suffix, so use a .safetensors "
                          "name with --safetensors and another (e.g. .pt) without it")
     folder = find_checkpoint(source, best)
     metadata = checkpoint.read_metadata(folder)
-    state_dict = open_clip_state_dict(fp32_weights(folder, metadata["zero_stage"]))
+    state_dict = open_clip_state_dict(fp32_weights(folder, metadata["zero_stage"]), DTYPES[dtype])
     output.parent.mkdir(parents=True, exist_ok=True)
     checkpoint.write_atomically(output, lambda path: _save(state_dict, path, safetensors, metadata))
     count = sum(tensor.numel() for tensor in state_dict.values())
     return (f"wrote {output}: {metadata['model']} at step {metadata['step']} from {folder}, "
-            f"{len(state_dict)} tensors, {count / 1e6:.2f}M values, fp32\n"
+            f"{len(state_dict)} tensors, {count / 1e6:.2f}M values, {dtype}\n"
             f"load it with open_clip.create_model({metadata['model']!r}, pretrained={str(output)!r})")
 
 
@@ -135,8 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, required=True, help="the file to write, e.g. model.pt")
     parser.add_argument("--safetensors", action="store_true", help="write safetensors (name ending .safetensors)")
     parser.add_argument("--best", action="store_true", help="the run's best-evaluated checkpoint (eval.select)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="precision of the written weights")
     args = parser.parse_args(argv)
-    print(export(args.source, args.output, args.safetensors, args.best))
+    print(export(args.source, args.output, args.safetensors, args.best, args.dtype))
     return 0
 
 

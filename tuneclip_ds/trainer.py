@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -125,7 +126,7 @@ class Trainer:
             self.history.losses.append(result.loss)
             diagnostics = self.osr.observe(self.loss_fn) if self.osr.active else {}
             self._report(result, diagnostics, elapsed=time.perf_counter() - start, steps_done=self.step - first_step)
-            if self.config.eval.every and self.step % self.config.eval.every == 0:
+            if self._evaluation_due():
                 self._evaluate()
             if self._agree_to_save() or (every and self.step % every == 0):
                 self.save()
@@ -144,6 +145,15 @@ class Trainer:
             self.save()  # the recovered statistics: stage II (or several, for ablations) can start from here
 
     @property
+    def stage2_step(self) -> int | None:
+        """Steps of stage II done so far; None during stage I."""
+        return None if self.osr.active else self.osr.clock.stage2_position(self.step)
+
+    def _evaluation_due(self) -> bool:
+        every = self.config.eval.every
+        return bool(every and self.step % every == 0) or self.stage2_step in self.config.eval.at_steps
+
+    @property
     def checkpoints_wanted(self) -> bool:
         return bool(self.config.checkpoint.every or self.config.checkpoint.save_at_end)
 
@@ -156,6 +166,11 @@ class Trainer:
         if self.writer is not None:
             for name, value in results.items():
                 self.writer.add_scalar(f"eval/{name}", value, self.step)
+        if self.is_main:  # every result as a line of JSON, for scripts that compare runs
+            record = {"step": self.step, "stage2_step": self.stage2_step, **results}
+            self.config.run_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.config.run_dir / "eval.jsonl", "a") as log:
+                log.write(json.dumps(record) + "\n")
         if is_best and self.checkpoints_wanted:
             if self.last_saved_step != self.step:
                 self.save()

@@ -9,7 +9,8 @@ param group is 0 during the optimizer's own ``step()``, so every parameter
 The freeze is a step pre-hook on the optimizer that DeepSpeed steps (the
 client optimizer, or DeepSpeed's own Adam, inside any ZeRO stage, the bf16 or
 fp16 wrapper, or offload): a scheduler may set any rate between steps, and the
-step still sees 0. Stage II starts from the recovered state.
+step still sees 0. Stage II starts from the recovered state, or from the part of it
+that ``osr.recover`` names (m, v, u); the rest starts fresh.
 """
 
 from __future__ import annotations
@@ -142,8 +143,8 @@ class StatisticsRecovery:
         return {**diagnostics, **{f"{name}_change": value for name, value in changes.items()}}
 
     def begin_stage2(self, step: int, loss_fn) -> str:
-        """End stage I (collective): check the parameters, start the stage-II clock, apply ablation resets.
-        Returns the parameters' digest."""
+        """End stage I (collective): check the parameters, start the stage-II clock, forget the statistics
+        that ``osr.recover`` leaves out. Returns the parameters' digest."""
         digest = parameter_digest(self.engine)
         if digest != self.start_digest:
             raise ParametersChangedError(
@@ -153,10 +154,17 @@ class StatisticsRecovery:
         logger.info("stage I ended after %d steps (%s); parameters unchanged (digest %s); stage II begins",
                     step, "converged" if step < self.max_steps else "step limit", digest[:16])
         self.clock.stage2_start = step
-        if self.config.reset_moments:
-            reset_moments(self.engine)
-        if self.config.reset_estimators and hasattr(loss_fn, "estimators"):
+        recover = self.config.recover
+        forget_statistics(self.engine, keep_m="m" in recover, keep_v="v" in recover)
+        has_estimators = hasattr(loss_fn, "estimators")
+        if "u" not in recover and has_estimators:
             loss_fn.estimators.reset()
+        carried = [name for name, kept in [("m (exp_avg)", "m" in recover), ("v (exp_avg_sq)", "v" in recover),
+                                           ("Adam's step", "m" in recover or "v" in recover),
+                                           ("u (estimators)", "u" in recover and has_estimators)] if kept]
+        logger.info("stage II starts from the recovered %s (osr.recover=%s)%s",
+                    ", ".join(carried) or "nothing (a fresh Adam)", list(recover),
+                    "" if has_estimators else "; this loss has no estimators")
         return digest
 
     def state_dict(self) -> dict:
@@ -190,16 +198,30 @@ def moment_norms(engine) -> dict[str, float]:
             "adam_step": float(adam_step)}
 
 
-def reset_moments(engine) -> None:
-    """Zero the moments and the step counters, as if the optimizer were new (an ablation of OSR)."""
+def forget_statistics(engine, keep_m: bool, keep_v: bool) -> None:
+    """Zero ``exp_avg`` unless ``keep_m`` and ``exp_avg_sq`` unless ``keep_v``, in every (local partition of
+    the) state the stepped optimizers hold, at any ZeRO stage, precision or offload. Adam's step counters
+    stay while either moment does (bias correction continues from them); with neither, they are zeroed
+    too and the optimizer is as if new. Local: no collective."""
+    forget = {key for key, keep in zip(MOMENTS, (keep_m, keep_v)) if not keep}
+    if not keep_m and not keep_v:
+        forget.add("step")
+    if not forget:
+        return
     for optimizer in stepped_optimizers(engine):
         for state in optimizer.state.values():
             for key, value in state.items():
-                if key in MOMENTS or key == "step":
+                if key in forget:
                     state[key] = value.zero_() if isinstance(value, torch.Tensor) else 0
-        for group in optimizer.param_groups:
-            if "step" in group:  # DeepSpeed's FusedAdam counts per group
-                group["step"] = 0
+        if "step" in forget:
+            for group in optimizer.param_groups:
+                if "step" in group:  # DeepSpeed's FusedAdam counts per group
+                    group["step"] = 0
+
+
+def reset_moments(engine) -> None:
+    """Zero the moments and the step counters, as if the optimizer were new."""
+    forget_statistics(engine, keep_m=False, keep_v=False)
 
 
 def parameter_digest(engine) -> str:

@@ -1,0 +1,174 @@
+"""A miniature reproduction of TuneCLIP's claim: fine-tuning a well-pretrained CLIP on more data of its own
+kind, naive fine-tuning (cold Adam, cold estimators) first degrades it, while OSR + HGCL does not.
+
+    .venv/bin/python benchmarks/reproduce/run.py [--seeds 3] [--nproc 2] [--reuse] [--out docs/reproduce]
+
+The model is the shipped shapes CLIP (tuneclip_ds/pretrained/, made by pretrain.py); the fine-tuning data
+are fresh samples of its pretraining corpus (the "train" split of configs/demo.yaml's synthetic corpus, the
+model saw the disjoint "pretrain" split); evaluation is configs/eval/shapes.yaml: held-out zero-shot
+classification, the same classes on unseen scenery (shift), and image-text retrieval. Every run is
+configs/demo.yaml with the overrides below: same data, steps and optimizer settings in every arm, except
+what the arm changes. First a learning-rate sweep (one seed, naive and TuneCLIP, the first steps), then
+every arm with each seed. Writes OUT/results.json (every number), OUT/results.md (tables, mean +- std over
+seeds) and OUT/*.png (metric against step, the starting model as a dashed line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import tuneclip_ds  # noqa: F401  (torchvision on a CPU-only torch, before open_clip)
+from tuneclip_ds.compare import Arm, launch, plot_curves, read_curves, run_dir_of, summary_table
+from tuneclip_ds.config import load_config, to_dict
+
+BASE = "configs/demo.yaml"
+STAGE1, STAGE2 = 64, 128  # steps: 2 and 4 epochs of the 8192-sample fine-tuning corpus at global batch 256
+EVAL_AT = [1, 2, 5, 10, 20, 50, 100]  # and at 0 and the end
+COMMON = ["output_dir=runs/reproduce", f"train.steps={STAGE2}", f"osr.steps={STAGE1}",
+          f"eval.at_steps={EVAL_AT}", "log.every=32"]
+COLD = "osr.steps=null"
+ARMS = [  # the paper's arms, then the variants beyond it
+    Arm("naive (InfoNCE)", ["loss.name=infonce", COLD]),
+    Arm("GCL cold (FastCLIP)", ["loss.name=gcl", COLD]),
+    Arm("HGCL cold", [COLD]),
+    Arm("OSR(m,v) + HGCL", ["osr.recover=[m,v]"]),
+    Arm("OSR(m,v,u) + HGCL (TuneCLIP)", []),
+    Arm("OSR(v) + HGCL", ["osr.recover=[v]"]),
+    Arm("OSR(v,u) + HGCL", ["osr.recover=[v,u]"]),
+    Arm("OSR until settled + HGCL", ["osr.until_converged=0.002", "osr.patience=8", "osr.min_steps=8"]),
+]
+SWEEP_LRS = [1e-4, 3e-4, 1e-3, 3e-3]
+SWEEP_ARMS = [ARMS[0], ARMS[4]]
+SWEEP_STEPS = 20
+METRICS = {"average": "zero-shot average", "heldout/top1": "held-out top-1", "shifted/top1": "shifted top-1",
+           "retrieval/mean_R@1": "retrieval mean R@1"}
+WINDOW = 20
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
+
+
+class Runner:
+    """Trains arms one after another; with ``reuse``, a finished run with the same resolved config is kept."""
+
+    def __init__(self, base: str, common: list[str], nproc: int, reuse: bool):
+        self.base, self.common, self.nproc, self.reuse = base, common, nproc, reuse
+        self.minutes: dict[str, float] = {}
+
+    def curves(self, run_name: str, overrides: list[str]) -> dict:
+        overrides = [*self.common, *overrides, f"run_name={run_name}"]
+        config = load_config(self.base, overrides)
+        run_dir = run_dir_of(self.base, overrides)
+        if self.reuse and self._finished(run_dir, config):
+            print(f"  {run_name}: reused {run_dir}", flush=True)
+            return read_curves(run_dir)
+        began = time.time()
+        launch(self.base, overrides, self.nproc, log_path=run_dir.with_suffix(".log"))
+        self.minutes[run_name] = (time.time() - began) / 60
+        curves = read_curves(run_dir)
+        final = {name: curve[max(curve)] for name, curve in curves.items() if name in METRICS}
+        print(f"  {run_name}: {self.minutes[run_name]:.1f} min, final "
+              + ", ".join(f"{name} {value:.3f}" for name, value in final.items()), flush=True)
+        return curves
+
+    @staticmethod
+    def _finished(run_dir: Path, config) -> bool:
+        import yaml
+
+        saved = run_dir / "config.yaml"
+        if not (saved.is_file() and (run_dir / "eval.jsonl").is_file()):
+            return False
+        same = yaml.safe_load(saved.read_text()) == to_dict(config)
+        return same and max(read_curves(run_dir)["average"]) == config.train.steps
+
+
+def lr_sweep(runner: Runner, rates: list[float], steps: int) -> dict:
+    """Naive and TuneCLIP at each rate for the first ``steps`` of stage II (one seed)."""
+    at_steps = [s for s in EVAL_AT if s < steps]
+    results = {}
+    for lr in rates:
+        for arm in SWEEP_ARMS:
+            overrides = [*arm.overrides, f"train.steps={steps}", f"eval.at_steps={at_steps}", f"optim.lr={lr}"]
+            results.setdefault(f"{lr:g}", {})[arm.name] = runner.curves(f"sweep-{slug(arm.name)}-lr{lr:g}", overrides)
+    return results
+
+
+def all_arms(runner: Runner, seeds: int, arms: list[Arm]) -> dict:
+    results = {arm.name: {"overrides": arm.overrides, "runs": []} for arm in arms}
+    for seed in range(seeds):  # seed by seed: partial results stay balanced over the arms
+        for arm in arms:
+            curves = runner.curves(f"{slug(arm.name)}-seed{seed}", [*arm.overrides, f"seed={seed}"])
+            results[arm.name]["runs"].append(curves)
+    return results
+
+
+def write_report(results: dict, out: Path) -> None:
+    arms = results["arms"]
+    lines = [f"# Reproduction results\n\n{results['conditions']}\n"]
+    for metric, label in METRICS.items():
+        table = summary_table({name: [run[metric] for run in arm["runs"]] for name, arm in arms.items()}, WINDOW)
+        lines.append(f"## {label} (%)\n\n{table}\n")
+        start = next(iter(arms.values()))["runs"][0][metric][0]
+        plot_curves({name: [run[metric] for run in arm["runs"]] for name, arm in arms.items()}, start,
+                    out / f"{slug(metric)}.png", f"Fine-tuning the shapes CLIP: {label}", f"{label} (%)")
+    sweep = results["lr_sweep"]
+    if not sweep:
+        (out / "results.md").write_text("\n".join(lines))
+        return
+    lines.append(f"## Learning-rate sweep (one seed, the first {WINDOW} steps): zero-shot average (%)\n")
+    for lr, curves in sweep.items():
+        lines.append(f"lr {lr}\n\n" + summary_table({arm: [c["average"]] for arm, c in curves.items()}, WINDOW) + "\n")
+    plot_curves({f"{arm} lr {lr}": [c["average"]] for lr, curves in sweep.items() for arm, c in curves.items()},
+                next(iter(next(iter(sweep.values())).values()))["average"][0], out / "lr-sweep.png",
+                "Learning-rate sweep: zero-shot average", "zero-shot average (%)")
+    (out / "results.md").write_text("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--nproc", type=int, default=2, help="ranks on this machine")
+    parser.add_argument("--out", type=Path, default=Path("docs/reproduce"))
+    parser.add_argument("--reuse", action="store_true", help="keep finished runs whose resolved config is the same")
+    parser.add_argument("--arms", nargs="*", help="only the arms whose names contain one of these words")
+    parser.add_argument("--sweep-lrs", type=float, nargs="*", default=SWEEP_LRS, help="none: no sweep")
+    parser.add_argument("--sweep-steps", type=int, default=SWEEP_STEPS)
+    parser.add_argument("overrides", nargs="*", help="extra overrides for every run (e.g. optim.lr=1e-3)")
+    args = parser.parse_args(argv)
+    began = time.time()
+    runner = Runner(BASE, [*COMMON, *args.overrides], args.nproc, args.reuse)
+    print("learning-rate sweep", flush=True)
+    sweep = lr_sweep(runner, args.sweep_lrs, args.sweep_steps)
+    print(f"arms x {args.seeds} seeds", flush=True)
+    chosen = [arm for arm in ARMS if not args.arms or any(word in arm.name for word in args.arms)]
+    arms = all_arms(runner, args.seeds, chosen)
+    minutes = (time.time() - began) / 60
+    base = load_config(BASE, runner.common)
+    results = {
+        "command": " ".join(["benchmarks/reproduce/run.py", *(argv if argv is not None else sys.argv[1:])]),
+        "machine": f"{platform.machine()}, {platform.system()}, CPU only, {args.nproc} ranks",
+        "minutes": round(minutes, 1),
+        "conditions": (f"{base.model.name} from {base.model.pretrained}; fine-tuning corpus "
+                       f"{base.data.synthetic.num_samples} fresh samples; global batch "
+                       f"{base.train.batch_size * args.nproc}; lr {base.optim.lr:g} ({base.optim.schedule}, "
+                       f"warm-up {base.optim.warmup_steps}); stage I {STAGE1} steps, stage II {STAGE2} steps; "
+                       f"temperature frozen; HGCL margin {base.loss.margin}; {args.seeds} seeds."),
+        "run_minutes": runner.minutes,
+        "lr_sweep": sweep,
+        "arms": arms,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    write_report(results, args.out)
+    print(f"wrote {args.out}/results.json, results.md and plots in {minutes:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
