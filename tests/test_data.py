@@ -139,6 +139,48 @@ def test_held_out_split_has_its_own_names_ids_and_content(tmp_path):
     assert all(train_samples[i]["png"] != val_samples[i]["png"] for i in range(16))
 
 
+def test_paraphrased_captions_use_synonyms_and_leave_out_sizes(tmp_path):
+    samples = read_shards(corpus(tmp_path, num_samples=200, paraphrase=0.5))
+    captions = [s["txt"].decode() for s in samples.values()]
+    synonyms = {word for options in synthetic.SYNONYMS.values() for word in options}
+    with_synonym = [c for c in captions if any(word in c for word in synonyms)]
+    assert 0.3 < len(with_synonym) / len(captions) < 0.95
+    paraphrased = [c for c in captions if any(t.split("{")[0] and t.split("{")[0] in c
+                                               for t in synthetic.PARAPHRASE_TEMPLATES)]
+    assert paraphrased, "paraphrasing templates are drawn"
+    for sample in samples.values():
+        meta, caption = json.loads(sample["json"]), sample["txt"].decode()
+        names = {meta["shape"], *synthetic.SYNONYMS[meta["shape"]]}
+        assert any(name in caption for name in names)  # the shape is always named, maybe by a synonym
+    sized = sum(any(w in c.split() for w in ("small", "large", "little", "tiny", "big", "huge")) for c in captions)
+    assert 0.2 < sized / len(captions) < 0.8  # with paraphrase 0.5, about half name the size
+    plain = [s["txt"].decode() for s in read_shards(corpus(tmp_path / "plain", num_samples=50)).values()]
+    assert not any(word in c.split() for c in plain for word in synonyms)
+
+
+def test_shifted_domain_draws_the_same_classes_on_unseen_scenery(tmp_path):
+    standard = read_shards(corpus(tmp_path / "a", num_samples=60, split="val"))
+    shifted = read_shards(corpus(tmp_path / "b", num_samples=60, split="val", domain="shifted"))
+    shifted_meta = [json.loads(s["json"]) for s in shifted.values()]
+    assert {m["background"] for m in shifted_meta} <= set(synthetic.DOMAINS["shifted"].backgrounds)
+    assert not {m["background"] for m in shifted_meta} & set(synthetic.BACKGROUNDS)
+    assert {m["texture"] for m in shifted_meta} - {"plain"} <= {"dotted", "diagonal"}
+    assert sum(m["texture"] != "plain" for m in shifted_meta) > 20  # textured at least half the time
+    assert all(standard[i]["png"] != shifted[i]["png"] for i in range(60))
+    for sample, meta in zip(shifted.values(), shifted_meta):  # the class is still the main shape's
+        pixels = np.asarray(Image.open(io.BytesIO(sample["png"])).convert("RGB")).reshape(-1, 3)
+        assert (np.abs(pixels.astype(int) - synthetic.COLORS[meta["color"]]).sum(axis=1) < 60).mean() > 0.02
+    with pytest.raises(ValueError, match="domain must be one of"):
+        corpus(tmp_path / "c", domain="alien")
+
+
+def test_split_names_give_disjoint_corpora_from_one_seed(tmp_path):
+    pretrain = read_shards(corpus(tmp_path / "p", num_samples=16, split="pretrain"))
+    train = read_shards(corpus(tmp_path / "t", num_samples=16))
+    assert os.path.basename(corpus(tmp_path / "q", num_samples=4, split="pretrain")[0]) == "pretrain-000000.tar"
+    assert all(pretrain[i]["png"] != train[i]["png"] for i in range(16))
+
+
 def test_synthetic_cli_and_difficulty_levels(tmp_path, capsys):
     synthetic.main(["--out", str(tmp_path), "--num-samples", "10", "--samples-per-shard", "4",
                     "--image-size", "32", "--difficulty", "hard", "--split", "val"])

@@ -16,7 +16,9 @@ def launch(launcher: list[str], tmp_path: Path, shards: str, *overrides: str) ->
     command = launcher + [
         "--config", str(REPO / "configs" / "demo.yaml"),
         f"output_dir={tmp_path}", "run_name=launched", f"data.train_shards={shards}", "data.synthetic=null",
-        "train.steps=6", "train.batch_size=8", "log.every=2", "eval.tasks=''", "eval.select=''", *overrides,
+        "train.steps=6", "train.batch_size=8", "log.every=2", "eval.tasks=''", "eval.select=''", "osr.steps=null",
+        "loss.name=infonce", f"model.pretrained={REPO / 'tuneclip_ds' / 'pretrained' / 'shapes-tiny-ViT.safetensors'}",
+        *overrides,
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)

@@ -80,7 +80,7 @@ def test_pretraining_script_writes_a_loadable_fp16_model_and_its_card(tmp_path):
 def test_reproduction_runner_writes_results_tables_and_plots(tmp_path):
     run = benchmark_module("run")
     out = tmp_path / "out"
-    overrides = small_corpus(tmp_path) + ["train.steps=2", "osr.steps=2", "eval.at_steps=[1]"]
+    overrides = small_corpus(tmp_path) + ["train.steps=2", "osr.steps=2", "eval.at_steps=[1]", "model.pretrained=''"]
     assert run.main([*overrides, "--seeds", "1", "--nproc", "1", "--out", str(out), "--arms", "naive", "TuneCLIP",
                      "--sweep-lrs", "1e-3", "--sweep-steps", "2"]) == 0
     results = json.loads((out / "results.json").read_text())

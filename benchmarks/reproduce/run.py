@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
 from pathlib import Path
+
+import torch
 
 import tuneclip_ds  # noqa: F401  (torchvision on a CPU-only torch, before open_clip)
 from tuneclip_ds.compare import Arm, launch, plot_curves, read_curves, run_dir_of, summary_table
@@ -42,7 +45,7 @@ ARMS = [  # the paper's arms, then the variants beyond it
     Arm("OSR(v,u) + HGCL", ["osr.recover=[v,u]"]),
     Arm("OSR until settled + HGCL", ["osr.until_converged=0.002", "osr.patience=8", "osr.min_steps=8"]),
 ]
-SWEEP_LRS = [1e-4, 3e-4, 1e-3, 3e-3]
+SWEEP_LRS = [3e-5, 1e-4, 3e-4, 1e-3, 3e-3]
 SWEEP_ARMS = [ARMS[0], ARMS[4]]
 SWEEP_STEPS = 20
 METRICS = {"average": "zero-shot average", "heldout/top1": "held-out top-1", "shifted/top1": "shifted top-1",
@@ -109,9 +112,9 @@ def all_arms(runner: Runner, seeds: int, arms: list[Arm]) -> dict:
 
 
 def write_report(results: dict, out: Path) -> None:
-    arms = results["arms"]
+    arms = {name: arm for name, arm in results["arms"].items() if arm["runs"]}
     lines = [f"# Reproduction results\n\n{results['conditions']}\n"]
-    for metric, label in METRICS.items():
+    for metric, label in METRICS.items() if arms else ():
         table = summary_table({name: [run[metric] for run in arm["runs"]] for name, arm in arms.items()}, WINDOW)
         lines.append(f"## {label} (%)\n\n{table}\n")
         start = next(iter(arms.values()))["runs"][0][metric][0]
@@ -121,7 +124,7 @@ def write_report(results: dict, out: Path) -> None:
     if not sweep:
         (out / "results.md").write_text("\n".join(lines))
         return
-    lines.append(f"## Learning-rate sweep (one seed, the first {WINDOW} steps): zero-shot average (%)\n")
+    lines.append("## Learning-rate sweep (one seed, the first steps of stage II): zero-shot average (%)\n")
     for lr, curves in sweep.items():
         lines.append(f"lr {lr}\n\n" + summary_table({arm: [c["average"]] for arm, c in curves.items()}, WINDOW) + "\n")
     plot_curves({f"{arm} lr {lr}": [c["average"]] for lr, curves in sweep.items() for arm, c in curves.items()},
@@ -152,12 +155,13 @@ def main(argv: list[str] | None = None) -> int:
     base = load_config(BASE, runner.common)
     results = {
         "command": " ".join(["benchmarks/reproduce/run.py", *(argv if argv is not None else sys.argv[1:])]),
-        "machine": f"{platform.machine()}, {platform.system()}, CPU only, {args.nproc} ranks",
+        "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} cores, no GPU, {args.nproc} ranks, "
+                   f"torch {torch.__version__}",
         "minutes": round(minutes, 1),
         "conditions": (f"{base.model.name} from {base.model.pretrained}; fine-tuning corpus "
                        f"{base.data.synthetic.num_samples} fresh samples; global batch "
                        f"{base.train.batch_size * args.nproc}; lr {base.optim.lr:g} ({base.optim.schedule}, "
-                       f"warm-up {base.optim.warmup_steps}); stage I {STAGE1} steps, stage II {STAGE2} steps; "
+                       f"warm-up {base.optim.warmup_steps}); stage I {base.osr.steps} steps, stage II {base.train.steps} steps; "
                        f"temperature frozen; HGCL margin {base.loss.margin}; {args.seeds} seeds."),
         "run_minutes": runner.minutes,
         "lr_sweep": sweep,
