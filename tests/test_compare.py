@@ -47,13 +47,13 @@ def test_read_curves_skips_stage1_and_keeps_the_last_record_of_a_step(tmp_path):
 
 def test_summary_and_table():
     dipping = {0: 0.9, 1: 0.6, 5: 0.7, 20: 0.8, 50: 0.95, 100: 0.92}
-    assert Summary.of(dipping) == Summary(start=0.9, worst=0.6, final=0.92, best=0.95)
-    assert Summary.of(dipping, window=0) == Summary(start=0.9, worst=0.92, final=0.92, best=0.95)
+    assert Summary.of(dipping) == Summary(start=0.9, first=0.6, worst=0.6, final=0.92, best=0.95)
+    assert Summary.of(dipping, window=0) == Summary(start=0.9, first=0.6, worst=0.92, final=0.92, best=0.95)
     steady = {0: 0.9, 1: 0.9, 5: 0.9, 20: 0.9, 50: 0.9, 100: 0.9}
     table = summary_table({"a": [dipping, steady], "b": [steady]}).splitlines()
-    assert table[0] == "| arm | runs | start | worst (steps 1-20) | final | best |"
-    assert table[2] == "| a | 2 | 90.0 ± 0.0 | 75.0 ± 21.2 | 91.0 ± 1.4 | 92.5 ± 3.5 |"
-    assert table[3] == "| b | 1 | 90.0 | 90.0 | 90.0 | 90.0 |"
+    assert table[0] == "| arm | runs | start | first step | worst (steps 1-20) | final | best |"
+    assert table[2] == "| a | 2 | 90.0 ± 0.0 | 75.0 ± 21.2 | 75.0 ± 21.2 | 91.0 ± 1.4 | 92.5 ± 3.5 |"
+    assert table[3] == "| b | 1 | 90.0 | 90.0 | 90.0 | 90.0 | 90.0 |"
 
 
 def test_plot_is_a_png(tmp_path):

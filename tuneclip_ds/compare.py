@@ -80,9 +80,11 @@ def read_curves(run_dir: Path) -> dict[str, Curve]:
 
 @dataclass
 class Summary:
-    """A curve in four numbers: before training, the worst of the first ``window`` steps, the end, the best."""
+    """A curve in five numbers: before training, after the first evaluated step, the worst of the first
+    ``window`` steps, the end, the best."""
 
     start: float
+    first: float
     worst: float
     final: float
     best: float
@@ -90,9 +92,9 @@ class Summary:
     @classmethod
     def of(cls, curve: Curve, window: int = 20) -> "Summary":
         steps = sorted(curve)
-        early = [curve[s] for s in steps if 0 < s <= window] or [curve[steps[-1]]]
         trained = [curve[s] for s in steps if s > 0] or [curve[steps[0]]]
-        return cls(curve[steps[0]], min(early), curve[steps[-1]], max(trained))
+        early = [curve[s] for s in steps if 0 < s <= window] or trained[-1:]
+        return cls(curve[steps[0]], trained[0], min(early), curve[steps[-1]], max(trained))
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -100,13 +102,13 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def summary_table(curves: dict[str, list[Curve]], window: int = 20, scale: float = 100.0) -> str:
-    """A Markdown table, one row per arm: mean +- std over its runs of start, worst, final and best."""
-    header = f"| arm | runs | start | worst (steps 1-{window}) | final | best |"
-    rows = [header, "|---|---|---|---|---|---|"]
+    """A Markdown table, one row per arm: mean +- std over its runs of start, first step, worst, final, best."""
+    header = f"| arm | runs | start | first step | worst (steps 1-{window}) | final | best |"
+    rows = [header, "|---|---|---|---|---|---|---|"]
     for arm, runs in curves.items():
         summaries = [Summary.of(curve, window) for curve in runs]
         cells = []
-        for key in ("start", "worst", "final", "best"):
+        for key in ("start", "first", "worst", "final", "best"):
             mean, std = mean_std([getattr(s, key) * scale for s in summaries])
             cells.append(f"{mean:.1f} ± {std:.1f}" if len(summaries) > 1 else f"{mean:.1f}")
         rows.append(f"| {arm} | {len(runs)} | " + " | ".join(cells) + " |")
@@ -123,6 +125,7 @@ def plot_curves(curves: dict[str, list[Curve]], baseline: float, path: Path, tit
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(7, 4.2))
+    evaluated = sorted(set().union(*(curve for runs in curves.values() for curve in runs)))
     for arm, runs in curves.items():
         steps = sorted(set.intersection(*(set(curve) for curve in runs)))
         stats = [mean_std([curve[s] * scale for curve in runs]) for s in steps]
@@ -133,6 +136,9 @@ def plot_curves(curves: dict[str, list[Curve]], baseline: float, path: Path, tit
                               color=line.get_color())
     axes.axhline(baseline * scale, color="black", linestyle="--", linewidth=1, label="starting model")
     axes.set_xscale("symlog", linthresh=1)
+    axes.set_xlim(0, evaluated[-1])
+    axes.set_xticks(evaluated, [str(step) for step in evaluated])
+    axes.minorticks_off()
     axes.set_xlabel("fine-tuning step (stage II)")
     axes.set_ylabel(ylabel)
     axes.set_title(title)
