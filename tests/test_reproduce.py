@@ -38,6 +38,8 @@ def test_shipped_model_loads_in_open_clip_and_reaches_its_documented_accuracy(tm
     import open_clip
     import torch
 
+    import tuneclip_ds.models  # noqa: F401  (adds tiny-ViT's config to open_clip's)
+
     from tuneclip_ds.config import load_config
     from tuneclip_ds.data.synthetic import write_synthetic_corpus
     from tuneclip_ds.eval import evaluate, load_suite

@@ -33,15 +33,11 @@ class ArmFailedError(RuntimeError):
     """A training run of an arm exited with an error."""
 
 
-def run_dir_of(config_path: str, overrides: list[str]) -> Path:
-    return load_config(config_path, overrides).run_dir
-
-
 def launch(config_path: str, overrides: list[str], nproc: int, log_path: Path | None = None) -> Path:
     """Train ``config_path`` with ``overrides`` on ``nproc`` local ranks from a fresh run directory (removed
     first: an arm's results must be its own). Output goes to ``log_path`` (else to this console). Returns the
     run directory; raises ``ArmFailedError`` naming the log when the run fails."""
-    run_dir = run_dir_of(config_path, overrides)
+    run_dir = load_config(config_path, overrides).run_dir
     shutil.rmtree(run_dir, ignore_errors=True)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "tuneclip_ds.train", "--config", config_path, *overrides]

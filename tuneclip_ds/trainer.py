@@ -142,7 +142,7 @@ class Trainer:
             self.writer.add_text("osr/parameter_digest", digest, self.step)
         self._evaluate()
         if self.checkpoints_wanted and self.last_saved_step != self.step:
-            self.save()  # the recovered statistics: stage II (or several, for ablations) can start from here
+            self.save()  # what stage II starts from (after osr.recover): other stage-II runs can start here too
 
     @property
     def stage2_step(self) -> int | None:

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 import tuneclip_ds  # noqa: F401  (torchvision on a CPU-only torch, before open_clip)
-from tuneclip_ds.compare import Arm, launch, plot_curves, read_curves, run_dir_of, summary_table
+from tuneclip_ds.compare import Arm, launch, plot_curves, read_curves, summary_table
 from tuneclip_ds.config import load_config, to_dict
 
 BASE = "configs/demo.yaml"
@@ -71,7 +71,7 @@ class Runner:
     def curves(self, run_name: str, overrides: list[str]) -> dict:
         overrides = [*self.common, *overrides, f"run_name={run_name}"]
         config = load_config(self.base, overrides)
-        run_dir = run_dir_of(self.base, overrides)
+        run_dir = config.run_dir
         if self.reuse and self._finished(run_dir, config):
             print(f"  {run_name}: reused {run_dir}", flush=True)
             return read_curves(run_dir)
