@@ -49,12 +49,12 @@ def test_shipped_model_loads_in_open_clip_and_reaches_its_documented_accuracy(tm
     model, _, preprocess = open_clip.create_model_and_transforms(card["model"], pretrained=str(SHIPPED))
     # the held-out splits the card was measured on, written again (a function of seed, split and index)
     spec = load_config(REPO / "configs" / "demo.yaml").data.synthetic
-    overrides = small_corpus(tmp_path)
+    small_corpus(tmp_path)
     for folder, domain in (("val", "standard"), ("shifted", "shifted")):
         write_synthetic_corpus(str(tmp_path / "data" / folder), spec.val_samples, 256, spec.image_size,
                                spec.difficulty, spec.seed, "val", progress=False, paraphrase=spec.paraphrase,
                                domain=domain)
-    suite = load_suite(overrides[-1].split("=", 1)[1])
+    suite = load_suite(tmp_path / "suite.yaml")  # small_corpus wrote it
     results = evaluate(model, suite, preprocess, open_clip.get_tokenizer(card["model"]), torch.device("cpu"))
     documented = card["evaluation"]["metrics"]
     for name in ("heldout/top1", "shifted/top1", "retrieval/mean_R@1"):

@@ -127,15 +127,15 @@ def write_report(results: dict, out: Path) -> None:
                         start, out / f"{slug(metric)}-{group}.png", f"Fine-tuning the shapes CLIP: {label}",
                         f"{label} (%)")
     sweep = results["lr_sweep"]
-    if not sweep:
-        (out / "results.md").write_text("\n".join(lines))
-        return
-    lines.append("## Learning-rate sweep (one seed, the first steps of stage II): zero-shot average (%)\n")
-    for lr, curves in sweep.items():
-        lines.append(f"lr {lr}\n\n" + summary_table({arm: [c["average"]] for arm, c in curves.items()}, WINDOW) + "\n")
-    plot_curves({f"{arm} lr {lr}": [c["average"]] for lr, curves in sweep.items() for arm, c in curves.items()},
-                next(iter(next(iter(sweep.values())).values()))["average"][0], out / "lr-sweep.png",
-                "Learning-rate sweep: zero-shot average", "zero-shot average (%)")
+    if sweep:
+        lines.append("## Learning-rate sweep (one seed, the first steps of stage II): zero-shot average (%)\n")
+        for lr, curves in sweep.items():
+            table = summary_table({arm: [c["average"]] for arm, c in curves.items()}, WINDOW)
+            lines.append(f"lr {lr}\n\n{table}\n")
+        curves = {f"{arm} lr {lr}": [c["average"]] for lr, runs in sweep.items() for arm, c in runs.items()}
+        start = next(iter(curves.values()))[0][0]  # every run starts from the same model
+        plot_curves(curves, start, out / "lr-sweep.png", "Learning-rate sweep: zero-shot average",
+                    "zero-shot average (%)")
     (out / "results.md").write_text("\n".join(lines))
 
 
