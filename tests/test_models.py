@@ -34,16 +34,21 @@ def test_random_init_has_nonscalar_temperature():
     assert tokens.shape == (1, 32)
 
 
-@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
-def test_weights_from_a_local_file(tmp_path, suffix):
-    state = reference_state(tmp_path)
-    path = tmp_path / f"weights{suffix}"
-    if suffix == ".safetensors":
-        from safetensors.torch import save_file
+def write_open_clip_train_checkpoint(state, path):
+    """An ``epoch_N.pt`` as open_clip_train saves it under DDP: ``module.`` keys beside the optimizer's state."""
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(value.float()) for value in state.values()])
+    torch.save({"epoch": 3, "name": "run", "state_dict": {f"module.{k}": v for k, v in state.items()},
+                "optimizer": optimizer.state_dict()}, path)
 
-        save_file(state, str(path))
-    else:
-        torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, path)  # open_clip_train format
+
+@pytest.mark.parametrize("filename", ["open_clip_pytorch_model.bin", "open_clip_model.safetensors", "epoch_3.pt"])
+def test_weights_from_a_local_file(tmp_path, filename):
+    from safetensors.torch import save_file
+
+    state = reference_state(tmp_path)
+    path = tmp_path / filename
+    write = {".bin": torch.save, ".safetensors": save_file, ".pt": write_open_clip_train_checkpoint}[path.suffix]
+    write(state, str(path))
     assert_loaded(build_model(ModelConfig(name="tiny-ViT", pretrained=str(path))).model, state)
 
 

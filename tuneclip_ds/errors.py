@@ -9,6 +9,10 @@ class InputError(ValueError):
     """Bad input (config, data, weights, checkpoint): reported as one clear message, no traceback."""
 
 
+class ModelLoadError(InputError):
+    """A model name or pretrained path that cannot be used."""
+
+
 def command(main: Callable[..., int]) -> Callable[..., int]:
     """A command's ``main``: an ``InputError`` becomes one ``error:`` line on stderr and exit status 2."""
 

@@ -11,16 +11,13 @@ import open_clip
 import torch
 
 from tuneclip_ds.config import ModelConfig
-from tuneclip_ds.errors import InputError
+from tuneclip_ds.errors import ModelLoadError
+from tuneclip_ds.weights import load_openai_archive, resolve_weights
 
 logger = logging.getLogger(__name__)
 
 # Tiny configs for CPU work ("tiny-ViT", "tiny-ViT-sigmoid") sit beside the package.
 open_clip.add_model_config(Path(__file__).parent / "model_configs")
-
-
-class ModelLoadError(InputError):
-    """A model name or pretrained path that cannot be used."""
 
 
 @dataclass
@@ -39,7 +36,8 @@ def build_model(cfg: ModelConfig, load_weights: bool = True) -> ClipBundle:
     0-dim ones: DeepSpeed mishandles 0-dim parameters (ZeRO-0 clipping,
     flattening); open_clip reshapes 0-dim values from checkpoints on load.
     """
-    name, checkpoint = _resolve_weights(cfg)
+    weights = resolve_weights(cfg.name, cfg.pretrained)
+    name = weights.model_name
     if name == cfg.name and open_clip.get_model_config(name) is None:
         raise ModelLoadError(
             f"model.name={cfg.name!r} is not an open_clip model; see open_clip.list_models() "
@@ -48,22 +46,24 @@ def build_model(cfg: ModelConfig, load_weights: bool = True) -> ClipBundle:
     try:
         model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
             name,
-            pretrained=checkpoint if load_weights else None,
+            pretrained=weights.open_clip_pretrained if load_weights else None,
             load_weights=load_weights,
             precision="fp32",
             force_image_size=cfg.force_image_size,
             nonscalar_logit_scale=True,
         )
+        if weights.torchscript and load_weights:
+            load_openai_archive(model, weights.file)
     except (RuntimeError, AssertionError, KeyError) as error:  # open_clip's ways of saying "shapes differ"
-        if not checkpoint:
+        if not weights.file:
             raise
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelLoadError(
-            f"checkpoint {checkpoint} does not fit model {cfg.name}: {first_line}. "
+            f"checkpoint {weights.file} does not fit model {cfg.name}: {first_line}. "
             f"Set model.name to the architecture the checkpoint was trained with"
         ) from None
-    if checkpoint and load_weights:
-        logger.info("loaded %s weights from %s", cfg.name, checkpoint)
+    if weights.file and load_weights:
+        logger.info("loaded %s weights from %s", cfg.name, weights.file)
     _apply_training_options(model, cfg)
     return ClipBundle(model, preprocess_train, preprocess_val, _tokenizer(name, cfg.name))
 
@@ -123,28 +123,3 @@ def _tokenizer(name: str, model_name: str) -> Callable:
             "and the tokenizer files in the local Hugging Face cache (no downloads at run time: set "
             "HF_HUB_OFFLINE=1 after fetching them once)"
         ) from None
-
-
-def _resolve_weights(cfg: ModelConfig) -> tuple[str, str | None]:
-    """The open_clip model name and checkpoint file for a config; never a hub download."""
-    if not cfg.pretrained:
-        return cfg.name, None
-    path = Path(cfg.pretrained).expanduser()
-    if path.is_file():
-        return cfg.name, str(path)
-    if path.is_dir():
-        if (path / "open_clip_config.json").is_file():
-            return f"local-dir:{path}", None  # open_clip reads config and weights from the folder
-        weights = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
-        if len(weights) == 1:
-            return cfg.name, str(weights[0])
-        raise ModelLoadError(
-            f"model.pretrained={cfg.pretrained!r} is a folder with {len(weights)} weight files "
-            f"({', '.join(p.name for p in weights) or 'none'}): point it at one file"
-        )
-    raise ModelLoadError(
-        f"model.pretrained={cfg.pretrained!r} is not a local file or folder. This trainer reads weights "
-        f"from disk only (no hub downloads): download the checkpoint (e.g. the open_clip "
-        f"'open_clip_pytorch_model.bin' or 'open_clip_model.safetensors' of {cfg.name}) and pass its path"
-    )
-
