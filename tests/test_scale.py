@@ -26,16 +26,22 @@ def build_and_load(rank, world_size, overrides):
     return local, total, whole_on_this_rank
 
 
-def test_zero_init_partitions_the_model_and_loads_pretrained_weights_exactly(pool, tmp_path):
+@pytest.mark.parametrize("layout", ["file", "hub-cache"])
+def test_zero_init_partitions_the_model_and_loads_pretrained_weights_exactly(pool, tmp_path, layout):
+    from test_weights import hub_snapshot, open_clip_repo_files
     from tuneclip_ds import export
     from tuneclip_ds.config import ModelConfig
     from tuneclip_ds.models import build_model
 
     torch.manual_seed(123)  # not the run's seed: the weights must come from the file
     saved = build_model(ModelConfig(name="tiny-ViT")).model.state_dict()
-    torch.save(saved, tmp_path / "pretrained.pt")
-    overrides = ["model.name=tiny-ViT", f"model.pretrained={tmp_path / 'pretrained.pt'}",
-                 f"output_dir={tmp_path}", "run_name=run"]
+    pretrained = tmp_path / "pretrained.pt"
+    if layout == "hub-cache":  # an open_clip folder: every rank takes the architecture from its config
+        pretrained = tmp_path / "models--org--tiny"
+        hub_snapshot(pretrained, "c0ffee", open_clip_repo_files(saved))
+    else:
+        torch.save(saved, pretrained)
+    overrides = ["model.name=tiny-ViT", f"model.pretrained={pretrained}", f"output_dir={tmp_path}", "run_name=run"]
     (local_0, total, whole_0), (local_1, _, whole_1) = pool.run(build_and_load, overrides)
     assert whole_0 == whole_1 == []  # no rank holds a full parameter outside forward
     assert local_0 + local_1 >= total and max(local_0, local_1) <= total / 2 + 64 * len(saved)  # halves (+ padding)
