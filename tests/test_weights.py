@@ -161,17 +161,19 @@ def test_openai_archive_into_a_gelu_architecture(tmp_path, tiny_quickgelu):
         build_model(ModelConfig(name="tiny-ViT", pretrained=str(tmp_path / "ViT-T-8.pt")))
 
 
-def saved_bytes(path, save):
-    save(path)
-    return path.read_bytes()
+def first_half(tmp_path, save):
+    """The first half of a real checkpoint, as an interrupted download leaves it."""
+    save(reference_state(tmp_path), tmp_path / "whole")
+    whole = (tmp_path / "whole").read_bytes()
+    return whole[:len(whole) // 2]
 
 
 DAMAGED = {
     "random.pt": lambda tmp: os.urandom(100_000),
     "random.bin": lambda tmp: os.urandom(100_000),
     "random.safetensors": lambda tmp: os.urandom(100_000),
-    "truncated.safetensors": lambda tmp: saved_bytes(tmp / "whole", lambda p: save_file(reference_state(tmp), str(p)))[:50_000],
-    "truncated.pt": lambda tmp: saved_bytes(tmp / "whole", lambda p: torch.save(reference_state(tmp), p))[:50_000],
+    "truncated.safetensors": lambda tmp: first_half(tmp, lambda state, path: save_file(state, str(path))),
+    "truncated.pt": lambda tmp: first_half(tmp, torch.save),
     "empty.bin": lambda tmp: b"",
 }
 
