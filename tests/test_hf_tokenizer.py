@@ -305,3 +305,11 @@ def test_a_weights_file_of_this_model_points_to_folder_export(run, tmp_path, cap
     assert export.main([str(run["dir"]), "--output", str(tmp_path / "model.pt")]) == 0
     printed = capsys.readouterr().out
     assert "export with --folder" in printed and "open_clip.create_model(" not in printed
+
+
+def test_folder_export_in_half_precision(run, tmp_path):
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "half"
+    assert export.main([str(run["dir"]), "--folder", str(folder), "--dtype", "bf16"]) == 0
+    assert {tensor.dtype for tensor in load_file(folder / "open_clip_model.safetensors").values()} == {torch.bfloat16}

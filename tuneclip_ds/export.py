@@ -147,6 +147,13 @@ def export_folder(source: Path, output: Path, best: bool = False, dtype: str = "
     metadata = checkpoint.read_metadata(folder)
     config, tokenizer = _folder_contents(folder, metadata)
     state_dict = _weights(folder, metadata, dtype)
+    _write_folder(output, config, state_dict, tokenizer, metadata)
+    return (_summary(output, folder, metadata, state_dict, dtype) + "\n"
+            f"load it with open_clip.create_model_and_transforms('local-dir:{output}') "
+            f"and open_clip.get_tokenizer('local-dir:{output}')")
+
+
+def _write_folder(output: Path, config: dict, state_dict: dict, tokenizer: list[Path], metadata: dict) -> None:
     partial = output.with_name(output.name + ".partial")  # renamed when complete: no half-written folder
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
@@ -155,11 +162,8 @@ def export_folder(source: Path, output: Path, best: bool = False, dtype: str = "
     for file in tokenizer:
         shutil.copyfile(file, partial / file.name)
     if output.exists():
-        output.rmdir()  # empty
+        output.rmdir()  # empty (checked before)
     os.replace(partial, output)
-    return (_summary(output, folder, metadata, state_dict, dtype) + "\n"
-            f"load it with open_clip.create_model_and_transforms('local-dir:{output}') "
-            f"and open_clip.get_tokenizer('local-dir:{output}')")
 
 
 def _folder_contents(folder: Path, metadata: dict) -> tuple[dict, list[Path]]:
