@@ -124,11 +124,15 @@ def test_load_hint_names_the_model_only_where_open_clip_knows_its_config():
 
     config = open_clip.get_model_config("ViT-B-32")
     create = "load it with open_clip.create_model('ViT-B-32', pretrained='model.pt')"
-    assert export._load_hint({"model": "ViT-B-32", "open_clip_config": {"model_cfg": config}}, Path("model.pt")) == create
-    assert export._load_hint({"model": "ViT-B-32"}, Path("model.pt")) == create  # older checkpoints record no config
+
+    def hint(metadata):
+        return export._load_hint({"model": "ViT-B-32", **metadata}, Path("model.pt"))
+
+    assert hint({"open_clip_config": {"model_cfg": config}}) == create
+    assert hint({}) == create  # older checkpoints record no config
     config["vision_cfg"]["image_size"] = 384  # trained with model.force_image_size
-    hint = export._load_hint({"model": "ViT-B-32", "open_clip_config": {"model_cfg": config}}, Path("model.pt"))
-    assert "export with --folder" in hint and "create_model(" not in hint
+    assert "export with --folder" in hint({"open_clip_config": {"model_cfg": config}})
+    assert "create_model(" not in hint({"open_clip_config": {"model_cfg": config}})
 
 
 def existing_folder(tmp_path):

@@ -191,7 +191,8 @@ def test_a_siglip_name_without_a_tokenizer_name_needs_model_tokenizer(words, off
         build_tokenizer(ModelConfig(name="tiny-SigLIP"), "tiny-SigLIP", model_cfg, None)
     tokenizer, folder = build_tokenizer(ModelConfig(name="tiny-SigLIP", tokenizer=str(words)), "tiny-SigLIP",
                                         model_cfg, None)
-    assert folder == words.resolve() and torch.equal(tokenizer(["a red circle"]), reference_ids(words, ["a red circle"]))
+    captions = ["a red circle"]
+    assert folder == words.resolve() and torch.equal(tokenizer(captions), reference_ids(words, captions))
     assert offline == []
 
 
@@ -245,7 +246,8 @@ import open_clip, torch
 from PIL import Image
 
 folder, images, captions, output = json.loads(sys.argv[1])
-assert sorted(m for m in sys.modules if m.startswith("tuneclip_ds")) == ["tuneclip_ds", "tuneclip_ds._torchvision_compat"]
+ours = sorted(name for name in sys.modules if name.startswith("tuneclip_ds"))
+assert ours == ["tuneclip_ds", "tuneclip_ds._torchvision_compat"], ours
 assert "tiny-ViT-sigmoid" not in open_clip.list_models()
 model, _, preprocess = open_clip.create_model_and_transforms("local-dir:" + folder)
 tokenizer = open_clip.get_tokenizer("local-dir:" + folder)

@@ -37,13 +37,13 @@ def build_tokenizer(cfg: ModelConfig, model_name: str, model_cfg: dict,
     import open_clip
 
     text_cfg = model_cfg.get("text_cfg", {})
-    folder = hf_tokenizer_folder(cfg, model_name, text_cfg, weights_folder)
+    folder = _hf_tokenizer_folder(cfg, model_name, text_cfg, weights_folder)
     if folder is None:
         return open_clip.get_tokenizer(model_name), None  # no Hugging Face tokenizer: open_clip's own BPE
     return _load_hf_tokenizer(folder, text_cfg), folder.resolve()
 
 
-def hf_tokenizer_folder(cfg: ModelConfig, model_name: str, text_cfg: dict, weights_folder: Path | None) -> Path | None:
+def _hf_tokenizer_folder(cfg: ModelConfig, model_name: str, text_cfg: dict, weights_folder: Path | None) -> Path | None:
     """Where the model's Hugging Face tokenizer files are; None when the model uses open_clip's BPE."""
     if cfg.tokenizer:
         folder = Path(cfg.tokenizer).expanduser()
