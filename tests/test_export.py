@@ -82,7 +82,9 @@ def test_exported_model_gives_the_engines_features(pool, synthetic_shards, tmp_p
     (engine, exported), _ = pool.run(train_and_export, train_overrides(synthetic_shards, tmp_path, stage), exports)
     for output in outputs:
         tensors, features = exported[output]["tensors"], exported[output]["features"]
-        assert f"open_clip.create_model('tiny-ViT', pretrained='{output}')" in exported[output]["printed"]
+        printed = exported[output]["printed"]  # tiny-ViT is ours: open_clip alone does not know it
+        assert f"open_clip.create_model('tiny-ViT', pretrained='{output}') after open_clip.add_model_config(" in printed
+        assert "or export with --folder" in printed
         assert tensors["logit_scale"].ndim == 0  # as in open_clip's own checkpoints
         assert all(torch.equal(tensors[name].reshape(param.shape), param) for name, param in engine["params"].items())
         for kind in ("image", "text"):
@@ -115,6 +117,41 @@ def test_export_of_bad_input_is_a_clear_error(tmp_path, capsys, make_source, mes
     assert export.main([str(make_source(tmp_path)), "--output", str(tmp_path / "model.pt")]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "model.pt").exists()
+
+
+def test_load_hint_names_the_model_only_where_open_clip_knows_its_config():
+    import open_clip
+
+    config = open_clip.get_model_config("ViT-B-32")
+    create = "load it with open_clip.create_model('ViT-B-32', pretrained='model.pt')"
+
+    def hint(metadata):
+        return export._load_hint({"model": "ViT-B-32", **metadata}, Path("model.pt"))
+
+    assert hint({"open_clip_config": {"model_cfg": config}}) == create
+    assert hint({}) == create  # older checkpoints record no config
+    config["vision_cfg"]["image_size"] = 384  # trained with model.force_image_size
+    assert "export with --folder" in hint({"open_clip_config": {"model_cfg": config}})
+    assert "create_model(" not in hint({"open_clip_config": {"model_cfg": config}})
+
+
+def existing_folder(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").touch()
+    return fake_checkpoint(tmp_path, 4)
+
+
+@pytest.mark.parametrize("make_source, flags, message", [
+    (lambda tmp_path: fake_checkpoint(tmp_path, 4), [], "does not record its model's open_clip config"),
+    (existing_folder, [], "exists and is not an empty folder"),
+    (lambda tmp_path: fake_checkpoint(tmp_path, 4), ["--safetensors"], "--safetensors goes with --output"),
+])
+def test_folder_export_of_bad_input_is_a_clear_error(tmp_path, capsys, make_source, flags, message):
+    source = make_source(tmp_path)
+    files_before = sorted(tmp_path.rglob("*"))
+    assert export.main([str(source), "--folder", str(tmp_path / "out"), *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert sorted(tmp_path.rglob("*")) == files_before
 
 
 def test_export_refuses_a_safetensors_flag_without_the_suffix(tmp_path, capsys):

@@ -94,17 +94,6 @@ def test_checkpoint_of_another_model(tmp_path):
         build_model(ModelConfig(name="ViT-S-32", pretrained=str(tmp_path / "w.pt")))
 
 
-def test_missing_hugging_face_tokenizer_says_what_to_install(monkeypatch):
-    import open_clip
-
-    def no_transformers(name):
-        raise ModuleNotFoundError("No module named 'transformers'")
-
-    monkeypatch.setattr(open_clip, "get_tokenizer", no_transformers)
-    with pytest.raises(ModelLoadError, match="pip install transformers sentencepiece"):
-        build_model(ModelConfig(name="tiny-ViT"))
-
-
 def test_frozen_temperature_is_not_trained():
     model = build_model(ModelConfig(name="tiny-ViT", freeze_logit_scale=True)).model
     assert not model.logit_scale.requires_grad

@@ -97,7 +97,7 @@ def build_run(config: Config, rank: int, world_size: int, batches=None) -> Train
     osr = StatisticsRecovery(engine, clock, config.osr, stage1_steps)
     loss_fn = build_loss_from_config(config.loss)
     return Trainer(config, engine, batches, loss_fn, stage2_steps, writer=build_writer(config, rank), osr=osr,
-                   evaluator=evaluator)
+                   evaluator=evaluator, export_record=bundle.export_record())
 
 
 def build_training_model(config: Config, world_size: int) -> ClipBundle:

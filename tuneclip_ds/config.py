@@ -52,6 +52,7 @@ class DataConfig:
 class ModelConfig:
     name: str = "ViT-B-16"  # any open_clip model name, or one shipped in tuneclip_ds/model_configs
     pretrained: str = ""  # local file or folder; empty: random initialisation
+    tokenizer: str = ""  # a folder of Hugging Face tokenizer files; empty: from the pretrained folder or HF cache
     force_image_size: Optional[int] = None
     freeze_logit_scale: bool = False  # keep the temperature at the checkpoint's value (TuneCLIP's stage II)
     grad_checkpointing: bool = False  # recompute each tower's blocks in backward: less activation memory

@@ -10,7 +10,13 @@ class InputError(ValueError):
 
 
 class ModelLoadError(InputError):
-    """A model name or pretrained path that cannot be used."""
+    """A model name, pretrained path or tokenizer that cannot be used."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (a library's can run over many lines), or its type."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def command(main: Callable[..., int]) -> Callable[..., int]:

@@ -1,17 +1,32 @@
 """Export a checkpoint's weights for open_clip.
 
+    python -m tuneclip_ds.export RUN_DIR_OR_CHECKPOINT --folder OUT                 # recommended
     python -m tuneclip_ds.export RUN_DIR_OR_CHECKPOINT --output model.pt [--safetensors]
 
-A run directory means its latest complete checkpoint. The file holds fp32
-weights (DeepSpeed's fp32 master copies where training kept them) with a 0-dim
-``logit_scale``/``logit_bias`` like open_clip's own checkpoints, and loads with
-``open_clip.create_model(MODEL, pretrained=FILE)``; MODEL is printed. ``--dtype fp16`` (or bf16) halves the
-file, for shipping; open_clip casts the values to the model's precision on load.
+A run directory means its latest complete checkpoint. ``--folder`` writes an
+open_clip folder: ``open_clip_config.json`` (the model's config as trained,
+image size included, and its preprocessing), the weights as
+``open_clip_model.safetensors`` and, for a model with a Hugging Face tokenizer,
+its files. It needs nothing of this package to load::
+
+    model, _, preprocess = open_clip.create_model_and_transforms('local-dir:OUT')
+    tokenizer = open_clip.get_tokenizer('local-dir:OUT')
+
+``--output`` writes the weights alone, for ``open_clip.create_model(MODEL,
+pretrained=FILE)`` where open_clip knows MODEL's config (the line to use is
+printed). The weights are fp32 (DeepSpeed's fp32 master copies where training
+kept them) with a 0-dim ``logit_scale``/``logit_bias`` like open_clip's own
+checkpoints; ``--dtype fp16`` (or bf16) halves them, for shipping; open_clip
+casts the values to the model's precision on load.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import json
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -20,9 +35,13 @@ import torch
 from tuneclip_ds import checkpoint
 from tuneclip_ds.checkpoint import CheckpointError
 from tuneclip_ds.errors import InputError, command
+from tuneclip_ds.tokenizer import tokenizer_files
 
 STAGE0_STATES = "mp_rank_00_model_states.pt"
 ZERO_DIM = ("logit_scale", "logit_bias")  # kept as [1] in training for DeepSpeed, 0-dim in open_clip files
+FOLDER_CONFIG = "open_clip_config.json"
+FOLDER_WEIGHTS = "open_clip_model.safetensors"  # the first name open_clip's 'local-dir:' loader looks for
+OUR_CONFIGS = Path(__file__).parent / "model_configs"  # registered with open_clip by tuneclip_ds.models only
 
 
 def find_checkpoint(path: Path, best: bool = False) -> Path:
@@ -113,13 +132,92 @@ def export(source: Path, output: Path, safetensors: bool = False, best: bool = F
                          "name with --safetensors and another (e.g. .pt) without it")
     folder = find_checkpoint(source, best)
     metadata = checkpoint.read_metadata(folder)
-    state_dict = open_clip_state_dict(fp32_weights(folder, metadata["zero_stage"]), DTYPES[dtype])
+    state_dict = _weights(folder, metadata, dtype)
     output.parent.mkdir(parents=True, exist_ok=True)
     checkpoint.write_atomically(output, lambda path: _save(state_dict, path, safetensors, metadata))
+    return _summary(output, folder, metadata, state_dict, dtype) + "\n" + _load_hint(metadata, output)
+
+
+def export_folder(source: Path, output: Path, best: bool = False, dtype: str = "fp32") -> str:
+    """Write the checkpoint ``source`` names as an open_clip folder ``output`` (config, weights, tokenizer
+    files) that ``open_clip`` loads as ``local-dir:OUTPUT``; returns what was written."""
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise InputError(f"--folder {output} exists and is not an empty folder: give a new folder")
+    folder = find_checkpoint(source, best)
+    metadata = checkpoint.read_metadata(folder)
+    config, tokenizer = _folder_contents(folder, metadata)
+    state_dict = _weights(folder, metadata, dtype)
+    _write_folder(output, config, state_dict, tokenizer, metadata)
+    return (_summary(output, folder, metadata, state_dict, dtype) + "\n"
+            f"load it with open_clip.create_model_and_transforms('local-dir:{output}') "
+            f"and open_clip.get_tokenizer('local-dir:{output}')")
+
+
+def _write_folder(output: Path, config: dict, state_dict: dict, tokenizer: list[Path], metadata: dict) -> None:
+    partial = output.with_name(output.name + ".partial")  # renamed when complete: no half-written folder
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    (partial / FOLDER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    _save(state_dict, str(partial / FOLDER_WEIGHTS), True, metadata)
+    for file in tokenizer:
+        shutil.copyfile(file, partial / file.name)
+    if output.exists():
+        output.rmdir()  # empty (checked before)
+    os.replace(partial, output)
+
+
+def _folder_contents(folder: Path, metadata: dict) -> tuple[dict, list[Path]]:
+    """The open_clip config and the tokenizer files the checkpoint's run recorded."""
+    if "open_clip_config" not in metadata:
+        raise CheckpointError(f"checkpoint {folder} does not record its model's open_clip config (it was saved "
+                              "by an earlier version): export it with --output FILE instead")
+    if metadata["tokenizer_folder"] is None:
+        return metadata["open_clip_config"], []
+    tokenizer = Path(metadata["tokenizer_folder"])
+    files = tokenizer_files(tokenizer)
+    if not files:
+        raise CheckpointError(f"the run read its tokenizer from {tokenizer}, which no longer holds tokenizer files: "
+                              "put them back there to export a folder")
+    return metadata["open_clip_config"], files
+
+
+def _weights(folder: Path, metadata: dict, dtype: str) -> dict[str, torch.Tensor]:
+    return open_clip_state_dict(fp32_weights(folder, metadata["zero_stage"]), DTYPES[dtype])
+
+
+def _summary(output: Path, folder: Path, metadata: dict, state_dict: dict, dtype: str) -> str:
     count = sum(tensor.numel() for tensor in state_dict.values())
     return (f"wrote {output}: {metadata['model']} at step {metadata['step']} from {folder}, "
-            f"{len(state_dict)} tensors, {count / 1e6:.2f}M values, {dtype}\n"
-            f"load it with open_clip.create_model({metadata['model']!r}, pretrained={str(output)!r})")
+            f"{len(state_dict)} tensors, {count / 1e6:.2f}M values, {dtype}")
+
+
+def _load_hint(metadata: dict, output: Path) -> str:
+    """How to load a weights file: with the model's name where open_clip knows a config of that name that
+    matches the model as trained (older checkpoints record no config: the name is trusted)."""
+    name = metadata["model"]
+    trained = metadata.get("open_clip_config", {}).get("model_cfg")
+    create = f"open_clip.create_model({name!r}, pretrained={str(output)!r})"
+    builtin = _config_file(_open_clip_configs(), name)
+    if builtin is not None and trained in (None, builtin):
+        return f"load it with {create}"
+    ours = _config_file(OUR_CONFIGS, name)
+    if ours is not None and trained in (None, ours):
+        return (f"load it with {create} after open_clip.add_model_config({str(OUR_CONFIGS)!r}) ({name} is a config "
+                "of tuneclip_ds, unknown to open_clip alone), or export with --folder: a folder that loads anywhere")
+    return (f"open_clip has no config named {name!r} matching this model as trained (its own config, image size "
+            "or tokenizer): export with --folder for a folder that loads as open_clip.create_model_and_transforms"
+            "('local-dir:FOLDER')")
+
+
+def _open_clip_configs() -> Path:
+    """open_clip's own config folder, found without importing open_clip (slow, and it would not tell its
+    configs from those registered later)."""
+    return Path(importlib.util.find_spec("open_clip").origin).parent / "model_configs"
+
+
+def _config_file(folder: Path, name: str) -> dict | None:
+    path = folder / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _save(state_dict: dict, path: str, safetensors: bool, metadata: dict) -> None:
@@ -136,12 +234,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tuneclip_ds.export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", type=Path, help="a run directory (its latest checkpoint) or a step_* checkpoint")
-    parser.add_argument("--output", type=Path, required=True, help="the file to write, e.g. model.pt")
-    parser.add_argument("--safetensors", action="store_true", help="write safetensors (name ending .safetensors)")
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--folder", type=Path, help="an open_clip folder to write (config, weights, tokenizer)")
+    target.add_argument("--output", type=Path, help="the weights file to write, e.g. model.pt")
+    parser.add_argument("--safetensors", action="store_true", help="with --output: write safetensors "
+                        "(name ending .safetensors); a folder always holds safetensors")
     parser.add_argument("--best", action="store_true", help="the run's best-evaluated checkpoint (eval.select)")
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="precision of the written weights")
     args = parser.parse_args(argv)
-    print(export(args.source, args.output, args.safetensors, args.best, args.dtype))
+    if args.folder is None:
+        print(export(args.source, args.output, args.safetensors, args.best, args.dtype))
+    elif args.safetensors:
+        raise InputError("--safetensors goes with --output: a --folder always holds safetensors weights")
+    else:
+        print(export_folder(args.source, args.folder, args.best, args.dtype))
     return 0
 
 

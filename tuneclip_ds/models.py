@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +12,8 @@ import open_clip
 import torch
 
 from tuneclip_ds.config import ModelConfig
-from tuneclip_ds.errors import ModelLoadError
+from tuneclip_ds.errors import ModelLoadError, first_line
+from tuneclip_ds.tokenizer import build_tokenizer
 from tuneclip_ds.weights import load_openai_archive, resolve_weights
 
 logger = logging.getLogger(__name__)
@@ -26,6 +28,14 @@ class ClipBundle:
     preprocess_train: Callable
     preprocess_val: Callable
     tokenizer: Callable
+    tokenizer_folder: Path | None  # where a Hugging Face tokenizer's files were read; None: open_clip's BPE
+    open_clip_config: dict  # the model as an open_clip folder's open_clip_config.json describes it
+
+    def export_record(self) -> dict:
+        """What each checkpoint records so that ``python -m tuneclip_ds.export --folder`` can write a folder
+        that open_clip loads without this package."""
+        folder = self.tokenizer_folder
+        return {"open_clip_config": self.open_clip_config, "tokenizer_folder": str(folder) if folder else None}
 
 
 def build_model(cfg: ModelConfig, load_weights: bool = True) -> ClipBundle:
@@ -38,11 +48,15 @@ def build_model(cfg: ModelConfig, load_weights: bool = True) -> ClipBundle:
     """
     weights = resolve_weights(cfg.name, cfg.pretrained)
     name = weights.model_name
-    if name == cfg.name and open_clip.get_model_config(name) is None:
+    model_cfg = open_clip.get_model_config(name)
+    if model_cfg is None:
         raise ModelLoadError(
             f"model.name={cfg.name!r} is not an open_clip model; see open_clip.list_models() "
             f"or the configs in {Path(__file__).parent / 'model_configs'}"
         )
+    # Before the weights: a missing tokenizer is reported at once, not after loading a large checkpoint.
+    weights_folder = weights.file.parent if weights.file else None  # a hub folder holds its tokenizer files
+    tokenizer, tokenizer_folder = build_tokenizer(cfg, name, model_cfg, weights_folder)
     try:
         model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
             name,
@@ -57,15 +71,28 @@ def build_model(cfg: ModelConfig, load_weights: bool = True) -> ClipBundle:
     except (RuntimeError, AssertionError, KeyError) as error:  # open_clip's ways of saying "shapes differ"
         if not weights.file:
             raise
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelLoadError(
-            f"checkpoint {weights.file} does not fit model {cfg.name}: {first_line}. "
+            f"checkpoint {weights.file} does not fit model {cfg.name}: {first_line(error)}. "
             f"Set model.name to the architecture the checkpoint was trained with"
         ) from None
     if weights.file and load_weights:
         logger.info("loaded %s weights from %s", cfg.name, weights.file)
     _apply_training_options(model, cfg)
-    return ClipBundle(model, preprocess_train, preprocess_val, _tokenizer(name, cfg.name))
+    return ClipBundle(model, preprocess_train, preprocess_val, tokenizer, tokenizer_folder,
+                      _open_clip_config(model, model_cfg, cfg, tokenizer_folder))
+
+
+def _open_clip_config(model: torch.nn.Module, model_cfg: dict, cfg: ModelConfig,
+                      tokenizer_folder: Path | None) -> dict:
+    """``model_cfg`` as the model was built (image size, tokenizer) and its preprocessing, in the form of
+    open_clip's folder config (``open_clip_config.json``): what lets an export load without this package."""
+    model_cfg = copy.deepcopy(model_cfg)
+    if cfg.force_image_size is not None:
+        model_cfg["vision_cfg"]["image_size"] = cfg.force_image_size
+    if tokenizer_folder is not None:  # open_clip reads a folder's tokenizer files only when the config names one
+        text_cfg = model_cfg["text_cfg"]
+        text_cfg["hf_tokenizer_name"] = text_cfg.get("hf_tokenizer_name") or str(tokenizer_folder)
+    return {"model_cfg": model_cfg, "preprocess_cfg": dict(model.visual.preprocess_cfg)}
 
 
 def _apply_training_options(model: torch.nn.Module, cfg: ModelConfig) -> None:
@@ -110,16 +137,3 @@ def _copy_from_rank0(model: torch.nn.Module, source: torch.nn.Module | None) -> 
         if source is not None:
             buffer.copy_(buffers[name])
         torch.distributed.broadcast(buffer, src=0)
-
-
-def _tokenizer(name: str, model_name: str) -> Callable:
-    """open_clip's tokenizer for the model; SigLIP-style models use a Hugging Face one, read offline."""
-    try:
-        return open_clip.get_tokenizer(name)
-    except (ImportError, OSError) as error:
-        raise ModelLoadError(
-            f"the text tokenizer of {model_name} could not be loaded ({type(error).__name__}: {error}). "
-            "Models with a Hugging Face tokenizer (SigLIP, ...) need `pip install transformers sentencepiece` "
-            "and the tokenizer files in the local Hugging Face cache (no downloads at run time: set "
-            "HF_HUB_OFFLINE=1 after fetching them once)"
-        ) from None

@@ -63,6 +63,7 @@ class Trainer:
         writer=None,
         osr: StatisticsRecovery | None = None,
         evaluator=None,
+        export_record: dict | None = None,
     ):
         self.config = config
         self.engine = engine
@@ -71,6 +72,7 @@ class Trainer:
         self.total_steps = total_steps
         self.osr = osr or StatisticsRecovery(engine, StageClock(), OSRConfig(), max_steps=0)
         self.evaluator = evaluator  # a TrainingEvaluator, or None
+        self.export_record = export_record or {}  # saved with each checkpoint, for `export --folder`
         self.last_eval_step: int | None = None
         self.writer = writer
         self.is_main = engine.global_rank == 0
@@ -190,7 +192,8 @@ class Trainer:
             "osr": self.osr.state_dict(),
             "eval": self.evaluator.state_dict() if self.evaluator is not None else {},
         }
-        checkpoint.save(self.engine, self.checkpoint_root, self.step, self.checkpoint_metadata(), rank_state,
+        metadata = {**self.checkpoint_metadata(), **self.export_record}
+        checkpoint.save(self.engine, self.checkpoint_root, self.step, metadata, rank_state,
                         keep_last=self.config.checkpoint.keep_last)
         self.save_requested = False
         self.last_saved_step = self.step

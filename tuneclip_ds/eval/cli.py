@@ -5,7 +5,9 @@
 
 --pretrained is a local weights file or open_clip folder (empty: random initialisation), or a
 training run (its latest checkpoint) or one of its checkpoints/step_* folders: those are exported
-to a temporary weights file first, as `python -m tuneclip_ds.export` does.
+to a temporary open_clip folder first, as `python -m tuneclip_ds.export --folder` does (the
+folder's config then defines the model, tokenizer included). --tokenizer names a folder of
+Hugging Face tokenizer files, as model.tokenizer does in training.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", required=True, help="open_clip model name (or one in tuneclip_ds/model_configs)")
     parser.add_argument("--pretrained", default="",
                         help="local weights file, open_clip folder, training run or checkpoint folder")
+    parser.add_argument("--tokenizer", default="", help="folder of Hugging Face tokenizer files (model.tokenizer)")
     parser.add_argument("--tasks", required=True, help="suite YAML (see configs/eval/)")
     parser.add_argument("--output", default="eval_results.json", help="where to write the metrics as JSON")
     parser.add_argument("--batch-size", type=int, help="batch size of every task (default: the suite's)")
@@ -88,7 +91,8 @@ def suite_from_args(args: argparse.Namespace) -> Suite:
 
 
 def export_training_checkpoint(pretrained: str, workdir: Path) -> str:
-    """The weights file to load: ``pretrained`` itself, or the export of the training run or checkpoint it names."""
+    """The weights to load: ``pretrained`` itself, or the open_clip folder exported from the training run or
+    checkpoint it names."""
     from tuneclip_ds import checkpoint, export
 
     path = Path(pretrained)
@@ -97,9 +101,9 @@ def export_training_checkpoint(pretrained: str, workdir: Path) -> str:
     markers = [path / "checkpoints", path / checkpoint.LATEST, path / checkpoint.COMPLETE]
     if not any(marker.exists() for marker in markers) and not any(path.glob("*model_states.pt")):
         return pretrained  # an open_clip folder with one weights file
-    weights = workdir / "weights.pt"
-    logger.info("%s", export.export(path, weights))
-    return str(weights)
+    folder = workdir / "model"
+    logger.info("%s", export.export_folder(path, folder))
+    return str(folder)
 
 
 def start_distributed() -> tuple[int, int]:
@@ -116,7 +120,7 @@ def run(args: argparse.Namespace, suite: Suite, rank: int, world_size: int) -> d
     from tuneclip_ds.models import build_model
 
     device = resolve_device(args.device)
-    bundle = build_model(ModelConfig(name=args.model, pretrained=args.weights))
+    bundle = build_model(ModelConfig(name=args.model, pretrained=args.weights, tokenizer=args.tokenizer))
     if not args.pretrained and rank == 0:
         logger.warning("no --pretrained weights: evaluating a randomly initialised %s", args.model)
     model = bundle.model.to(device)
