@@ -28,7 +28,7 @@ def build_fixed_run(rank, world_size, overrides, batch_for_step=fixed_global_bat
 
 
 def snapshot(engine) -> dict:
-    from tuneclip_ds.engine import full_optimizer_states, full_parameters
+    from tuneclip_ds.optim.state import full_optimizer_states, full_parameters
     from tuneclip_ds.optim.osr import moment_norms
 
     return {"params": full_parameters(engine), "exp_avg": full_optimizer_states(engine, "exp_avg"),
@@ -39,7 +39,7 @@ def stage1_then_one_step(rank, world_size, overrides):
     """Stage I of STAGE1_STEPS steps then one stage-II step; snapshots at the start, at the stage boundary
     and at the end."""
     trainer = build_fixed_run(rank, world_size, [f"osr.steps={STAGE1_STEPS}", "train.steps=1"] + overrides)
-    from tuneclip_ds.engine import full_parameters
+    from tuneclip_ds.optim.state import full_parameters
 
     snapshots = {"start": {"params": full_parameters(trainer.engine)}}  # no Adam state before the first step
     begin_stage2 = trainer.osr.begin_stage2
