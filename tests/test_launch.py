@@ -66,6 +66,7 @@ def test_deepspeed_launcher_two_ranks(tmp_path, synthetic_shards):
     "overrides, message",
     [
         (["train.stps=3"], "unknown key train.stps"),
+        (["optim.lr=-1"], "error: override optim.lr=-1: optim.lr must be at least 0, got -1.0"),  # not torch's error
         (["model.pretrained=openai"], "reads weights from disk only"),
         (["data.train_shards=/no/such/shards"], "/no/such/shards"),
     ],
