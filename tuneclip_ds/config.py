@@ -135,7 +135,7 @@ class EvalConfig:
     """Zero-shot evaluation during training, on every rank, with the best checkpoint kept."""
 
     tasks: str = ""  # a suite YAML (see configs/eval/); empty: no evaluation during training
-    every: int = 0  # optimizer steps between evaluations; they also run when stage II starts and at the end
+    every: int = 0  # stage-II steps between evaluations; they also run when stage II starts and at the end
     at_steps: list[int] = field(default_factory=list)  # also after these steps of stage II (e.g. [1, 2, 5])
     select: str = ""  # the result that picks the best checkpoint, e.g. imagenet/top1 or average; empty: none
     mode: Literal["max", "min"] = "max"
