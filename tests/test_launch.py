@@ -62,6 +62,18 @@ def test_deepspeed_launcher_two_ranks(tmp_path, synthetic_shards):
     assert len(scalars(tmp_path / "launched")["train/loss"]) == 6
 
 
+def test_nonfinite_loss_stops_every_rank_with_one_message_and_its_exit_status(tmp_path, synthetic_shards):
+    from tuneclip_ds.train import NONFINITE_LOSS
+
+    # lr 1e10: the first update wrecks the weights and the second step's loss is NaN (on every rank: it is global)
+    result = launch([str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--module", "tuneclip_ds.train"],
+                    tmp_path, synthetic_shards, "optim.lr=1e10")
+    assert result.returncode == NONFINITE_LOSS == 3  # the deepspeed launcher passes a rank's status on
+    output = result.stdout + result.stderr
+    assert "[rank 0] ERROR tuneclip_ds: step 2: loss is nan; stopping (train.on_nonfinite_loss=stop)" in output
+    assert "Traceback" not in output
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
