@@ -16,7 +16,7 @@ def launch(launcher: list[str], tmp_path: Path, shards: str, *overrides: str) ->
     command = launcher + [
         "--config", str(REPO / "configs" / "demo.yaml"),
         f"output_dir={tmp_path}", "run_name=launched", f"data.train_shards={shards}", "data.synthetic=null",
-        "train.steps=6", "train.batch_size=8", "log.every=2", "eval.tasks=''", "eval.select=''", "osr.steps=null",
+        "train.steps=6", "train.batch_size=8", "log.every=2", "eval.tasks=", "osr.steps=null",
         "loss.name=infonce", f"model.pretrained={REPO / 'tuneclip_ds' / 'pretrained' / 'shapes-tiny-ViT.safetensors'}",
         *overrides,
     ]
