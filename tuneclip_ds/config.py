@@ -331,6 +331,7 @@ class Range:
 
 AT_LEAST_0, AT_LEAST_1 = Range(0), Range(1)
 FRACTION = Range(0, 1)
+BETA = Range(0, 1, high_open=True)  # Adam's moving-average rates
 
 
 def _ranged_values(config: Config) -> dict[str, tuple[float | None, Range]]:
@@ -340,8 +341,8 @@ def _ranged_values(config: Config) -> dict[str, tuple[float | None, Range]]:
     return {
         "optim.lr": (optim.lr, AT_LEAST_0),
         "optim.weight_decay": (optim.weight_decay, AT_LEAST_0),
-        "optim.betas[0]": (optim.betas[0], Range(0, 1, high_open=True)),
-        "optim.betas[1]": (optim.betas[1], Range(0, 1, high_open=True)),
+        "optim.betas[0]": (optim.betas[0], BETA),
+        "optim.betas[1]": (optim.betas[1], BETA),
         "optim.eps": (optim.eps, AT_LEAST_0),
         "optim.warmup_steps": (optim.warmup_steps, AT_LEAST_0),
         "optim.min_lr_ratio": (optim.min_lr_ratio, FRACTION),
