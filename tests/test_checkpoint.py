@@ -23,7 +23,7 @@ def train_and_snapshot(rank, world_size, overrides, interrupt_after=None):
     """Run the trainer; return the final full weights and Adam moments (gathered from the partitions)."""
     from tuneclip_ds.builders import build_run
     from tuneclip_ds.config import load_config
-    from tuneclip_ds.engine import full_optimizer_states, full_parameters
+    from tuneclip_ds.optim.state import full_optimizer_states, full_parameters
 
     trainer = build_run(load_config(None, overrides), rank, world_size)
     if interrupt_after is not None:

@@ -46,7 +46,6 @@ def test_resolved_config_round_trips(tmp_path):
     [
         ({"train": {"steps": 1, "batch_sise": 4}}, None, "unknown key train.batch_sise"),
         ({"train": {"steps": 1}, "optimizer": {}}, None, "unknown key optimizer"),
-        ({"train": {"steps": 1}}, "model.nme=x", "unknown key model.nme"),
         ({"train": {"steps": "ten"}}, None, "train.steps must be of type int"),
         ({"train": {"steps": 1, "batch_size": True}}, None, "train.batch_size must be of type int"),
         ({"train": {"steps": 1, "precision": "fp8"}}, None, "train.precision must be one of"),
@@ -57,6 +56,8 @@ def test_resolved_config_round_trips(tmp_path):
         ({"train": {"steps": 1, "samples": 10}}, None, "exactly one of train.steps, train.samples and train.epochs"),
         ({"train": {"steps": 1, "batch_size": 0}}, None, "train.batch_size must be at least 1"),
         ({"train": {"steps": 1, "zero_stage": 0, "offload_optimizer": True}}, None, "needs train.zero_stage"),
+        ({"train": {"steps": 1}, "optim": {"betas": [0.9, 1.0]}}, "optim.lr=1e-4",  # an unrelated override
+         "optim.betas[1] must be in [0, 1), got 1.0"),
     ],
 )
 def test_bad_config_names_key_and_file(tmp_path, data, override, message):
@@ -64,7 +65,66 @@ def test_bad_config_names_key_and_file(tmp_path, data, override, message):
     with pytest.raises(ConfigError) as error:
         load_config(path, [override] if override else [])
     assert message in str(error.value)
-    assert str(path) in str(error.value)
+    assert str(error.value).startswith(f"{path}: ")
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.nme=x"], "override model.nme=x: unknown key model.nme"),
+        (["eval.select=5"], "override eval.select=5: eval.select must be of type str, got 5"),
+        (["optim.betas=[0.9, 2]"], "override optim.betas=[0.9, 2]: optim.betas[1] must be in [0, 1), got 2.0"),
+        (["optim={lr: -1}"], "override optim={lr: -1}: optim.lr must be at least 0"),  # set with its section
+        (["train.samples=64"], "FILE and override train.samples=64: set exactly one of train.steps"),
+    ],
+)
+def test_bad_override_names_the_override(tmp_path, overrides, message):
+    path = write_yaml(tmp_path, {"train": {"steps": 1}, "optim": {"lr": 1e-4}})
+    with pytest.raises(ConfigError) as error:
+        load_config(path, overrides)
+    assert str(error.value).startswith(message.replace("FILE", str(path)))
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lr=-1", "optim.lr must be at least 0, got -1.0"),  # torch: "Invalid learning rate"
+        ("optim.lr=.nan", "optim.lr must be at least 0, got nan"),
+        ("optim.lr=inf", "optim.lr must be at least 0, got inf"),
+        ("optim.weight_decay=-0.1", "optim.weight_decay must be at least 0, got -0.1"),
+        ("optim.betas=[-0.1, 0.98]", "optim.betas[0] must be in [0, 1), got -0.1"),
+        ("optim.betas=[0.9, 1]", "optim.betas[1] must be in [0, 1), got 1.0"),
+        ("optim.eps=-1e-8", "optim.eps must be at least 0, got -1e-08"),
+        ("optim.warmup_steps=-1", "optim.warmup_steps must be at least 0, got -1"),
+        ("optim.min_lr_ratio=1.5", "optim.min_lr_ratio must be in [0, 1], got 1.5"),
+        ("loss.gamma_min=-0.2", "loss.gamma_min must be in [0, 1], got -0.2"),
+        ("train.grad_clip=-1", "train.grad_clip must be at least 0, got -1.0"),
+        ("train.max_skipped_steps=-1", "train.max_skipped_steps must be at least 0, got -1"),
+        ("osr.steps=-3", "osr.steps must be at least 0, got -3"),
+        ("osr.min_steps=-1", "osr.min_steps must be at least 0, got -1"),
+        ("eval.every=-1", "eval.every must be at least 0, got -1"),
+    ],
+)
+def test_numbers_out_of_range_are_refused(override, message):
+    with pytest.raises(ConfigError) as error:
+        load_config(None, ["train.steps=1", override])
+    assert str(error.value) == f"override {override}: {message}"
+
+
+def test_numbers_at_the_edges_of_their_ranges_load():
+    config = load_config(None, ["train.steps=0", "optim.lr=0", "optim.weight_decay=0", "optim.betas=[0, 0.999]",
+                                "optim.eps=0", "optim.min_lr_ratio=1", "train.grad_clip=0", "osr.steps=0"])
+    assert config.optim.betas == (0.0, 0.999) and config.optim.lr == 0.0
+
+
+def test_empty_string_keys_accept_null_and_an_empty_override(tmp_path):
+    path = write_yaml(tmp_path, {"train": {"steps": 1}, "model": {"pretrained": "weights.pt"},
+                                 "eval": {"tasks": "suite.yaml", "select": "average"}})
+    for empty in ("", "null", "''"):
+        config = load_config(path, [f"eval.tasks={empty}", f"model.pretrained={empty}"])
+        assert (config.eval.tasks, config.eval.select, config.model.pretrained) == ("", "", "")
+    with pytest.raises(ConfigError, match="run_name must be of type str, got None"):  # no empty meaning: refused
+        load_config(path, ["run_name="])
 
 
 def test_missing_and_malformed_files(tmp_path):

@@ -349,7 +349,9 @@ def test_image_folder_converter_and_cli(tmp_path, preprocess, capsys):
         with open(os.path.splitext(image)[0] + ".txt", "w") as file:
             file.write(f"  caption of {os.path.basename(image)}\n")
     shards.main(["--image-folder", str(folder), "--out", str(tmp_path / "out"), "--samples-per-shard", "2"])
-    assert "wrote 4 samples in 2 shards" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "wrote 4 samples in 2 shards" in printed.out
+    assert "\r" not in printed.err  # no progress bar when stderr is not a terminal
     stored = read_shards(resolve_shards(str(tmp_path / "out")))
     assert sorted(stored) == [0, 1, 2, 3] and {"jpg", "png"} <= {ext for s in stored.values() for ext in s}
     captions = one_epoch(loader_for(str(tmp_path / "out"), preprocess, batch_size=1))["captions"]

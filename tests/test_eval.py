@@ -194,22 +194,42 @@ def test_class_name_and_template_sources(tmp_path):
 # ---------------------------------------------------------------- retrieval
 
 
+def reference_hits(scores: torch.Tensor, correct: torch.Tensor) -> list[int]:
+    """Hits at 1, 5, 10 as open_clip's get_clip_metrics counts them (the rank of a query is where its answer
+    lands when its candidates are sorted by descending score), with ties in candidate order (a stable sort)
+    and, for several answers, the first of them."""
+    order = torch.argsort(scores, dim=1, descending=True, stable=True)
+    ranks = [int(answers[candidates].nonzero()[0, 0]) for answers, candidates in zip(correct, order)]
+    return [sum(rank < k for rank in ranks) for k in (1, 5, 10)]
+
+
 def reference_recalls(image_embeddings, text_embeddings, text_image) -> dict[str, float]:
-    """Recall@k by plain loops: a query's rank is the number of candidates scoring above its best answer."""
-    scores = (image_embeddings @ text_embeddings.T).tolist()
-    image_ranks, text_ranks = [], []
-    for i, row in enumerate(scores):
-        best = max(score for j, score in enumerate(row) if text_image[j] == i)
-        image_ranks.append(sum(score > best for score in row))
-    for j in range(len(text_image)):
-        column = [row[j] for row in scores]
-        text_ranks.append(sum(score > column[text_image[j]] for score in column))
+    scores = image_embeddings @ text_embeddings.T
+    correct = torch.tensor(text_image)[None, :] == torch.arange(len(scores))[:, None]
     recalls = {}
-    for direction, ranks in (("image_to_text", image_ranks), ("text_to_image", text_ranks)):
-        for k in (1, 5, 10):
-            recalls[f"ret/{direction}_R@{k}"] = sum(rank < k for rank in ranks) / len(ranks)
+    for direction, scores_, correct_ in (("image_to_text", scores, correct), ("text_to_image", scores.T, correct.T)):
+        for k, hits in zip((1, 5, 10), reference_hits(scores_, correct_)):
+            recalls[f"ret/{direction}_R@{k}"] = hits / len(scores_)
     recalls["ret/mean_R@1"] = (recalls["ret/image_to_text_R@1"] + recalls["ret/text_to_image_R@1"]) / 2
     return recalls
+
+
+def test_recall_ranks_ties_in_candidate_order_at_any_world_size():
+    from tuneclip_ds.eval.metrics import retrieval_hits
+
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 2, (13, 3), generator=generator).float()  # few distinct rows: many exact ties
+    text_image = torch.cat([torch.arange(13), torch.randint(0, 13, (16,), generator=generator)]).sort().values
+    texts = torch.randint(0, 2, (29, 3), generator=generator).float()
+    scores = images @ texts.T
+    correct = text_image[None, :] == torch.arange(13)[:, None]
+    expected = reference_hits(scores, correct) + reference_hits(scores.T, correct.T)
+    for world_size in (1, 2, 3):
+        shares = [retrieval_hits(images, texts, text_image, 4, rank, world_size) for rank in range(world_size)]
+        assert torch.stack(shares).sum(0).tolist() == expected, world_size
+    best_answer = scores.masked_fill(~correct, float("-inf")).amax(dim=1, keepdim=True)
+    optimistic = ((scores > best_answer).sum(1) < 1).sum()  # a tie with a wrong caption counted as a hit
+    assert optimistic > expected[0]  # the data has ties that decide R@1
 
 
 @pytest.mark.parametrize("captions_per_image", [1, 2])
@@ -421,7 +441,10 @@ def test_command_line_writes_the_metrics(tmp_path, bundle, heldout, weights):
     assert report["metrics"] == expected  # the suite's batch size was overridden: same as in-process at 11
     assert report["model"] == "tiny-ViT" and report["world_size"] == 1
     assert ["average", f"{expected['average']:.4f}"] in [line.split() for line in result.stdout.splitlines()]
-    assert "cls: " in result.stderr  # progress / per-task lines
+    # stderr is a pipe, no terminal: one plain line per task, no progress bar ("256img [00:00, 291.89img/s]")
+    assert "img/s" not in result.stderr
+    for task_result in ("runner: cls: top1 ", "runner: ret: image_to_text_R@1 "):
+        assert sum(task_result in line for line in result.stderr.splitlines()) == 1, result.stderr
 
 
 @pytest.mark.slow

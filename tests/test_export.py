@@ -36,7 +36,7 @@ def train_and_export(rank, world_size, overrides, exports):
 
     from tuneclip_ds.builders import build_run
     from tuneclip_ds.config import load_config
-    from tuneclip_ds.engine import full_parameters
+    from tuneclip_ds.optim.state import full_parameters
 
     config = load_config(None, overrides)
     trainer = build_run(config, rank, world_size)

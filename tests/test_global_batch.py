@@ -21,8 +21,9 @@ def two_steps(rank, world_size, loss_name, model_name, zero_stage=2):
     """Two optimizer steps on fixed global batches, this rank taking its contiguous share."""
     from tuneclip_ds.builders import build_loss_from_config
     from tuneclip_ds.config import load_config
-    from tuneclip_ds.engine import build_engine, full_parameters
+    from tuneclip_ds.engine import build_engine
     from tuneclip_ds.models import build_model
+    from tuneclip_ds.optim.state import full_parameters
     from tuneclip_ds.trainer import Trainer
 
     local = GLOBAL_BATCH // world_size

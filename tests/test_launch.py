@@ -16,7 +16,7 @@ def launch(launcher: list[str], tmp_path: Path, shards: str, *overrides: str) ->
     command = launcher + [
         "--config", str(REPO / "configs" / "demo.yaml"),
         f"output_dir={tmp_path}", "run_name=launched", f"data.train_shards={shards}", "data.synthetic=null",
-        "train.steps=6", "train.batch_size=8", "log.every=2", "eval.tasks=''", "eval.select=''", "osr.steps=null",
+        "train.steps=6", "train.batch_size=8", "log.every=2", "eval.tasks=", "osr.steps=null",
         "loss.name=infonce", f"model.pretrained={REPO / 'tuneclip_ds' / 'pretrained' / 'shapes-tiny-ViT.safetensors'}",
         *overrides,
     ]
@@ -62,10 +62,23 @@ def test_deepspeed_launcher_two_ranks(tmp_path, synthetic_shards):
     assert len(scalars(tmp_path / "launched")["train/loss"]) == 6
 
 
+def test_nonfinite_loss_stops_every_rank_with_one_message_and_its_exit_status(tmp_path, synthetic_shards):
+    from tuneclip_ds.train import NONFINITE_LOSS
+
+    # lr 1e10: the first update wrecks the weights and the second step's loss is NaN (on every rank: it is global)
+    result = launch([str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--module", "tuneclip_ds.train"],
+                    tmp_path, synthetic_shards, "optim.lr=1e10")
+    assert result.returncode == NONFINITE_LOSS == 3  # the deepspeed launcher passes a rank's status on
+    output = result.stdout + result.stderr
+    assert "[rank 0] ERROR tuneclip_ds: step 2: loss is nan; stopping (train.on_nonfinite_loss=stop)" in output
+    assert "Traceback" not in output
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
         (["train.stps=3"], "unknown key train.stps"),
+        (["optim.lr=-1"], "error: override optim.lr=-1: optim.lr must be at least 0, got -1.0"),  # not torch's error
         (["model.pretrained=openai"], "reads weights from disk only"),
         (["data.train_shards=/no/such/shards"], "/no/such/shards"),
     ],

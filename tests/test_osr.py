@@ -28,7 +28,7 @@ def build_fixed_run(rank, world_size, overrides, batch_for_step=fixed_global_bat
 
 
 def snapshot(engine) -> dict:
-    from tuneclip_ds.engine import full_optimizer_states, full_parameters
+    from tuneclip_ds.optim.state import full_optimizer_states, full_parameters
     from tuneclip_ds.optim.osr import moment_norms
 
     return {"params": full_parameters(engine), "exp_avg": full_optimizer_states(engine, "exp_avg"),
@@ -39,7 +39,7 @@ def stage1_then_one_step(rank, world_size, overrides):
     """Stage I of STAGE1_STEPS steps then one stage-II step; snapshots at the start, at the stage boundary
     and at the end."""
     trainer = build_fixed_run(rank, world_size, [f"osr.steps={STAGE1_STEPS}", "train.steps=1"] + overrides)
-    from tuneclip_ds.engine import full_parameters
+    from tuneclip_ds.optim.state import full_parameters
 
     snapshots = {"start": {"params": full_parameters(trainer.engine)}}  # no Adam state before the first step
     begin_stage2 = trainer.osr.begin_stage2
@@ -228,6 +228,27 @@ def test_early_stop_when_moments_settle_not_before_min_steps(pool, min_steps):
     end, _ = pool.run(run_until_converged, overrides)
     assert end == expected_stage1_end(0.9, tolerance, patience, min_steps, max_steps)
     assert end == (9 if min_steps == 0 else 14)  # the closed form, worked out: settled from t = 8
+
+
+def evaluated_steps(rank, world_size, overrides):
+    """(step, stage-II step) of every evaluation of a two-stage run."""
+    trainer = build_fixed_run(rank, world_size, overrides)
+    evaluated = []
+
+    def record(engine, input_dtype, step):
+        evaluated.append((step, trainer.stage2_step))
+        return {}, False
+
+    trainer.evaluator = record
+    trainer.run()
+    return evaluated
+
+
+def test_evaluation_skips_stage1_and_counts_stage2_steps(pool, tmp_path):
+    overrides = ["osr.steps=3", "train.steps=5", "eval.every=2", "eval.at_steps=[1]", f"output_dir={tmp_path}"]
+    evaluated, _ = pool.run(evaluated_steps, overrides)
+    # the start of stage II (its weights are those of stage I's start), steps 1, 2, 4 of stage II, the end
+    assert evaluated == [(3, 0), (4, 1), (5, 2), (7, 4), (8, 5)]
 
 
 def change_a_parameter_in_stage1(rank, world_size):

@@ -19,7 +19,7 @@ def build_trainer(rank, world_size, overrides):
 
 def snapshot(trainer) -> dict:
     """What a resume must restore: full fp32 weights and moments (collective), optimizer options, estimators."""
-    from tuneclip_ds.engine import full_optimizer_states, full_parameters
+    from tuneclip_ds.optim.state import full_optimizer_states, full_parameters
 
     engine = trainer.engine
     adam = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO's base optimizer, else the client's

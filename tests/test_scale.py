@@ -85,7 +85,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients_at_zero3(pool,
 def train_one_step(rank, world_size, overrides):
     from tuneclip_ds.builders import build_run
     from tuneclip_ds.config import load_config
-    from tuneclip_ds.engine import full_parameters
+    from tuneclip_ds.optim.state import full_parameters
 
     local = GLOBAL_BATCH // world_size
     config = load_config(None, BASE + ["train.steps=1", f"train.batch_size={local}"] + overrides)

@@ -23,7 +23,7 @@ def train_on_ranks(rank, world_size, overrides):
     """Build the run exactly as ``tuneclip_ds.train`` does; return losses and how far parameters moved."""
     from tuneclip_ds.builders import build_run
     from tuneclip_ds.config import load_config
-    from tuneclip_ds.engine import full_parameters
+    from tuneclip_ds.optim.state import full_parameters
 
     config = load_config(None, overrides)
     trainer = build_run(config, rank, world_size)

@@ -1,12 +1,13 @@
 """The experiment config: a typed dataclass tree loaded from YAML, with dotted overrides.
 
-Every key is checked: an unknown key or a value of the wrong type is a
-``ConfigError`` that names the key and the file it came from.
+Every key is checked: an unknown key, a value of the wrong type or out of its range is a
+``ConfigError`` that names the key and where it came from (the file, or the command-line override).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -135,7 +136,7 @@ class EvalConfig:
     """Zero-shot evaluation during training, on every rank, with the best checkpoint kept."""
 
     tasks: str = ""  # a suite YAML (see configs/eval/); empty: no evaluation during training
-    every: int = 0  # optimizer steps between evaluations; they also run when stage II starts and at the end
+    every: int = 0  # stage-II steps between evaluations; they also run when stage II starts and at the end
     at_steps: list[int] = field(default_factory=list)  # also after these steps of stage II (e.g. [1, 2, 5])
     select: str = ""  # the result that picks the best checkpoint, e.g. imagenet/top1 or average; empty: none
     mode: Literal["max", "min"] = "max"
@@ -169,25 +170,76 @@ class Config:
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Read a YAML experiment file, apply ``a.b=value`` overrides, validate everything."""
     raw: dict = {}
-    source = "<defaults>"
+    origins = Origins("<defaults>")
     if path is not None:
-        source = str(path)
-        try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
-        except yaml.YAMLError as error:
-            raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+        raw = _read_yaml(Path(path))
+        origins = Origins(str(path), {key: str(path) for key in _dotted_keys(raw)})
     for item in overrides:
-        _apply_override(raw, item)
-    config = _build(Config, raw, prefix="", source=source)
-    _check(config, source)
+        origins.record(_apply_override(raw, item), f"override {item}")
+    config = _build(Config, raw, prefix="", origins=origins)
+    if _switched_off(raw.get("eval"), "tasks"):
+        config.eval.select = ""  # no evaluation (e.g. `eval.tasks=` on the command line): nothing to select by
+    _check(config, origins)
     return config
 
 
-def _apply_override(raw: dict, item: str) -> None:
+@dataclass
+class Origins:
+    """Where each key's value came from, for messages: the config file, or the override that set the key
+    or a section above it."""
+
+    file: str  # the YAML file, or "<defaults>" without one
+    set_by: dict[str, str] = field(default_factory=dict)  # dotted key -> the file or "override KEY=VALUE"
+
+    def record(self, key: str, origin: str) -> None:
+        """``key`` (and everything under it) now comes from ``origin``."""
+        self.set_by = {k: v for k, v in self.set_by.items() if not k.startswith(key + ".")}
+        self.set_by[key] = origin
+
+    def of(self, *keys: str) -> str:
+        """The origins of ``keys`` that were set, joined; the file when none was."""
+        found = []
+        for origin in map(self._origin, keys):
+            if origin is not None and origin not in found:
+                found.append(origin)
+        return " and ".join(found) or self.file
+
+    def _origin(self, key: str) -> str | None:
+        """Who set ``key`` or the nearest section above it; None: nobody (the default value)."""
+        parts = key.split("[")[0].split(".")  # optim.betas[1] was set as optim.betas
+        for length in range(len(parts), 0, -1):
+            section = ".".join(parts[:length])
+            if section in self.set_by:
+                return self.set_by[section]
+        return None
+
+    def error(self, message: str, *keys: str) -> ConfigError:
+        return ConfigError(f"{self.of(*keys)}: {message}")
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def _dotted_keys(raw: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for name, value in raw.items():
+        keys.append(prefix + str(name))
+        if isinstance(value, dict):
+            keys += _dotted_keys(value, f"{prefix}{name}.")
+    return keys
+
+
+def _apply_override(raw: dict, item: str) -> str:
+    """Set ``key.sub=value`` in ``raw``; returns the dotted key."""
     key, sep, text = item.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {item!r} is not of the form key.sub=value")
@@ -198,42 +250,56 @@ def _apply_override(raw: dict, item: str) -> None:
         if not isinstance(node, dict):
             raise ConfigError(f"override {item!r}: {name} is not a section")
     node[leaf] = yaml.safe_load(text) if text.strip() else None
+    return key.strip()
 
 
-def _build(cls: type, raw: Any, prefix: str, source: str):
+def _switched_off(section: Any, key: str) -> bool:
+    """``section`` sets ``key`` empty on purpose (unset keys keep their defaults)."""
+    return isinstance(section, dict) and key in section and section[key] in (None, "")
+
+
+def _build(cls: type, raw: Any, prefix: str, origins: Origins):
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: '{prefix.rstrip('.') or 'top level'}' must be a mapping, got {raw!r}")
+        key = prefix.rstrip(".")
+        raise origins.error(f"'{key or 'top level'}' must be a mapping, got {raw!r}", key)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     unknown = sorted(set(raw) - set(fields))
     if unknown:
-        names = ", ".join(prefix + k for k in unknown)
-        raise ConfigError(f"{source}: unknown key {names} (known in this section: {', '.join(fields)})")
-    values = {name: _convert(hints[name], raw[name], prefix + name, source) for name in raw}
+        keys = [prefix + k for k in unknown]
+        raise origins.error(f"unknown key {', '.join(keys)} (known in this section: {', '.join(fields)})", *keys)
+    values = {name: _convert(hints[name], _null_as_empty(fields[name], raw[name]), prefix + name, origins)
+              for name in raw}
     return cls(**values)
 
 
-def _convert(hint: Any, value: Any, key: str, source: str) -> Any:
+def _null_as_empty(spec: dataclasses.Field, value: Any) -> Any:
+    """For the string keys that an empty value switches off (eval.tasks, model.pretrained, ...), null means
+    empty too: the value of an empty override such as ``eval.tasks=``."""
+    return "" if value is None and spec.default == "" else value
+
+
+def _convert(hint: Any, value: Any, key: str, origins: Origins) -> Any:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if dataclasses.is_dataclass(hint):
-        return _build(hint, {} if value is None else value, key + ".", source)
+        return _build(hint, {} if value is None else value, key + ".", origins)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         (inner,) = [a for a in args if a is not type(None)]
-        return _convert(inner, value, key, source)
+        return _convert(inner, value, key, origins)
     if origin is Literal:
         if value not in args or isinstance(value, bool):  # True == 1 would pass for stage 1
-            raise ConfigError(f"{source}: {key} must be one of {list(args)}, got {value!r}")
+            raise origins.error(f"{key} must be one of {list(args)}, got {value!r}", key)
         return value
     if origin is list:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{source}: {key} must be a list, got {value!r}")
-        return [_convert(args[0], v, f"{key}[{i}]", source) for i, v in enumerate(value)]
+            raise origins.error(f"{key} must be a list, got {value!r}", key)
+        return [_convert(args[0], v, f"{key}[{i}]", origins) for i, v in enumerate(value)]
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"{source}: {key} must be a list of {len(args)} values, got {value!r}")
-        return tuple(_convert(a, v, f"{key}[{i}]", source) for i, (a, v) in enumerate(zip(args, value)))
+            raise origins.error(f"{key} must be a list of {len(args)} values, got {value!r}", key)
+        return tuple(_convert(a, v, f"{key}[{i}]", origins) for i, (a, v) in enumerate(zip(args, value)))
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint is float and isinstance(value, str):
@@ -242,47 +308,95 @@ def _convert(hint: Any, value: Any, key: str, source: str) -> Any:
         except ValueError:
             pass
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
-        raise ConfigError(f"{source}: {key} must be of type {hint.__name__}, got {value!r}")
+        raise origins.error(f"{key} must be of type {hint.__name__}, got {value!r}", key)
     return value
 
 
-def _check(config: Config, source: str) -> None:
+@dataclass(frozen=True)
+class Range:
+    """The finite numbers from ``low`` to ``high`` (``high`` itself excluded when ``high_open``)."""
+
+    low: float
+    high: float = math.inf
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        below_high = value < self.high if self.high_open else value <= self.high
+        return math.isfinite(value) and self.low <= value and below_high
+
+    def __str__(self) -> str:
+        if self.high == math.inf:
+            return f"at least {self.low:g}"
+        return f"in [{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+AT_LEAST_0, AT_LEAST_1 = Range(0), Range(1)
+FRACTION = Range(0, 1)
+BETA = Range(0, 1, high_open=True)  # Adam's moving-average rates
+
+
+def _ranged_values(config: Config) -> dict[str, tuple[float | None, Range]]:
+    """Every number with a valid range (torch's AdamW refuses a negative lr, eps or weight decay and betas
+    outside [0, 1)), by key; None: not set."""
+    optim, train, osr = config.optim, config.train, config.osr
+    return {
+        "optim.lr": (optim.lr, AT_LEAST_0),
+        "optim.weight_decay": (optim.weight_decay, AT_LEAST_0),
+        "optim.betas[0]": (optim.betas[0], BETA),
+        "optim.betas[1]": (optim.betas[1], BETA),
+        "optim.eps": (optim.eps, AT_LEAST_0),
+        "optim.warmup_steps": (optim.warmup_steps, AT_LEAST_0),
+        "optim.min_lr_ratio": (optim.min_lr_ratio, FRACTION),
+        "loss.gamma_min": (config.loss.gamma_min, FRACTION),
+        "train.steps": (train.steps, AT_LEAST_0),
+        "train.samples": (train.samples, AT_LEAST_0),
+        "train.epochs": (train.epochs, AT_LEAST_0),
+        "train.grad_clip": (train.grad_clip, AT_LEAST_0),
+        "train.max_skipped_steps": (train.max_skipped_steps, AT_LEAST_0),
+        "osr.steps": (osr.steps, AT_LEAST_0),
+        "osr.epochs": (osr.epochs, AT_LEAST_0),
+        "osr.until_converged": (osr.until_converged, AT_LEAST_0),
+        "osr.min_steps": (osr.min_steps, AT_LEAST_0),
+        "checkpoint.every": (config.checkpoint.every, AT_LEAST_0),  # 0: only at the end
+        "eval.every": (config.eval.every, AT_LEAST_0),  # 0: at the start of stage II and the end only
+        "train.batch_size": (train.batch_size, AT_LEAST_1),
+        "train.grad_accum": (train.grad_accum, AT_LEAST_1),
+        "log.every": (config.log.every, AT_LEAST_1),
+        "loss.tile_size": (config.loss.tile_size, AT_LEAST_1),
+        "checkpoint.keep_last": (config.checkpoint.keep_last, AT_LEAST_1),
+        "osr.patience": (osr.patience, AT_LEAST_1),
+    }
+
+
+def _check(config: Config, origins: Origins) -> None:
+    for key, (value, valid) in _ranged_values(config).items():
+        if value is not None and value not in valid:
+            raise origins.error(f"{key} must be {valid}, got {value!r}", key)
     train = config.train
     if [train.steps, train.samples, train.epochs].count(None) != 2:
-        raise ConfigError(f"{source}: set exactly one of train.steps, train.samples and train.epochs")
+        raise origins.error("set exactly one of train.steps, train.samples and train.epochs",
+                            "train.steps", "train.samples", "train.epochs")
     if config.osr.steps is not None and config.osr.epochs is not None:
-        raise ConfigError(f"{source}: set at most one of osr.steps and osr.epochs")
+        raise origins.error("set at most one of osr.steps and osr.epochs", "osr.steps", "osr.epochs")
     recover = config.osr.recover
     if any(name not in RECOVERABLE for name in recover) or len(set(recover)) != len(recover):
-        raise ConfigError(f"{source}: osr.recover must list each of {list(RECOVERABLE)} at most once, "
-                          f"got {recover!r}")
-    positive = {
-        "train.batch_size": train.batch_size,
-        "train.grad_accum": train.grad_accum,
-        "log.every": config.log.every,
-        "loss.tile_size": config.loss.tile_size,
-        "checkpoint.keep_last": config.checkpoint.keep_last,
-        "osr.patience": config.osr.patience,
-    }
-    for key, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"{source}: {key} must be at least 1, got {value}")
+        raise origins.error(f"osr.recover must list each of {list(RECOVERABLE)} at most once, got {recover!r}",
+                            "osr.recover")
     if config.eval.select and not config.eval.tasks:
-        raise ConfigError(f"{source}: eval.select={config.eval.select!r} needs eval.tasks (a suite YAML)")
-    for key, value in {"checkpoint.every": config.checkpoint.every, "eval.every": config.eval.every}.items():
-        if value < 0:
-            raise ConfigError(f"{source}: {key} must be 0 (only at the end) or positive")
+        raise origins.error(f"eval.select={config.eval.select!r} needs eval.tasks (a suite YAML)", "eval.select")
     if corpus_size(config) is None:
-        for needs_corpus_size, what in [
-            (config.loss.name in ("gcl", "hgcl"), f"loss.name={config.loss.name} schedules gamma in epochs"),
-            (train.epochs is not None, "train.epochs is set"),
-            (config.osr.epochs is not None, "osr.epochs is set"),
+        for needs_corpus_size, what, key in [
+            (config.loss.name in ("gcl", "hgcl"), f"loss.name={config.loss.name} schedules gamma in epochs",
+             "loss.name"),
+            (train.epochs is not None, "train.epochs is set", "train.epochs"),
+            (config.osr.epochs is not None, "osr.epochs is set", "osr.epochs"),
         ]:
             if needs_corpus_size:
-                raise ConfigError(f"{source}: {what}: set data.num_samples (the number of samples in "
-                                  "data.train_shards)")
+                raise origins.error(f"{what}: set data.num_samples (the number of samples in data.train_shards)",
+                                    key, "data.num_samples", "data.synthetic")
     if train.offload_optimizer and train.zero_stage == 0:
-        raise ConfigError(f"{source}: train.offload_optimizer needs train.zero_stage 1, 2 or 3")
+        raise origins.error("train.offload_optimizer needs train.zero_stage 1, 2 or 3",
+                            "train.offload_optimizer", "train.zero_stage")
 
 
 def corpus_size(config: Config) -> int | None:

@@ -13,8 +13,9 @@ from tuneclip_ds.config import Config, ConfigError, load_config, save_config
 from tuneclip_ds.errors import InputError
 
 
-# The exit status of a run stopped by a preemption signal after its checkpoint (sysexits' "try again later").
-PREEMPTED = 75
+# Exit statuses besides 0 (done) and 2 (bad input, before or while building the run):
+NONFINITE_LOSS = 3  # stopped on a NaN/inf loss (train.on_nonfinite_loss, train.max_skipped_steps)
+PREEMPTED = 75  # stopped by a preemption signal after its checkpoint (sysexits' "try again later")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -61,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 def train(config: Config) -> int:
     """Train as one rank of the world the launcher's environment describes; returns the exit status."""
     from tuneclip_ds.distributed import init_distributed
+    from tuneclip_ds.trainer import NonFiniteLossError
 
     rank, world_size = init_distributed()
     setup_logging(rank)
@@ -69,9 +71,10 @@ def train(config: Config) -> int:
         # No rank leaves before all are done (rank 0's last TensorBoard events included): srun, torchrun and
         # deepspeed kill the other ranks when one exits with a nonzero status such as PREEMPTED.
         torch.distributed.barrier()
-    except InputError as error:  # bad input found while building: a message, no traceback
+    except (InputError, NonFiniteLossError) as error:  # bad input found while building, or a NaN/inf loss (the
+        # global batch's: every rank stops at the same step): a message, no traceback
         logging.getLogger("tuneclip_ds").error("%s", error)
-        return 2
+        return NONFINITE_LOSS if isinstance(error, NonFiniteLossError) else 2
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -50,7 +50,7 @@ class Trainer:
     text_features, logit_scale[, logit_bias])``; ``loss_fn`` returns the
     global-batch loss (the same value on every rank). Without ``osr`` the run
     is stage II alone. ``evaluator`` runs when stage II starts, every
-    ``eval.every`` steps and at the end, and picks the best checkpoint.
+    ``eval.every`` steps of stage II and at the end, and picks the best checkpoint.
     """
 
     def __init__(
@@ -152,8 +152,12 @@ class Trainer:
         return None if self.osr.active else self.osr.clock.stage2_position(self.step)
 
     def _evaluation_due(self) -> bool:
-        every = self.config.eval.every
-        return bool(every and self.step % every == 0) or self.stage2_step in self.config.eval.at_steps
+        """After every ``eval.every`` and the ``eval.at_steps`` steps of stage II; never during stage I, whose
+        weights do not change (the start of stage II evaluates them)."""
+        position, every = self.stage2_step, self.config.eval.every
+        if position is None:
+            return False
+        return bool(every and position % every == 0) or position in self.config.eval.at_steps
 
     @property
     def checkpoints_wanted(self) -> bool:

@@ -23,9 +23,9 @@ from typing import Iterable, Optional
 
 import webdataset as wds
 from PIL import Image
-from tqdm import tqdm
 
 from tuneclip_ds.errors import InputError
+from tuneclip_ds.progress import progress_bar
 
 logger = logging.getLogger("tuneclip_ds.data")
 
@@ -86,7 +86,7 @@ def write_shards(
         )
     paths, writer = [], None
     try:
-        for sample_id, sample in enumerate(tqdm(samples, total=total, unit="sample", disable=not progress)):
+        for sample_id, sample in enumerate(progress_bar(samples, show=progress, total=total, unit="sample")):
             if sample_id % samples_per_shard == 0:
                 if writer is not None:
                     writer.close()

@@ -11,12 +11,16 @@ RECALL_AT = (1, 5, 10)
 def hits_at_k(scores: torch.Tensor, correct: torch.Tensor, ks: tuple[int, ...]) -> torch.Tensor:
     """For each k, how many queries (rows) have a correct candidate among their k best-scoring ones.
 
-    A query's rank is the number of candidates scoring strictly higher than its best-scoring
-    correct candidate: ties count in the query's favour, so the result does not depend on how a
-    sort orders equal scores (identical captions give identical scores).
+    A query's rank is the position of its first correct candidate when its candidates are sorted by
+    descending score, equal scores in candidate order (a stable sort): the convention of open_clip's
+    ``get_clip_metrics`` and CLIP_benchmark. A wrong candidate that ties with the best correct one
+    and comes before it counts against the query (identical captions give identical scores).
     """
     best_correct = scores.masked_fill(~correct, float("-inf")).amax(dim=1, keepdim=True)
-    ranks = (scores > best_correct).sum(dim=1)
+    candidates = torch.arange(scores.shape[1], device=scores.device)
+    first_best = torch.where(correct & (scores == best_correct), candidates, scores.shape[1]).amin(dim=1, keepdim=True)
+    ahead = (scores > best_correct) | ((scores == best_correct) & (candidates < first_best))
+    ranks = ahead.sum(dim=1)
     return torch.stack([(ranks < k).sum() for k in ks])
 
 

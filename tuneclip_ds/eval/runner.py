@@ -11,7 +11,6 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from tqdm import tqdm
 
 from tuneclip_ds.config import ConfigError
 from tuneclip_ds.data.shards import DataError
@@ -20,6 +19,7 @@ from tuneclip_ds.eval.data import ImageFolder, Shards, open_data, rank_loader
 from tuneclip_ds.eval.encoder import BatchEncoder, pad_rows
 from tuneclip_ds.eval.metrics import RECALL_AT, TOP_K, hits_at_k, retrieval_hits
 from tuneclip_ds.eval.tasks import EvalTask, Suite, Template, classnames_of, fill_template, templates_of
+from tuneclip_ds.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -187,8 +187,9 @@ class TaskRun:
         """``(indices, embeddings, targets)`` batches of this rank's samples, with progress on rank 0."""
         loader = rank_loader(self.inputs.data, self.task, self.preprocess, self.rank, self.world_size)
         dummy = self.preprocess(Image.new("RGB", (64, 64)))[None]  # for the lockstep forwards of a rank out of data
-        with tqdm(desc=self.task.name, total=self.inputs.data.num_samples, unit="img",
-                  disable=self.rank != 0, leave=False) as progress:
+        # on rank 0 (and a terminal); the task's result line follows in any case
+        with progress_bar(desc=self.task.name, total=self.inputs.data.num_samples, unit="img",
+                          show=self.rank == 0, leave=False) as progress:
             for batch in self.encoder.image_batches(loader, dummy):
                 progress.update(len(batch[0]) * self.world_size)  # rank 0's share times the ranks: about all
                 yield batch

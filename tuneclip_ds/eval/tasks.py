@@ -30,7 +30,7 @@ from typing import Callable, Literal, Optional, Union
 
 import yaml
 
-from tuneclip_ds.config import ConfigError, _build
+from tuneclip_ds.config import ConfigError, Origins, _build
 
 Template = Union[str, Callable[[str], str]]
 
@@ -77,7 +77,7 @@ def load_suite(path: str | Path) -> Suite:
         raise ConfigError(f"{source}: unknown key {', '.join(unknown)} (known: {', '.join(_SUITE_KEYS)})")
     defaults = raw.get("defaults") or {}
     _build(EvalTask, {"name": "", "kind": "classification", "data": "", **_mapping(defaults, "defaults", source)},
-           prefix="defaults.", source=source)  # checks the defaults' keys and types under their own name
+           prefix="defaults.", origins=Origins(source))  # checks the defaults' keys and types under their own name
     entries = raw.get("tasks")
     if not isinstance(entries, list) or not entries:
         raise ConfigError(f"{source}: 'tasks' must be a non-empty list of tasks")
@@ -113,7 +113,7 @@ def _task(entry, defaults: dict, prefix: str, source: str) -> EvalTask:
     missing = [name for name in required if name not in merged]
     if missing:
         raise ConfigError(f"{source}: {prefix}{missing[0]} is missing (every task needs {', '.join(required)})")
-    task = _build(EvalTask, merged, prefix=prefix, source=source)
+    task = _build(EvalTask, merged, prefix=prefix, origins=Origins(source))
     if task.batch_size < 1 or task.num_workers < 0:
         raise ConfigError(f"{source}: {prefix}batch_size must be at least 1 and num_workers at least 0, "
                           f"got {task.batch_size} and {task.num_workers}")

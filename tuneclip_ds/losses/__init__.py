@@ -1,4 +1,4 @@
-"""Gather-free contrastive losses (see /work/shared/docs/method.md, sections 3 and 4)."""
+"""Gather-free contrastive losses (see README.md, section "Losses": the ring and the estimators)."""
 
 from functools import partial
 

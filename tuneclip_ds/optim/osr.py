@@ -24,6 +24,7 @@ import torch
 
 from tuneclip_ds.config import OSRConfig
 from tuneclip_ds.optim.schedule import StageClock
+from tuneclip_ds.optim.state import iter_full_parameters, stepped_optimizers
 
 logger = logging.getLogger(__name__)
 
@@ -32,17 +33,6 @@ MOMENTS = ("exp_avg", "exp_avg_sq")
 
 class ParametersChangedError(RuntimeError):
     """A parameter changed during stage I, whose learning rate is frozen at 0."""
-
-
-def stepped_optimizers(engine) -> list[torch.optim.Optimizer]:
-    """The optimizers whose ``step()`` applies the update (and keeps the moments), under any wrapper."""
-    from deepspeed.runtime.base_optimizer import DeepSpeedOptimizer
-
-    wrapper = engine.optimizer
-    if not isinstance(wrapper, DeepSpeedOptimizer):
-        return [wrapper]  # ZeRO-0 in fp32: the client optimizer itself
-    # ZeRO-3 with a partial optimizer offload also steps a second, on-device optimizer.
-    return [opt for opt in (wrapper.optimizer, getattr(wrapper, "backup_optimizer", None)) if opt is not None]
 
 
 def _state_is_partitioned(engine) -> bool:
@@ -227,8 +217,6 @@ def reset_moments(engine) -> None:
 def parameter_digest(engine) -> str:
     """SHA-256 over every full fp32 parameter in name order (collective under ZeRO; the same on every
     rank and for any world size)."""
-    from tuneclip_ds.engine import iter_full_parameters
-
     digest = hashlib.sha256()
     for name, tensor in iter_full_parameters(engine):
         digest.update(name.encode())
