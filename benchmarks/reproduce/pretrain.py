@@ -16,6 +16,7 @@ import argparse
 import hashlib
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         "evaluation": {"suite": config.eval.tasks, "metrics": metrics},
         "pretraining": {
             "command": " ".join(["benchmarks/reproduce/pretrain.py", f"--nproc {args.nproc}", *args.overrides]),
-            "config": args.config,
+            "config": os.path.relpath(args.config),  # from the repository root, where make runs it
             "overrides": args.overrides,
             "ranks": args.nproc,
             "minutes": round(minutes, 1),
