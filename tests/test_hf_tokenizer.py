@@ -117,13 +117,10 @@ def run(gloo_pools, synthetic_shards, hub, tmp_path_factory) -> dict:
 
 
 @pytest.fixture
-def offline(monkeypatch, tmp_path) -> list:
-    """Hub downloads allowed (HF_HUB_OFFLINE unset), an empty Hugging Face cache, and every network
-    connection refused and recorded: the list of attempts."""
+def no_network(monkeypatch, tmp_path) -> list:
+    """An empty Hugging Face cache, and every network connection refused and recorded: the list of attempts."""
     import huggingface_hub.constants
 
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
     attempts = []
 
@@ -133,6 +130,26 @@ def offline(monkeypatch, tmp_path) -> list:
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
     return attempts
+
+
+@pytest.fixture
+def offline(no_network, monkeypatch) -> list:
+    """``no_network`` with hub downloads allowed (HF_HUB_OFFLINE unset): only our own code keeps off the network."""
+    import huggingface_hub.constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    return no_network
+
+
+def cached_snapshot(repo_id: str) -> Path:
+    """A snapshot folder of ``repo_id`` in the Hugging Face cache, as huggingface_hub lays it out."""
+    import huggingface_hub.constants
+
+    repo = Path(huggingface_hub.constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    return repo / "snapshots" / ("0" * 40)
 
 
 def test_tokens_come_from_the_pretrained_folders_tokenizer(hub, words):
@@ -152,14 +169,10 @@ def test_model_tokenizer_wins(hub_without_tokenizer, words, offline):
 
 
 def test_a_tokenizer_in_the_hugging_face_cache_is_used(hub_without_tokenizer, words, offline, tmp_path):
-    import huggingface_hub.constants
-
-    repo = Path(huggingface_hub.constants.HF_HUB_CACHE) / f"models--{NOT_CACHED.replace('/', '--')}"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text("0" * 40)
-    shutil.copytree(words, repo / "snapshots" / ("0" * 40))
+    snapshot = cached_snapshot(NOT_CACHED)
+    shutil.copytree(words, snapshot)
     bundle = build_model(ModelConfig(pretrained=str(hub_without_tokenizer)), load_weights=False)
-    assert bundle.tokenizer_folder == (repo / "snapshots" / ("0" * 40)).resolve() and offline == []
+    assert bundle.tokenizer_folder == snapshot.resolve() and offline == []
 
 
 def test_a_tokenizer_that_is_nowhere_local_is_one_clear_error_at_once(hub_without_tokenizer, offline):
@@ -194,6 +207,41 @@ def test_a_siglip_name_without_a_tokenizer_name_needs_model_tokenizer(words, off
     captions = ["a red circle"]
     assert folder == words.resolve() and torch.equal(tokenizer(captions), reference_ids(words, captions))
     assert offline == []
+
+
+HF_TEXT_TOWER = "tuneclip-tests/tiny-bert"
+
+
+@pytest.fixture
+def hf_text_tower(words, monkeypatch) -> str:
+    """tiny-ViT with a Hugging Face BERT text tower (as the XLM-R and mT5 CLIPs have), registered for this test."""
+    import open_clip
+
+    model_cfg = sigmoid_config(words)
+    model_cfg["text_cfg"] = {"hf_model_name": HF_TEXT_TOWER, "hf_tokenizer_name": NOT_CACHED,
+                             "hf_pooler_type": "cls_pooler", "hf_proj_type": "linear",
+                             "context_length": CONTEXT_LENGTH, "vocab_size": model_cfg["text_cfg"]["vocab_size"]}
+    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, "tiny-ViT-hf-text", model_cfg)
+    return "tiny-ViT-hf-text"
+
+
+def test_a_hugging_face_text_tower_is_built_from_the_local_cache(hf_text_tower, words, no_network):
+    from transformers import BertConfig
+
+    BertConfig(vocab_size=64, hidden_size=24, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48,
+               max_position_embeddings=CONTEXT_LENGTH).save_pretrained(cached_snapshot(HF_TEXT_TOWER))
+    bundle = build_model(ModelConfig(name=hf_text_tower, tokenizer=str(words)))
+    config = bundle.model.text.config
+    assert (config.model_type, config.hidden_size, config.num_hidden_layers) == ("bert", 24, 1)
+    assert no_network == []
+
+
+def test_a_hugging_face_text_tower_not_cached_is_one_clear_error_at_once(hf_text_tower, words, no_network):
+    start = time.monotonic()
+    with pytest.raises(ModelLoadError, match=f"the Hugging Face model '{HF_TEXT_TOWER}' .* not in the local "
+                                             f"Hugging Face cache.*`hf download {HF_TEXT_TOWER} config.json`"):
+        build_model(ModelConfig(name=hf_text_tower, tokenizer=str(words)))
+    assert time.monotonic() - start < 5 and no_network == []
 
 
 def empty_folder(folder: Path, words: Path, monkeypatch) -> Path:

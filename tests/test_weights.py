@@ -4,6 +4,7 @@ damaged files reported as one clear message."""
 import hashlib
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -96,13 +97,31 @@ def hub_cache(tmp_path, monkeypatch):
     return cache
 
 
-def test_hf_hub_name_from_the_local_cache(tmp_path, hub_cache):
+@pytest.mark.parametrize("model", [{"name": "tiny-ViT", "pretrained": "hf-hub:timm/tiny-ViT"},
+                                   {"name": "hf-hub:timm/tiny-ViT"}])  # open_clip's spelling
+def test_hf_hub_name_from_the_local_cache(tmp_path, hub_cache, model):
     state = reference_state(tmp_path)
     repo = hub_cache / "models--timm--tiny-ViT"
     hub_snapshot(repo, "c0ffee", open_clip_repo_files(state))
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("c0ffee\n")
-    assert_loaded(build_model(ModelConfig(name="tiny-ViT", pretrained="hf-hub:timm/tiny-ViT")).model, state)
+    assert_loaded(build_model(ModelConfig(**model)).model, state)
+
+
+def test_hf_hub_model_name_with_other_weights(hub_cache):
+    with pytest.raises(ModelLoadError, match="model.name=hf-hub:timm/tiny-ViT names its weights already"):
+        build_model(ModelConfig(name="hf-hub:timm/tiny-ViT", pretrained="weights.pt"))
+
+
+def test_the_hub_is_offline_unless_the_user_says_otherwise():
+    """Importing the package keeps huggingface_hub and transformers off the network; HF_HUB_OFFLINE=0 wins."""
+    script = "import tuneclip_ds, huggingface_hub.constants as c; print(c.HF_HUB_OFFLINE)"
+    env = {key: value for key, value in os.environ.items() if key != "HF_HUB_OFFLINE"}
+    for setting, expected in ((None, "True"), ("0", "False")):
+        extra = {"HF_HUB_OFFLINE": setting} if setting else {}
+        result = subprocess.run([sys.executable, "-c", script], env={**env, **extra}, capture_output=True, text=True,
+                                check=True)
+        assert result.stdout.strip() == expected
 
 
 def test_hf_hub_name_not_in_the_cache(hub_cache):

@@ -65,9 +65,12 @@ def build_model(cfg: ModelConfig, load_weights: bool = True) -> ClipBundle:
             precision="fp32",
             force_image_size=cfg.force_image_size,
             nonscalar_logit_scale=True,
+            pretrained_text=False,  # a Hugging Face text tower starts random too, not from a download
         )
         if weights.torchscript and load_weights:
             load_openai_archive(model, weights.file)
+    except OSError as error:  # the hub is offline (tuneclip_ds/__init__.py): a text tower's config not cached
+        raise _uncached_text_tower(model_cfg, error) from None
     except (RuntimeError, AssertionError, KeyError) as error:  # open_clip's ways of saying "shapes differ"
         if not weights.file:
             raise
@@ -80,6 +83,17 @@ def build_model(cfg: ModelConfig, load_weights: bool = True) -> ClipBundle:
     _apply_training_options(model, cfg)
     return ClipBundle(model, preprocess_train, preprocess_val, tokenizer, tokenizer_folder,
                       _open_clip_config(model, model_cfg, cfg, tokenizer_folder))
+
+
+def _uncached_text_tower(model_cfg: dict, error: OSError) -> ModelLoadError:
+    hf_name = model_cfg.get("text_cfg", {}).get("hf_model_name")
+    if not hf_name:
+        return ModelLoadError(f"the model could not be built: {first_line(error)}")
+    return ModelLoadError(
+        f"the text tower is the Hugging Face model {hf_name!r} (text_cfg.hf_model_name), whose config.json is not "
+        f"in the local Hugging Face cache, and nothing is downloaded: fetch it once with "
+        f"`hf download {hf_name} config.json` (the weights come from model.pretrained)"
+    )
 
 
 def _open_clip_config(model: torch.nn.Module, model_cfg: dict, cfg: ModelConfig,

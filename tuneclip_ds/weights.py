@@ -48,6 +48,11 @@ class Weights:
 
 def resolve_weights(name: str, pretrained: str) -> Weights:
     """The weights ``model.name`` / ``model.pretrained`` name; never a hub download."""
+    if name.startswith(HF_HUB_PREFIX):  # open_clip's spelling of a hub model: config and weights from there
+        if pretrained:
+            raise ModelLoadError(f"model.name={name} names its weights already: leave model.pretrained empty, or "
+                                 f"set model.name to the architecture of model.pretrained={pretrained!r}")
+        pretrained = name
     if not pretrained:
         return Weights(name, None)
     if pretrained.startswith(HF_HUB_PREFIX):
