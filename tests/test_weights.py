@@ -174,6 +174,17 @@ def test_openai_torchscript_archive(tmp_path, tiny_quickgelu):
     assert_loaded(model, {key: value.half().float() for key, value in state.items()})
 
 
+def test_openai_archive_at_another_image_size(tmp_path, tiny_quickgelu):
+    """Its position embeddings are interpolated exactly as open_clip interpolates those of its own files."""
+    state = {key: value.half().float() for key, value in reference_state(tmp_path, tiny_quickgelu).items()}
+    openai_archive(tmp_path / "ViT-T-8.pt", state)
+    torch.save(state, tmp_path / "open_clip.bin")
+    loaded = [build_model(ModelConfig(name=tiny_quickgelu, pretrained=str(tmp_path / name), force_image_size=48)).model
+              for name in ("ViT-T-8.pt", "open_clip.bin")]
+    assert loaded[0].visual.positional_embedding.shape != state["visual.positional_embedding"].shape
+    assert_loaded(loaded[0], loaded[1].state_dict())
+
+
 def test_openai_archive_into_a_gelu_architecture(tmp_path, tiny_quickgelu):
     openai_archive(tmp_path / "ViT-T-8.pt", reference_state(tmp_path, tiny_quickgelu))
     with pytest.raises(ModelLoadError, match="TorchScript archive.*set model.name=tiny-ViT-quickgelu"):

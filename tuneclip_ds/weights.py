@@ -72,11 +72,13 @@ def resolve_weights(name: str, pretrained: str) -> Weights:
 
 def load_openai_archive(model: torch.nn.Module, path: Path) -> None:
     """OpenAI's TorchScript weights into an open_clip model (OpenAI's key names are open_clip's CLIP's)."""
-    state = torch.jit.load(str(path), map_location="cpu").state_dict()
-    for key in OPENAI_EXTRA_KEYS:
-        state.pop(key, None)
+    archive = torch.jit.load(str(path), map_location="cpu").state_dict()
+    state = {key: value.float() for key, value in archive.items() if key not in OPENAI_EXTRA_KEYS}  # fp16 in the file
     state["logit_scale"] = state["logit_scale"].reshape(model.logit_scale.shape)
-    model.load_state_dict(state)  # copying casts OpenAI's fp16 values to the model's fp32
+    # Position embeddings interpolated to a forced image or context size, as open_clip's own file loader does
+    open_clip.model.resize_pos_embed(state, model)
+    open_clip.model.resize_text_pos_embed(state, model)
+    model.load_state_dict(state)
 
 
 def _from_file(name: str, path: Path) -> Weights:
