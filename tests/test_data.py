@@ -20,6 +20,7 @@ import open_clip
 from tuneclip_ds.data import pipeline, shards, synthetic
 from tuneclip_ds.data.pipeline import build_train_loader, resolve_shards
 from tuneclip_ds.data.shards import ImageTextSample, write_shards
+from tuneclip_ds.data.stream import BatchStream
 from tuneclip_ds.data.synthetic import write_synthetic_corpus
 
 IMAGE_SIZE = 32
@@ -199,7 +200,7 @@ def test_batches_with_open_clip_preprocess_and_tokenizer(tmp_path, preprocess):
     loader = build_train_loader(str(tmp_path), preprocess, open_clip.get_tokenizer("ViT-B-32"), batch_size=16,
                                 num_workers=0, rank=0, world_size=1, seed=0)
     batch = next(iter(loader))
-    assert set(batch) == {"image", "text", "sample_id", "num_skipped"}
+    assert set(batch) == {"image", "text", "sample_id", "num_skipped", "position"}
     assert batch["image"].shape == (16, 3, IMAGE_SIZE, IMAGE_SIZE) and batch["image"].dtype == torch.float32
     assert batch["text"].shape == (16, 77) and batch["text"].dtype == torch.int64
     assert batch["sample_id"].dtype == torch.int64 and batch["num_skipped"] == 0
@@ -311,6 +312,77 @@ def test_sample_without_an_id_is_a_clear_error(tmp_path, preprocess):
     write_raw_tar(tmp_path / "a.tar", [("cat.png", png_bytes()), ("cat.txt", b"a cat")])
     with pytest.raises(pipeline.MissingSampleIdError, match=r"'cat'.*python -m tuneclip_ds.data.shards"):
         one_epoch(loader_for(tmp_path, preprocess, batch_size=1))
+
+
+# --- resuming an epoch ----------------------------------------------------------------------
+
+
+def unequal_readers_corpus(folder):
+    """Shards of 16, 16 and 8 samples, one undecodable: with 2 workers, one reader has 2 shards, the
+    other 1, and runs dry well before the end of the epoch."""
+    items = [ImageTextSample(png_bytes((i, 255 - i, 7 * i % 256)), "png", f"caption {i}") for i in range(40)]
+    items[13] = ImageTextSample(b"not an image", "png", "a broken image")
+    write_shards(items, folder, samples_per_shard=16, progress=False)
+
+
+def stream_for(folder, preprocess, num_workers, state=None):
+    stream = BatchStream(loader_for(folder, preprocess, num_workers=num_workers, shuffle_buffer=6))
+    if state is not None:
+        stream.load_state_dict(state)
+    return stream
+
+
+def take(stream, count):
+    """``count`` batches, and the stream's state after each."""
+    batches, states = [], []
+    for batch in itertools.islice(stream, count):
+        batches.append(batch)
+        states.append(stream.state_dict())
+    return batches, states
+
+
+def assert_same_batches(resumed, expected):
+    assert len(resumed) == len(expected)
+    for ours, theirs in zip(resumed, expected):
+        assert ours.keys() == theirs.keys()
+        for key, value in ours.items():
+            assert torch.equal(value, theirs[key]) if isinstance(value, torch.Tensor) else value == theirs[key], key
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_stream_resumed_at_any_batch_gives_the_batches_of_an_uninterrupted_one(tmp_path, preprocess, num_workers):
+    unequal_readers_corpus(tmp_path)
+    with fails_after(120):
+        straight, states = take(stream_for(tmp_path, preprocess, num_workers), 20)  # 9 batches an epoch
+        readers = [batch["position"][0] for batch in straight[:9]]
+        assert num_workers == 0 or readers[-3:] == [0, 0, 0]  # reader 1 ran dry: reader 0 alone goes on
+        assert any(batch["num_skipped"] for batch in straight)  # the undecodable sample, skipped and counted
+        # either reader next, a reader run dry, at the end of an epoch (nothing left in it), in the next one
+        for taken in (1, 2, 7, 8, 9, 13):
+            resumed, _ = take(stream_for(tmp_path, preprocess, num_workers, states[taken - 1]), 20 - taken)
+            assert_same_batches(resumed, straight[taken:])
+
+
+def test_resuming_decodes_only_the_samples_after_the_position(tmp_path, preprocess, monkeypatch):
+    unequal_readers_corpus(tmp_path)
+    _, states = take(stream_for(tmp_path, preprocess, num_workers=0), 8)
+    decoded = []
+    decode = pipeline.RankBatches._decode
+    monkeypatch.setattr(pipeline.RankBatches, "_decode", lambda self, sample: decoded.append(1) or decode(self, sample))
+    next(stream_for(tmp_path, preprocess, num_workers=0, state=states[-1]))
+    assert len(decoded) == 4  # one batch: the 32 samples read before are dropped undecoded
+
+
+def test_a_state_without_reader_positions_resumes_by_decoding_again(tmp_path, preprocess, caplog):
+    """Checkpoints written before reader positions were saved (or with another number of workers)."""
+    unequal_readers_corpus(tmp_path)
+    straight, states = take(stream_for(tmp_path, preprocess, num_workers=0), 10)
+    old_state = {"epoch": 0, "batches_in_epoch": 6}
+    with caplog.at_level(logging.WARNING):
+        resumed_stream = stream_for(tmp_path, preprocess, num_workers=0, state=old_state)
+        resumed, resumed_states = take(resumed_stream, 4)
+    assert_same_batches(resumed, straight[6:])
+    assert resumed_states == states[6:] and "reading and decoding the 6 batches of epoch 0" in caplog.text
 
 
 # --- writing shards from the user's own data ------------------------------------------------

@@ -26,14 +26,16 @@ WORLD_SIZES = [1, 2, 3, 4]
 # ---------------------------------------------------------------- inputs and helpers
 
 
-def make_batch(global_batch, dim=8, dtype=torch.float64, seed=0, scale=10.0, bias=None, pull=1.5, id_range=None):
+def make_batch(global_batch, dim=8, dtype=torch.float64, seed=0, scale=10.0, bias=None, pull=1.5, id_range=None,
+               nan_rows=()):
     """Deterministic global batch: normalised features, logit scale [1], optional bias [1], distinct
-    ids drawn from ``range(id_range)``."""
+    ids drawn from ``range(id_range)``, NaN image features in the rows ``nan_rows``."""
     generator = torch.Generator().manual_seed(seed)
     image = F.normalize(torch.randn(global_batch, dim, generator=generator, dtype=torch.float64), dim=-1)
     text = F.normalize(torch.randn(global_batch, dim, generator=generator, dtype=torch.float64), dim=-1)
     # pull pairs together so that positives are more similar than most negatives, as in training
     text = F.normalize(text + pull * image, dim=-1)
+    image[list(nan_rows)] = torch.nan
     batch = {
         "image": image.to(dtype),
         "text": text.to(dtype),
@@ -359,12 +361,41 @@ def test_gcl_state_dict_resumes_on_another_world_size(pool, new_world_size):
     assert_steps_match(resumed, reference_steps[2:], new_world_size)
 
 
+@pytest.mark.parametrize("world_size", [1, 2])
+@pytest.mark.parametrize("name", ["gcl", "hgcl"])
+def test_a_nonfinite_batch_leaves_the_estimators_as_they_were(pool, world_size, name):
+    """One NaN image row on the last rank (it reaches every anchor through the ring), among samples
+    seen before, later and never: the loss is NaN, and the table and every later step (loss and
+    gradients) are exactly those of a run that never saw that batch."""
+    steps = gcl_step_batches(world_size)
+    gamma, batch_kwargs = steps[1]
+    nan_batch = (gamma, batch_kwargs | dict(seed=7, nan_rows=[4 * world_size - 1]))
+    clean = run_on_ranks(pool, world_size, _gcl_steps_worker, dict(name=name), steps)
+    poisoned = run_on_ranks(pool, world_size, _gcl_steps_worker, dict(name=name), steps[:1] + [nan_batch] + steps[1:])
+    seen_ids = {i for _, kwargs in steps + [nan_batch] for i in make_batch(**kwargs)["ids"].tolist()}
+    assert len(seen_ids) < sum(len(make_batch(**kwargs)["ids"]) for _, kwargs in steps + [nan_batch])  # ids recur
+    for (clean_steps, clean_state), (poisoned_steps, poisoned_state) in zip(clean, poisoned):
+        assert torch.isnan(poisoned_steps[1]["loss"])
+        assert torch.isfinite(poisoned_state["log_u"]).all()
+        assert poisoned_state["ids"].tolist() == clean_state["ids"].tolist()
+        assert torch.equal(poisoned_state["log_u"], clean_state["log_u"])
+        for clean_step, poisoned_step in zip(clean_steps, poisoned_steps[:1] + poisoned_steps[2:]):
+            for key in ("loss", "image", "text", "scale"):
+                assert torch.equal(poisoned_step[key], clean_step[key]), key
+
+
+def update_and_commit(table, ids, log_g, gamma, accept=True):
+    log_u, pending = table.update(torch.tensor(ids), log_g, gamma, resolve_group(None))
+    table.commit(pending, torch.tensor(accept))
+    return log_u
+
+
 def test_estimator_update_follows_the_moving_average_formula():
     table, single = EstimatorTable(num_directions=2), resolve_group(None)
     first_log_g = torch.tensor([[0.5, -2.0], [1.5, 0.25]], dtype=torch.float64)
-    assert torch.equal(table.update(torch.tensor([3, 7]), first_log_g, 0.7, single), first_log_g)  # u = g
+    assert torch.equal(update_and_commit(table, [3, 7], first_log_g, 0.7), first_log_g)  # u = g
     second_log_g = torch.tensor([[-1.0, 2.0], [0.0, 3.0]], dtype=torch.float64)
-    updated = table.update(torch.tensor([7, 5]), second_log_g, 0.7, single)
+    updated = update_and_commit(table, [7, 5], second_log_g, 0.7)
     expected_u7 = 0.3 * first_log_g[1].exp() + 0.7 * second_log_g[0].exp()
     assert_close(updated[0], expected_u7.log(), rtol=1e-14)
     assert torch.equal(updated[1], second_log_g[1])  # id 5 is new
@@ -373,11 +404,20 @@ def test_estimator_update_follows_the_moving_average_formula():
     assert torch.equal(state["log_u"], torch.stack([first_log_g[0], second_log_g[1], updated[0]]))
 
 
+def test_estimators_store_an_update_only_when_committed_with_accept():
+    table, single = EstimatorTable(num_directions=1), resolve_group(None)
+    update_and_commit(table, [2], torch.tensor([[1.0]]), 1.0)
+    table.update(torch.tensor([2, 9]), torch.tensor([[5.0], [6.0]]), 0.5, single)  # never committed
+    update_and_commit(table, [2, 4], torch.tensor([[7.0], [8.0]]), 0.5, accept=False)
+    state = table.state_dict(single)
+    assert state["ids"].tolist() == [2] and state["log_u"].tolist() == [[1.0]]
+
+
 def test_estimator_update_stays_finite_for_huge_g():
     """log g = 700 (exp overflows even float64): the log-space average is exact."""
-    table, single = EstimatorTable(num_directions=1), resolve_group(None)
+    table = EstimatorTable(num_directions=1)
     for gamma in (1.0, 0.8, 0.1):
-        log_u = table.update(torch.tensor([0]), torch.tensor([[700.0]]), gamma, single)
+        log_u = update_and_commit(table, [0], torch.tensor([[700.0]]), gamma)
         assert log_u.item() == pytest.approx(700.0, rel=1e-7)
 
 

@@ -93,7 +93,8 @@ def check_resume_on_other_world_size(pools, shards, tmp_path, stage, saved_ranks
             assert_bit_identical(saved[0][key], loaded[key], key)
         assert loaded["param_groups"] == saved[0]["param_groups"]  # weight decay per group, lr, betas
         assert loaded["adam_steps"] == saved[0]["adam_steps"] == [3.0]  # Adam's bias correction continues
-        assert loaded["data"] == {"epoch": saved[0]["data"]["epoch"], "batches_in_epoch": 0}
+        assert loaded["data"] == {"epoch": saved[0]["data"]["epoch"], "batches_in_epoch": 0,
+                                  "samples_read": [0], "next_reader": 0}  # the epoch's start
     assert any("does not carry over" in message for message in resumed[0]["warnings"])
     saved_ids, saved_log_u = estimator_entries([rank["estimators"] for rank in saved])
     loaded_ids, loaded_log_u = estimator_entries([rank["loaded"]["estimators"] for rank in resumed])

@@ -102,6 +102,52 @@ def test_nonfinite_loss_skip_and_stop(pool, synthetic_shards, tmp_path):
     assert "3 batches in a row had a non-finite loss" in too_many[0]
 
 
+def skipped_call_on_ranks(rank, world_size, overrides, bad_call):
+    """Train with NaN image features on the last rank in loss call ``bad_call`` (a NaN forward there: it
+    reaches every rank through the ring); return the state at the start of that call and of the next
+    one (weights, Adam moments, estimators, step), the losses and the number of skipped batches."""
+    from tuneclip_ds.builders import build_run
+    from tuneclip_ds.config import load_config
+    from tuneclip_ds.engine import full_optimizer_states, full_parameters
+
+    trainer = build_run(load_config(None, overrides), rank, world_size)
+    loss_fn, forward, calls, snapshots = trainer.loss_fn, trainer.loss_fn.forward, [], []
+
+    def forward_with_nan(image_features, *args, **kwargs):
+        calls.append(1)
+        if len(calls) in (bad_call, bad_call + 1):
+            snapshots.append({"params": full_parameters(trainer.engine), "step": trainer.step,
+                              "exp_avg": full_optimizer_states(trainer.engine, "exp_avg"),
+                              "exp_avg_sq": full_optimizer_states(trainer.engine, "exp_avg_sq"),
+                              "estimators": loss_fn.state_dict()})
+        if len(calls) == bad_call and rank == world_size - 1:
+            image_features = image_features * float("nan")
+        return forward(image_features, *args, **kwargs)
+
+    loss_fn.forward = forward_with_nan
+    history = trainer.run()
+    return snapshots, history.losses, history.skipped_batches
+
+
+@pytest.mark.parametrize("overrides,bad_call,steps", [
+    (["loss.name=gcl", "osr.steps=3", "train.steps=1"], 2, 4),  # in stage I (lr frozen, estimators recover)
+    (["loss.name=hgcl", "train.grad_accum=2", "train.steps=3"], 4, 3),  # in step 2's second micro-batch
+], ids=["gcl-stage1", "hgcl-grad-accum"])
+def test_a_skipped_nonfinite_batch_changes_no_weight_moment_or_estimator(pool, synthetic_shards, tmp_path,
+                                                                         overrides, bad_call, steps):
+    """The NaN comes after one optimizer step (the moments exist); the skipped call changes nothing."""
+    base = TINY_RUN + [f"data.train_shards={synthetic_shards}", "data.num_samples=1024", f"output_dir={tmp_path}",
+                       "train.on_nonfinite_loss=skip"]
+    for (before, after), losses, skipped in pool.run(skipped_call_on_ranks, base + overrides, bad_call):
+        assert skipped == 1 and len(losses) == steps and all(math.isfinite(x) for x in losses)
+        assert after["step"] == before["step"]
+        for key in ("params", "exp_avg", "exp_avg_sq"):
+            assert all(torch.equal(after[key][name], before[key][name]) for name in before[key]), key
+        assert torch.isfinite(after["estimators"]["log_u"]).all()
+        assert after["estimators"]["ids"].tolist() == before["estimators"]["ids"].tolist()
+        assert torch.equal(after["estimators"]["log_u"], before["estimators"]["log_u"])
+
+
 def test_lr_schedule_warmup_then_cosine():
     from tuneclip_ds.config import load_config
     from tuneclip_ds.optim import lr_lambda

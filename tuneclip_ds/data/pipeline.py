@@ -1,26 +1,34 @@
 """The training pipeline: WebDataset shards -> decoded, preprocessed, tokenized batches for one rank.
 
 Shards are shuffled per epoch with a seed shared by all ranks, then split explicitly by
-(rank, world_size) and across DataLoader workers, so ranks and workers read disjoint
+(rank, world_size) and across DataLoader workers ("readers"), so ranks and readers read disjoint
 shards. Samples are shuffled in a buffer, decoded with PIL and batched inside each worker;
 a sample that fails to decode is skipped and counted, a broken tar file is skipped with a
 warning.
+
+Each batch carries its reader and how many samples that reader has taken from its shuffle buffer
+so far (decoded or not): a resumed epoch drops that many samples right after the shuffle buffer,
+before decoding them, and starts asking the readers where the interrupted epoch would have gone on.
 """
 
 import glob
 import io
+import itertools
 import json
 import logging
 import os
 import random
+from dataclasses import dataclass
 
 import torch
 import webdataset as wds
 from braceexpand import braceexpand
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import group_by_keys
 
 from tuneclip_ds.data.shards import DataError
+from tuneclip_ds.data.tar_members import read_tar_members
 
 logger = logging.getLogger("tuneclip_ds.data")
 
@@ -90,35 +98,67 @@ def build_train_loader(shards, preprocess, tokenizer, batch_size: int, num_worke
     return TrainLoader(batches, num_workers)
 
 
+@dataclass
+class ReadPosition:
+    """How far a rank is in an epoch: the samples each reader (DataLoader worker) has taken from its
+    shuffle buffer, and the reader of the next batch. The DataLoader asks its workers in turn, leaving
+    out those that have run dry, so this fixes the rest of the epoch."""
+
+    samples_read: list[int]
+    next_reader: int = 0
+
+    @classmethod
+    def start(cls, readers: int) -> "ReadPosition":
+        return cls([0] * readers)
+
+    @property
+    def readers(self) -> int:
+        return len(self.samples_read)
+
+    def copy(self) -> "ReadPosition":
+        return ReadPosition(list(self.samples_read), self.next_reader)
+
+    def advance(self, batch: dict) -> None:
+        """Move past ``batch`` (taken from the epoch's loader)."""
+        reader, samples_read = batch["position"]
+        self.samples_read[reader] = samples_read
+        self.next_reader = (reader + 1) % self.readers
+
+
 class TrainLoader:
     """Re-iterable loader: each ``iter()`` is a new epoch, with its own shard and sample order.
 
     Not resampled: one pass over this rank's shards (ranks may get different numbers of batches).
     Resampled: an endless stream. ``epoch`` is the epoch the next ``iter()`` uses; ``set_epoch``
-    changes it (e.g. on resume).
+    changes it (e.g. on resume), optionally with the position to resume that epoch from.
     """
 
     def __init__(self, batches: "RankBatches", num_workers: int):
         self.batches = batches
         # Batching happens inside the stream, so the DataLoader only moves batches out of the workers.
         self.loader = DataLoader(batches, batch_size=None, num_workers=num_workers)
+        self.readers = max(1, num_workers)
         self.epoch = 0
+        self.position: ReadPosition | None = None  # where the next iter() starts; None: the epoch's start
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, position: ReadPosition | None = None) -> None:
+        self.epoch, self.position = epoch, position
 
     def __iter__(self):
-        self.batches.epoch = self.epoch  # set before iter(): workers get their copy of the stream then
-        self.epoch += 1
-        return self._at_least_one_batch(iter(self.loader))
+        # Set before iter(): workers get their copy of the stream then.
+        self.batches.epoch = self.epoch
+        self.batches.start = self.position or ReadPosition.start(self.readers)
+        self.epoch, self.position = self.epoch + 1, None
+        return self._at_least_one_batch(iter(self.loader), resumed=any(self.batches.start.samples_read))
 
-    def _at_least_one_batch(self, batches):
-        """Fail on an epoch without batches: a caller restarting epochs would otherwise loop forever."""
+    def _at_least_one_batch(self, batches, resumed: bool):
+        """Fail on an epoch without batches: a caller restarting epochs would otherwise loop forever.
+        (A resumed epoch may have none left.)"""
         empty = True
         for batch in batches:
             empty = False
             yield batch
-        if empty:
+        if empty and not resumed:
             stream = self.batches
             raise DataError(
                 f"rank {stream.rank} got no full batch of {stream.batch_size} from its share of "
@@ -141,30 +181,46 @@ class RankBatches(IterableDataset):
         self.shuffle_buffer = shuffle_buffer
         self.resampled = resampled
         self.epoch = 0
+        self.start = ReadPosition.start(1)  # where the epoch resumes (set by TrainLoader)
 
     def __iter__(self):
-        worker = _worker_id()
-        shard_urls = self._resampled_shards(worker) if self.resampled else self._epoch_shards()
-        samples = wds.tarfile_to_samples(handler=_skip_broken_shard)(shard_urls)
-        if self.shuffle_buffer > 1:
-            rng = random.Random(f"samples/{self.seed}/{self.epoch}/{self.rank}/{worker}")
-            samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)
-        return self._batches(samples)
+        reader = self._reader()
+        already_read = self.start.samples_read[reader]
+        samples = itertools.islice(self.shuffled_samples(reader), already_read, None)  # dropped undecoded
+        return self._batches(samples, reader, already_read)
 
-    def _epoch_shards(self):
+    def _reader(self) -> int:
+        """The reader this worker plays: worker i plays reader (i + start.next_reader) mod the number
+        of readers, so that a resumed epoch asks the readers in the order the interrupted one would."""
+        info = get_worker_info()
+        worker = 0 if info is None else info.id
+        return (worker + self.start.next_reader) % self.start.readers
+
+    def shuffled_samples(self, reader: int):
+        """The raw samples (tar members by extension) of ``reader``'s shards, out of its shuffle buffer."""
+        shard_urls = self._resampled_shards(reader) if self.resampled else self._epoch_shards(reader)
+        members = read_tar_members(shard_urls, handler=_skip_broken_shard)
+        samples = group_by_keys(members, handler=_skip_broken_shard)
+        if self.shuffle_buffer > 1:
+            rng = random.Random(f"samples/{self.seed}/{self.epoch}/{self.rank}/{reader}")
+            samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)
+        return samples
+
+    def _epoch_shards(self, reader: int):
         order = list(self.shards)
         random.Random(f"shards/{self.seed}/{self.epoch}").shuffle(order)  # same order on all ranks
         for_this_rank = order[self.rank :: self.world_size]  # explicit node split: no env lookup
-        return wds.split_by_worker(dict(url=url) for url in for_this_rank)
+        return (dict(url=url) for url in for_this_rank[reader :: self.start.readers])
 
-    def _resampled_shards(self, worker: int):
-        rng = random.Random(f"resampled/{self.seed}/{self.epoch}/{self.rank}/{worker}")
+    def _resampled_shards(self, reader: int):
+        rng = random.Random(f"resampled/{self.seed}/{self.epoch}/{self.rank}/{reader}")
         while True:
             yield dict(url=rng.choice(self.shards))
 
-    def _batches(self, samples):
+    def _batches(self, samples, reader: int, already_read: int):
+        """Batches of the decoded ``samples``, each with its ``position``: (reader, samples read)."""
         batch, skipped, failures_in_a_row = [], 0, 0
-        for sample in samples:
+        for samples_read, sample in enumerate(samples, start=already_read + 1):
             try:
                 image, caption, sample_id = self._decode(sample)
             except MissingSampleIdError:
@@ -180,7 +236,7 @@ class RankBatches(IterableDataset):
             failures_in_a_row = 0
             batch.append((image, caption, sample_id))
             if len(batch) == self.batch_size:
-                yield self._collate(batch, skipped)
+                yield self._collate(batch, skipped, (reader, samples_read))
                 batch, skipped = [], 0
 
     def _decode(self, sample: dict):
@@ -201,13 +257,14 @@ class RankBatches(IterableDataset):
             torch.manual_seed(hash((self.seed, self.epoch, sample_id)) & 0x7FFF_FFFF_FFFF_FFFF)
             return self.preprocess(image)
 
-    def _collate(self, batch: list, num_skipped: int) -> dict:
+    def _collate(self, batch: list, num_skipped: int, position: tuple[int, int]) -> dict:
         images, captions, ids = zip(*batch)
         return {
             "image": torch.stack(images),
             "text": self.tokenizer(list(captions)),
             "sample_id": torch.tensor(ids, dtype=torch.int64),
             "num_skipped": num_skipped,
+            "position": position,
         }
 
 
@@ -223,11 +280,6 @@ def sample_id_of(sample: dict, metadata: dict) -> int:
             "and its key is not an integer): rewrite the shards with `python -m tuneclip_ds.data.shards`, "
             "which numbers samples 0..n-1"
         ) from None
-
-
-def _worker_id() -> int:
-    info = get_worker_info()
-    return 0 if info is None else info.id
 
 
 def _skip_broken_shard(exn: Exception) -> bool:

@@ -4,16 +4,28 @@ Ownership: sample ``id`` lives on rank ``id % W`` at local slot ``id // W`` (``W
 loss's group), so a rank stores O(n/W) entries for a corpus of ``n`` samples. The table holds
 ``log u`` for each direction (image anchors, text anchors) and grows on demand up to the largest
 slot it has seen. In a step, each rank routes the ``(id, log g)`` of its samples to their owners
-with ``all_to_all`` of per-sample scalars; the owner updates and returns the new ``log u``.
+with ``all_to_all`` of per-sample scalars; the owner computes and returns the new ``log u``, and
+stores it only when the loss commits the step: a global batch that is not finite anywhere (NaN
+features of one rank reach every anchor through the ring) must leave the table as it was, or every
+later batch with one of its samples would be NaN too.
 """
 
 import math
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from tuneclip_ds.losses.ring import GroupInfo, all_reduce_max, all_reduce_sum
+
+
+@dataclass(frozen=True)
+class PendingUpdate:
+    """New ``log u`` [n, directions] of the ``slots`` [n] this rank owns, computed in one step, not yet stored."""
+
+    slots: torch.Tensor
+    log_u: torch.Tensor
 
 
 class EstimatorTable:
@@ -25,15 +37,18 @@ class EstimatorTable:
         self.seen: torch.Tensor | None = None
         self._layout: tuple[int, int] | None = None  # (rank, world size) the slots are laid out for
 
-    def update(self, ids: torch.Tensor, log_g: torch.Tensor, gamma: float, info: GroupInfo) -> torch.Tensor:
-        """Move ``u`` of the samples ``ids`` [b] towards ``g`` (``log_g`` [b, directions]) and return the
-        new ``log u`` [b, directions]:  u <- (1 - gamma) u + gamma g, or u <- g for a sample not seen
-        before. Collective over the group. A sample present twice in the global batch gets both
-        updates from its old value; the table keeps one of them."""
+    def update(
+        self, ids: torch.Tensor, log_g: torch.Tensor, gamma: float, info: GroupInfo
+    ) -> tuple[torch.Tensor, PendingUpdate]:
+        """Move ``u`` of the samples ``ids`` [b] towards ``g`` (``log_g`` [b, directions]): the new
+        ``log u`` [b, directions], u <- (1 - gamma) u + gamma g, or u <- g for a sample not seen before,
+        and the update that ``commit`` stores. Collective over the group. A sample present twice in
+        the global batch gets both updates from its old value; the table keeps one of them."""
         self._check_layout(info)
         world_size = info.world_size
         if world_size == 1:
-            return self._update_owned(ids, log_g, gamma)
+            owned_log_u = self._update_owned(ids, log_g, gamma)
+            return owned_log_u, PendingUpdate(ids, owned_log_u)
         owners = ids % world_size
         order = torch.argsort(owners, stable=True)
         send_counts = torch.bincount(owners, minlength=world_size)
@@ -42,9 +57,22 @@ class EstimatorTable:
         sent, received = send_counts.tolist(), receive_counts.tolist()
         owned_ids = _all_to_all(ids[order], sent, received, info)
         owned_log_g = _all_to_all(log_g[order], sent, received, info)
-        owned_log_u = self._update_owned(owned_ids // world_size, owned_log_g, gamma)
+        owned_slots = owned_ids // world_size
+        owned_log_u = self._update_owned(owned_slots, owned_log_g, gamma)
         sorted_log_u = _all_to_all(owned_log_u, received, sent, info)
-        return torch.empty_like(sorted_log_u).index_copy_(0, order, sorted_log_u)
+        log_u = torch.empty_like(sorted_log_u).index_copy_(0, order, sorted_log_u)
+        return log_u, PendingUpdate(owned_slots, owned_log_u)
+
+    def commit(self, update: PendingUpdate, accept: torch.Tensor) -> None:
+        """Store ``update`` if ``accept`` (a bool tensor; every rank of the group must pass the same value,
+        e.g. from an all-reduced flag), else leave the table as it was. Decided on the device: no host
+        synchronisation."""
+        if update.slots.numel() == 0:
+            return
+        slots = update.slots.to(self.log_u.device)
+        accept = accept.to(self.log_u.device)
+        self.log_u[slots] = torch.where(accept, update.log_u.to(self.log_u), self.log_u[slots])
+        self.seen[slots] |= accept
 
     def log_mean_u(self, info: GroupInfo, device: torch.device) -> float:
         """``log`` of the mean of ``u`` over every seen sample and direction of the whole table (collective;
@@ -91,13 +119,12 @@ class EstimatorTable:
             raise RuntimeError(f"estimators laid out for (rank, world size) {self._layout}, used with {layout}")
 
     def _update_owned(self, slots: torch.Tensor, log_g: torch.Tensor, gamma: float) -> torch.Tensor:
+        """The new ``log u`` of the owned ``slots`` (the table grows to hold them; nothing is stored)."""
         if slots.numel() == 0:
             return log_g
         self._ensure_table(int(slots.max()) + 1, log_g)
         averaged = torch.logaddexp(self.log_u[slots] + _log(1.0 - gamma), log_g + _log(gamma))
-        log_u = torch.where(self.seen[slots, None], averaged, log_g)
-        self._store(slots, log_u)
-        return log_u
+        return torch.where(self.seen[slots, None], averaged, log_g)
 
     def _store(self, slots: torch.Tensor, log_u: torch.Tensor) -> None:
         self._ensure_table(int(slots.max()) + 1, log_u)

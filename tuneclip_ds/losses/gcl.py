@@ -8,7 +8,8 @@ with the pairwise function ``h``: ``linear`` (GCL) or ``hinge_sq``, ``[x + margi
 ``u_i`` tracks ``g_i`` across steps (``estimators.py``); everything is kept in log space so that
 ``exp(h / tau)`` never overflows. Reported loss: ``tau/B * sum_i log(eps + u_i)``; gradient: that
 of the surrogate ``tau/B * sum_i g_i / stopgrad(eps + u_i)``, with ``u`` already updated with this
-step's ``g``; both averaged over the two directions.
+step's ``g``; both averaged over the two directions. The table keeps the new ``u`` only when the
+whole global batch is finite; otherwise the loss is NaN and the table is left as it was.
 """
 
 import math
@@ -125,22 +126,29 @@ class GlobalContrastiveLoss(RingLoss):
         log_g = log_sum - math.log(global_batch - 1)  # [2, b]
         ids = torch.as_tensor(sample_ids, dtype=torch.int64, device=image_features.device)
         with torch.no_grad():
-            log_u = self.estimators.update(ids, log_g.detach().T, self.gamma, info).T
+            log_u, pending = self.estimators.update(ids, log_g.detach().T, self.gamma, info)
+            log_u = log_u.T
         log_denominator = torch.logaddexp(log_u, torch.full_like(log_u, math.log(self.eps)))  # log(eps + u)
         tau = 1.0 / inputs.scale
         surrogate = tau * torch.exp(log_g - log_denominator).mean(dim=0).sum() / global_batch
         surrogate = with_zero_bias_gradient(surrogate, logit_bias)
         reported = tau.detach() * log_denominator.mean(dim=0).sum() / global_batch
-        global_value = self._reduce_statistics(reported, log_u, active_pairs, global_batch, info)
+        global_value, finite = self._reduce_statistics(reported, log_u, log_g, active_pairs, global_batch, info)
+        self.estimators.commit(pending, finite)
         return global_value_with_local_gradient(global_value.to(reported.dtype), surrogate, info.world_size)
 
-    def _reduce_statistics(self, reported, log_u, active_pairs, global_batch, info):
+    def _reduce_statistics(self, reported, log_u, log_g, active_pairs, global_batch, info):
         """Global reported loss, kept with the metrics' statistics: two small all_reduces, in float64
-        so that pair counts stay exact."""
-        sums = all_reduce_sum(torch.stack([x.double() for x in (reported, log_u.sum(), active_pairs.sum())]), info)
+        so that pair counts stay exact. The sums also tell every rank whether the whole global batch
+        is finite (the loss, every ``g`` and ``u``); if not, the loss is NaN, so the trainer's finite
+        check and the estimators' commit always agree."""
+        sums = all_reduce_sum(
+            torch.stack([x.double() for x in (reported, log_u.sum(), active_pairs.sum(), log_g.detach().sum())]), info
+        )
         extremes = all_reduce_max(torch.stack([-log_u.min(), log_u.max()]).double(), info)
         self._last_statistics = (sums, extremes, global_batch)
-        return sums[0]
+        finite = torch.isfinite(sums).all()
+        return torch.where(finite, sums[0], torch.nan), finite
 
     def metrics(self) -> dict[str, float]:
         """Statistics of the last forward's global batch (under gradient accumulation, the step's last
