@@ -108,7 +108,7 @@ def skipped_call_on_ranks(rank, world_size, overrides, bad_call):
     one (weights, Adam moments, estimators, step), the losses and the number of skipped batches."""
     from tuneclip_ds.builders import build_run
     from tuneclip_ds.config import load_config
-    from tuneclip_ds.engine import full_optimizer_states, full_parameters
+    from tuneclip_ds.optim.state import full_optimizer_states, full_parameters
 
     trainer = build_run(load_config(None, overrides), rank, world_size)
     loss_fn, forward, calls, snapshots = trainer.loss_fn, trainer.loss_fn.forward, [], []
