@@ -40,12 +40,15 @@ def resolve_config(args: argparse.Namespace) -> Config:
 
 
 def setup_logging(rank: int) -> None:
+    """Our progress on rank 0; warnings and errors from every rank and library (open_clip's own progress
+    goes to the root logger at INFO: it would bury ours)."""
     logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
+        level=logging.WARNING,
         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
         force=True,
     )
+    logging.getLogger("tuneclip_ds").setLevel(logging.INFO if rank == 0 else logging.WARNING)
 
 
 def main(argv: list[str] | None = None) -> int:
