@@ -136,6 +136,7 @@ def test_stage1_recovers_adam_moments_and_leaves_parameters_bit_identical(pool, 
     ["train.zero_stage=0", "train.precision=bf16"],
     ["train.zero_stage=3", "train.precision=bf16"],
     ["train.zero_stage=2", "optim.implementation=deepspeed"],
+    ["train.zero_stage=0", "train.precision=bf16", "optim.implementation=deepspeed"],
     ["train.zero_stage=1", "train.grad_accum=2"],
 ])
 def test_stage1_with_offload_bf16_deepspeed_adam_and_accumulation(pool, reference, overrides):
