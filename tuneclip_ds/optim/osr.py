@@ -131,8 +131,8 @@ class StatisticsRecovery:
 
     def observe(self, loss_fn) -> dict[str, float]:
         """This step's diagnostics (collective): moment norms, Adam's step, with GCL/HGCL the mean of the
-        estimators ``u`` over the whole table, and the relative change per step of each. None for a step that
-        DeepSpeed skipped: its moments did not change, which is no sign of convergence."""
+        estimators ``u`` over the whole table, and the relative change per step of each. Nothing for a step
+        that DeepSpeed skipped: its moments did not change, which is no sign of convergence."""
         if not self.engine.was_step_applied():  # the same on every rank: DeepSpeed agrees on skipping
             return {}
         diagnostics = moment_norms(self.engine)
