@@ -19,7 +19,16 @@ def stop_at(trainer, step: int):
     trainer.train_step = step_then_maybe_stop
 
 
-def train_and_snapshot(rank, world_size, overrides, interrupt_after=None):
+def make_gradients_nonfinite(trainer, steps):
+    """Make one parameter's gradient infinite in ``steps`` (numbered from 1), as an fp16 overflow would: DeepSpeed
+    then skips the update (in bf16 at ZeRO-1/2 too)."""
+    def poison(grad):
+        return grad + float("inf") if trainer.step + 1 in steps else grad
+
+    trainer.engine.module.logit_scale.register_hook(poison)
+
+
+def train_and_snapshot(rank, world_size, overrides, interrupt_after=None, nonfinite_at=()):
     """Run the trainer; return the final full weights and Adam moments (gathered from the partitions)."""
     from tuneclip_ds.builders import build_run
     from tuneclip_ds.config import load_config
@@ -28,6 +37,7 @@ def train_and_snapshot(rank, world_size, overrides, interrupt_after=None):
     trainer = build_run(load_config(None, overrides), rank, world_size)
     if interrupt_after is not None:
         stop_at(trainer, interrupt_after)
+    make_gradients_nonfinite(trainer, nonfinite_at)
     history = trainer.run()
     engine = trainer.engine
     return {

@@ -1,5 +1,6 @@
 """Export: open_clip loads the exported file and computes the trained engine's features, at every ZeRO stage."""
 
+import itertools
 import os
 import subprocess
 import sys
@@ -36,13 +37,16 @@ def train_and_export(rank, world_size, overrides, exports):
 
     from tuneclip_ds.builders import build_run
     from tuneclip_ds.config import load_config
-    from tuneclip_ds.optim.state import full_parameters
+    from tuneclip_ds.optim.osr import moment_norms
+    from tuneclip_ds.optim.state import full_optimizer_states, full_parameters
 
     config = load_config(None, overrides)
     trainer = build_run(config, rank, world_size)
     trainer.run()
-    engine = {"features": encode(trainer.engine.module.eval(), trainer.input_dtype),
-              "params": full_parameters(trainer.engine)}
+    module = trainer.engine.module
+    engine = {"features": encode(module.eval(), trainer.input_dtype), "model": gathered_parameters(module),
+              "params": full_parameters(trainer.engine), "norms": moment_norms(trainer.engine),
+              **{key: full_optimizer_states(trainer.engine, key) for key in ("exp_avg", "exp_avg_sq")}}
     if rank != 0:
         return engine
     exported = {}
@@ -54,6 +58,15 @@ def train_and_export(rank, world_size, overrides, exports):
         model = open_clip.create_model(config.model.name, pretrained=str(output)).eval()
         exported[output] = {"tensors": read_weights(output), "features": encode(model), "printed": printed.getvalue()}
     return engine, exported
+
+
+def gathered_parameters(module) -> dict[str, torch.Tensor]:
+    """The model's own parameters, in its training precision (gathered from their partitions at ZeRO-3)."""
+    import deepspeed
+
+    parameters = dict(module.named_parameters())
+    with deepspeed.zero.GatheredParameters(list(parameters.values()), enabled=hasattr(module.logit_scale, "ds_id")):
+        return {name: param.detach().clone() for name, param in parameters.items()}
 
 
 def is_safetensors(path) -> bool:
@@ -91,15 +104,35 @@ def test_exported_model_gives_the_engines_features(pool, synthetic_shards, tmp_p
             torch.testing.assert_close(features[kind], engine["features"][kind], rtol=1e-5, atol=1e-5)
 
 
-def test_stage0_bf16_export_has_the_fp32_masters(pool, synthetic_shards, tmp_path):
+def precision_combinations() -> list:
+    """Every ZeRO stage, precision and AdamW DeepSpeed trains with on CPU (not fp16); ZeRO-0 in bf16 in the fast
+    suite, where DeepSpeed wraps AdamW in one of two optimizers of its own: an unfused one with an fp32 master
+    per parameter (torch's AdamW), and a fused one with a flat fp32 master per param group (its FusedAdam)."""
+    def combination(stage, precision, implementation):
+        fast = (stage, precision) == (0, "bf16")
+        return pytest.param(stage, precision, implementation, marks=() if fast else pytest.mark.slow)
+
+    return [combination(*values) for values in itertools.product(range(4), ["fp32", "bf16"], ["torch", "deepspeed"])]
+
+
+@pytest.mark.parametrize("stage, precision, implementation", precision_combinations())
+def test_export_and_optimizer_states_read_the_fp32_masters(pool, synthetic_shards, tmp_path, stage, precision,
+                                                          implementation):
     output = tmp_path / "model.pt"
-    overrides = train_overrides(synthetic_shards, tmp_path, 0, "bf16")
-    (engine, exported), _ = pool.run(train_and_export, overrides, [(tmp_path / "run", output)])
-    masters = engine["params"]  # ZeRO-0 bf16: full_parameters reads DeepSpeed's fp32 masters
-    tensors = exported[output]["tensors"]
+    overrides = train_overrides(synthetic_shards, tmp_path, stage, precision)
+    (engine, exported), _ = pool.run(train_and_export, overrides + [f"optim.implementation={implementation}"],
+                                     [(tmp_path / "run", output)])
+    masters, tensors = engine["params"], exported[output]["tensors"]
+    assert all(torch.equal(master.to(engine["model"][name].dtype), engine["model"][name])
+               for name, master in masters.items())  # each the master of its parameter, which is it rounded
+    assert not all(torch.equal(master.bfloat16().float(), master) for master in masters.values())  # finer than bf16
     assert all(tensors[name].dtype == torch.float32 for name in masters)
     assert all(torch.equal(tensors[name].reshape(master.shape), master) for name, master in masters.items())
-    assert not all(torch.equal(master.bfloat16().float(), master) for master in masters.values())  # finer than bf16
+    for key in ("exp_avg", "exp_avg_sq"):  # by parameter, and as the optimizer holds them
+        assert engine[key].keys() == masters.keys()
+        assert all(engine[key][name].shape == master.shape for name, master in masters.items())
+        norm = torch.stack([moment.double().norm() for moment in engine[key].values()]).norm().item()
+        assert norm == pytest.approx(engine["norms"][f"{key}_norm"], rel=1e-4)  # fp32 sums in other orders
 
 
 def incomplete_run(tmp_path):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from test_checkpoint import assert_bit_identical, train_and_snapshot
+from test_checkpoint import assert_bit_identical, make_gradients_nonfinite, train_and_snapshot
 from test_global_batch import GLOBAL_BATCH, fixed_global_batch
 from test_training import TINY_RUN
 
@@ -36,9 +36,14 @@ def snapshot(engine) -> dict:
 
 
 def stage1_then_one_step(rank, world_size, overrides):
-    """Stage I of STAGE1_STEPS steps then one stage-II step; snapshots at the start, at the stage boundary
-    and at the end."""
+    """Stage I of STAGE1_STEPS steps then one stage-II step (see ``run_with_snapshots``)."""
     trainer = build_fixed_run(rank, world_size, [f"osr.steps={STAGE1_STEPS}", "train.steps=1"] + overrides)
+    return run_with_snapshots(trainer)
+
+
+def run_with_snapshots(trainer) -> dict:
+    """Run ``trainer``; snapshots at the start, at the stage boundary (before and after osr.recover's resets)
+    and at the end."""
     from tuneclip_ds.optim.state import full_parameters
 
     snapshots = {"start": {"params": full_parameters(trainer.engine)}}  # no Adam state before the first step
@@ -131,6 +136,7 @@ def test_stage1_recovers_adam_moments_and_leaves_parameters_bit_identical(pool, 
     ["train.zero_stage=0", "train.precision=bf16"],
     ["train.zero_stage=3", "train.precision=bf16"],
     ["train.zero_stage=2", "optim.implementation=deepspeed"],
+    ["train.zero_stage=0", "train.precision=bf16", "optim.implementation=deepspeed"],
     ["train.zero_stage=1", "train.grad_accum=2"],
 ])
 def test_stage1_with_offload_bf16_deepspeed_adam_and_accumulation(pool, reference, overrides):
@@ -230,6 +236,61 @@ def test_early_stop_when_moments_settle_not_before_min_steps(pool, min_steps):
     assert end == (9 if min_steps == 0 else 14)  # the closed form, worked out: settled from t = 8
 
 
+NONFINITE_STEPS = (3, 4, 13)  # two stage-I steps in a row (their unchanged moments would look settled), one of stage II
+
+
+def stages_with_nonfinite_gradients(rank, world_size, overrides):
+    """bf16 at ZeRO-2 with non-finite gradients at NONFINITE_STEPS, which DeepSpeed skips; stage I ends once the
+    moments settle (the same batch every step, as in ``run_until_converged``: after 9 updates), before its
+    limit of 10 updates; then 4 steps of stage II. Records the rate each applied update used and the
+    evaluations."""
+    from tuneclip_ds.optim.state import stepped_optimizers
+
+    overrides = ["train.precision=bf16", "train.zero_stage=2", "optim.betas=[0.9,0.9]", "osr.steps=10",
+                 "osr.until_converged=0.1", "osr.patience=2", "train.steps=4", "eval.every=2"] + overrides
+    trainer = build_fixed_run(rank, world_size, overrides, batch_for_step=lambda step: fixed_global_batch(0))
+    make_gradients_nonfinite(trainer, NONFINITE_STEPS)
+    rates = {}  # step -> the rates its optimizer steps (one per param group at ZeRO-2) used; none if skipped
+
+    def record_rates(optimizer, args, kwargs):
+        rates.setdefault(trainer.step + 1, set()).update(group["lr"] for group in optimizer.param_groups)
+
+    for optimizer in stepped_optimizers(trainer.engine):
+        optimizer.register_step_pre_hook(record_rates)  # after stage I's freeze
+    evaluated = []
+
+    def record_evaluation(engine, input_dtype, step):
+        evaluated.append((step, trainer.stage2_step))
+        return {}, False
+
+    trainer.evaluator = record_evaluation
+    snapshots = run_with_snapshots(trainer)
+    return {"snapshots": snapshots, "rates": {step: sorted(rate) for step, rate in rates.items()},
+            "evaluated": evaluated, "schedule_rate": trainer.engine.get_lr(),
+            "stage2_start": trainer.osr.clock.stage2_start, "skipped": trainer.engine.skipped_steps}
+
+
+@pytest.mark.parametrize("warmup, schedule, factors", [
+    (0, "cosine", [1, (2 + 2**0.5) / 4, 1 / 2, (2 - 2**0.5) / 4]),  # the shipped recipes: no warm-up
+    (5, "constant", [1 / 5, 2 / 5, 3 / 5, 4 / 5]),
+])
+def test_skipped_updates_count_neither_in_stage1_nor_in_the_schedule(pool, warmup, schedule, factors):
+    ours, _ = pool.run(stages_with_nonfinite_gradients, [f"optim.warmup_steps={warmup}", f"optim.schedule={schedule}"])
+    lr, stage2_start = 1e-3, 9 + 2  # 9 updates and the 2 skipped steps of stage I
+    assert ours["skipped"] == len(NONFINITE_STEPS)
+    assert sorted(ours["rates"]) == [step for step in range(1, stage2_start + 5) if step not in NONFINITE_STEPS]
+    assert ours["stage2_start"] == stage2_start
+    assert ours["snapshots"]["boundary"]["norms"]["adam_step"] == 9
+    assert_bit_identical(ours["snapshots"]["boundary"]["params"], ours["snapshots"]["start"]["params"],
+                         "parameters after stage I")
+    assert all(ours["rates"][step] == [0.0] for step in ours["rates"] if step <= stage2_start)
+    # stage II's steps 12, 14 and 15 take the schedule's first three rates; step 13 was skipped
+    stage2_rates = [ours["rates"][step] for step in sorted(ours["rates"]) if step > stage2_start]
+    assert stage2_rates == [[pytest.approx(lr * factor)] for factor in factors[:3]]  # one for every group
+    assert ours["schedule_rate"] == [pytest.approx(lr * factors[3])] * 2  # the next one
+    assert ours["evaluated"] == [(11, 0), (13, 2), (15, 4)]  # stage II's steps include the skipped one
+
+
 def evaluated_steps(rank, world_size, overrides):
     """(step, stage-II step) of every evaluation of a two-stage run."""
     trainer = build_fixed_run(rank, world_size, overrides)
@@ -274,14 +335,20 @@ def test_a_parameter_changed_in_stage1_is_an_error(pool):
     assert "parameters changed during stage I" in message
 
 
-@pytest.mark.parametrize("interrupt_after", [2, 4])
-def test_resume_in_stage1_and_at_the_boundary_is_exact(pool, synthetic_shards, tmp_path, interrupt_after):
+@pytest.mark.parametrize("interrupt_after, overrides, nonfinite_at", [
+    (2, [], ()), (4, [], ()),
+    # after stage II's first step, its schedule (a cosine from there) an update behind its steps: a stage-I step
+    # was skipped
+    (6, ["train.precision=bf16", "optim.warmup_steps=0"], (2,)),
+])
+def test_resume_in_stage1_and_at_the_boundary_is_exact(pool, synthetic_shards, tmp_path, interrupt_after, overrides,
+                                                       nonfinite_at):
     common = TINY_RUN + [f"data.train_shards={synthetic_shards}", "train.batch_size=8", "data.shuffle_buffer=16",
-                         "loss.name=hgcl", "data.num_samples=1024", "osr.steps=4", "train.steps=3"]
-    straight, _ = pool.run(train_and_snapshot, common + [f"output_dir={tmp_path}/a"])
-    pool.run(train_and_snapshot, common + [f"output_dir={tmp_path}/b"], interrupt_after)
+                         "loss.name=hgcl", "data.num_samples=1024", "osr.steps=4", "train.steps=3"] + overrides
+    straight, _ = pool.run(train_and_snapshot, common + [f"output_dir={tmp_path}/a"], None, nonfinite_at)
+    pool.run(train_and_snapshot, common + [f"output_dir={tmp_path}/b"], interrupt_after, nonfinite_at)
     resumed, _ = pool.run(train_and_snapshot, common + [f"output_dir={tmp_path}/b", "checkpoint.resume=latest"])
-    assert resumed["step"] == straight["step"] == 7
+    assert resumed["step"] == straight["step"] == 7 + len(nonfinite_at)
     assert resumed["losses"] == straight["losses"][interrupt_after:]
     for key in ("params", "exp_avg", "exp_avg_sq"):
         assert_bit_identical(straight[key], resumed[key], key)

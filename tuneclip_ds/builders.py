@@ -92,7 +92,7 @@ def build_run(config: Config, rank: int, world_size: int, batches=None) -> Train
     batches = build_batches(config, bundle, rank, world_size) if batches is None else batches
     evaluator = build_evaluator(config, bundle)  # checks the evaluation data before the engine is built
     stage1_steps, stage2_steps = stage_lengths(config, world_size)
-    clock = StageClock(stage2_start=None if stage1_steps else 0)
+    clock = StageClock(stage2_start=None, schedule_start=None) if stage1_steps else StageClock()
     engine = build_engine(config, bundle.model, stage2_steps, clock)
     osr = StatisticsRecovery(engine, clock, config.osr, stage1_steps)
     loss_fn = build_loss_from_config(config.loss)

@@ -81,12 +81,11 @@ def fp32_weights(folder: Path, zero_stage: int) -> dict[str, torch.Tensor]:
 def _stage0_weights(folder: Path) -> dict[str, torch.Tensor]:
     """ZeRO-0 keeps one replicated copy; with bf16/fp16 its optimizer holds the fp32 masters."""
     states = torch.load(folder / STAGE0_STATES, map_location="cpu", weights_only=False)
-    module = states["module"]
-    masters = states["optimizer"].get("fp32_groups")
-    if masters is None:  # fp32 training: the module's parameters are the masters
-        return module
+    module, optimizer = states["module"], states["optimizer"]
+    if "fp32_groups" not in optimizer and "fp32_groups_flat" not in optimizer:
+        return module  # fp32 training: the module's parameters are the masters
     parameters = {name: tensor for name, tensor in module.items() if name not in states["buffer_names"]}
-    return {**module, **_name_masters(parameters, masters)}
+    return {**module, **_name_masters(parameters, optimizer)}
 
 
 class _CheckpointParameters:
@@ -99,18 +98,34 @@ class _CheckpointParameters:
         return iter(self.parameters.items())
 
 
-def _name_masters(parameters: dict[str, torch.Tensor], masters: list[list[torch.Tensor]]) -> dict:
-    """Names for the fp32 masters, which DeepSpeed lists per param group in ``engine.param_groups`` order."""
+def _name_masters(parameters: dict[str, torch.Tensor], optimizer: dict) -> dict:
+    """Names for the fp32 masters of DeepSpeed's ZeRO-0 bf16/fp16 wrapper (its ``optimizer`` state), which it
+    keeps per param group in ``engine.param_groups`` order: one per parameter (``fp32_groups``), or with its
+    FusedAdam one flat tensor per group (``fp32_groups_flat``)."""
     from tuneclip_ds.optim import param_groups
 
     stand_in = _CheckpointParameters(parameters)
     names = {id(param): name for name, param in stand_in.named_parameters()}
     groups = [group["params"] for group in param_groups(stand_in, weight_decay=0.0)]
-    if [[p.shape for p in group] for group in groups] != [[m.shape for m in group] for group in masters]:
+    shapes = [[p.shape for p in group] for group in groups]
+    if "fp32_groups" in optimizer:
+        masters = optimizer["fp32_groups"]
+    else:
+        masters = [_cut(flat, group) for flat, group in zip(optimizer["fp32_groups_flat"], shapes)]
+    if shapes != [[m.shape for m in group] for group in masters]:
         raise CheckpointError("the checkpoint's fp32 master weights do not follow the trainer's parameter groups "
                               "(was it written by another version?)")
     return {names[id(param)]: master
             for group, tensors in zip(groups, masters) for param, master in zip(group, tensors)}
+
+
+def _cut(flat: torch.Tensor, shapes: list[torch.Size]) -> list[torch.Tensor]:
+    """A param group's flat master cut into its parameters' masters (left whole if the sizes differ)."""
+    from tuneclip_ds.optim.state import flat_layout
+
+    if flat.numel() != sum(shape.numel() for shape in shapes):
+        return [flat]
+    return [master.value() for master in flat_layout(flat, shapes)]
 
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -111,7 +111,7 @@ class Trainer:
         if self.osr.active:
             if self.osr.start_digest is None:
                 self.osr.begin()
-            if not self._train_while(lambda: not self.osr.done(self.step)):
+            if not self._train_while(lambda: not self.osr.done()):
                 return False
             self._begin_stage2()
         elif self.step == 0:
@@ -300,6 +300,10 @@ class Trainer:
         }
         if result.grad_norm is not None:
             scalars["train/grad_norm"] = result.grad_norm
+        scalars["train/skipped_updates"] = self.engine.skipped_steps
+        if not self.engine.was_step_applied():
+            logger.warning("step %d: DeepSpeed skipped the update (non-finite gradients); the learning-rate "
+                           "schedule and stage I's length count updates only", step)
         for name, value in getattr(self.loss_fn, "metrics", dict)().items():
             scalars[f"loss/{name}"] = value
         for name, value in diagnostics.items():

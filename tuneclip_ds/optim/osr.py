@@ -35,6 +35,13 @@ class ParametersChangedError(RuntimeError):
     """A parameter changed during stage I, whose learning rate is frozen at 0."""
 
 
+def applied_updates(engine) -> int:
+    """The optimizer steps DeepSpeed applied: the scheduler advances at those only. A step it skips on
+    non-finite gradients (an fp16 overflow; bf16 at ZeRO-1/2) changes no moment and advances
+    ``engine.global_steps`` alone."""
+    return engine.lr_scheduler.last_epoch
+
+
 def _state_is_partitioned(engine) -> bool:
     """ZeRO 1-3 and DeepSpeed's bf16 optimizer shard the moments over the data-parallel ranks."""
     from deepspeed.runtime.base_optimizer import ZeROOptimizer
@@ -79,7 +86,8 @@ class StatisticsRecovery:
     """Stage I for a DeepSpeed engine: the frozen rate, its diagnostics and its end.
 
     ``clock.stage2_start`` is ``None`` while stage I runs; ``begin_stage2``
-    sets it, after checking that no parameter changed.
+    sets it, after checking that no parameter changed. Stage I's length counts
+    the updates DeepSpeed applied: a skipped step recovers nothing.
     """
 
     def __init__(self, engine, clock: StageClock, osr: OSRConfig, max_steps: int):
@@ -115,14 +123,18 @@ class StatisticsRecovery:
         logger.info("stage I (optimizer statistics recovery): up to %d steps with the learning rate frozen at 0; "
                     "parameter digest %s", self.max_steps, self.start_digest[:16])
 
-    def done(self, step: int) -> bool:
+    def done(self) -> bool:
         """Stage I is over: its step limit, or settled statistics (not before ``osr.min_steps``)."""
-        enough = step >= self.config.min_steps and self.monitor.converged
-        return step >= self.max_steps or enough
+        updates = applied_updates(self.engine)
+        enough = updates >= self.config.min_steps and self.monitor.converged
+        return updates >= self.max_steps or enough
 
     def observe(self, loss_fn) -> dict[str, float]:
         """This step's diagnostics (collective): moment norms, Adam's step, with GCL/HGCL the mean of the
-        estimators ``u`` over the whole table, and the relative change per step of each."""
+        estimators ``u`` over the whole table, and the relative change per step of each. Nothing for a step
+        that DeepSpeed skipped: its moments did not change, which is no sign of convergence."""
+        if not self.engine.was_step_applied():  # the same on every rank: DeepSpeed agrees on skipping
+            return {}
         diagnostics = moment_norms(self.engine)
         watched = {key: diagnostics[key] for key in ("exp_avg_norm", "exp_avg_sq_norm")}
         if hasattr(loss_fn, "estimators"):
@@ -141,9 +153,11 @@ class StatisticsRecovery:
                 f"parameters changed during stage I (digest {self.start_digest[:16]} -> {digest[:16]}); "
                 "the learning rate was not frozen at 0: is a parameter changed outside the optimizer's step?"
             )
-        logger.info("stage I ended after %d steps (%s); parameters unchanged (digest %s); stage II begins",
-                    step, "converged" if step < self.max_steps else "step limit", digest[:16])
-        self.clock.stage2_start = step
+        updates = applied_updates(self.engine)
+        logger.info("stage I ended after %d steps, %d of them skipped on non-finite gradients (%s); parameters "
+                    "unchanged (digest %s); stage II begins", step, step - updates,
+                    "converged" if updates < self.max_steps else "step limit", digest[:16])
+        self.clock.begin_stage2(step, updates)
         recover = self.config.recover
         forget_statistics(self.engine, keep_m="m" in recover, keep_v="v" in recover)
         has_estimators = hasattr(loss_fn, "estimators")
@@ -158,11 +172,13 @@ class StatisticsRecovery:
         return digest
 
     def state_dict(self) -> dict:
-        return {"stage2_start": self.clock.stage2_start, "start_digest": self.start_digest,
-                "monitor": self.monitor.state_dict()}
+        return {"stage2_start": self.clock.stage2_start, "schedule_start": self.clock.schedule_start,
+                "start_digest": self.start_digest, "monitor": self.monitor.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.clock.stage2_start = state["stage2_start"]
+        # checkpoints written before skipped steps were told apart: exact unless a step was skipped
+        self.clock.schedule_start = state.get("schedule_start", state["stage2_start"])
         self.start_digest = state["start_digest"]
         self.monitor.load_state_dict(state["monitor"])
 

@@ -3,6 +3,9 @@ the optimizers it steps, the full fp32 parameters (masters) and Adam's moments."
 
 from __future__ import annotations
 
+import itertools
+from typing import NamedTuple
+
 import torch
 
 
@@ -28,8 +31,10 @@ def iter_full_parameters(engine):
 
     masters = _zero0_masters(engine)
     for name, param in engine.module.named_parameters():
-        full = safe_get_full_fp32_param(param) if param.requires_grad else None
-        full = masters.get(id(param), full)
+        if id(param) in masters:
+            full = masters[id(param)].value()
+        else:
+            full = safe_get_full_fp32_param(param) if param.requires_grad else None
         if full is None:
             with deepspeed.zero.GatheredParameters([param], enabled=hasattr(param, "ds_id")):
                 full = param.detach().clone()
@@ -46,7 +51,7 @@ def full_optimizer_states(engine, key: str) -> dict[str, torch.Tensor]:
 
     ZeRO 1-3 and DeepSpeed's bf16 optimizer keep it in partitioned fp32
     buffers; ZeRO-0 keeps it in the client optimizer, keyed by the parameter
-    (fp32) or by its fp32 master (bf16/fp16).
+    (fp32) or by the fp32 master it is part of (bf16/fp16).
     """
     from deepspeed.utils import safe_get_full_optimizer_state
 
@@ -57,19 +62,56 @@ def full_optimizer_states(engine, key: str) -> dict[str, torch.Tensor]:
     for name, param in engine.module.named_parameters():
         if not param.requires_grad:
             continue  # frozen: no optimizer state
-        full = safe_get_full_optimizer_state(param, key)
+        if id(param) in masters:
+            full = masters[id(param)].state(client, key)
+        else:
+            full = safe_get_full_optimizer_state(param, key)
         if full is None:
-            full = client.state[masters.get(id(param), param)][key]
+            full = client.state[param][key]
         states[name] = full.detach().float().cpu().clone()
     return states
 
 
-def _zero0_masters(engine) -> dict[int, torch.Tensor]:
-    """ZeRO-0 in bf16/fp16: DeepSpeed's wrapper keeps a whole fp32 master per parameter (by parameter id)."""
+class Master(NamedTuple):
+    """A parameter's fp32 master at ZeRO-0 in bf16/fp16: ``flat[offset:offset + numel]`` shaped like the
+    parameter, where ``flat`` is the tensor DeepSpeed's wrapper hands its optimizer (which keys its state by it)."""
+
+    flat: torch.Tensor
+    offset: int
+    shape: torch.Size
+
+    def of(self, flat: torch.Tensor) -> torch.Tensor:
+        """This parameter's part of ``flat``, or of a tensor laid out like it (an Adam moment)."""
+        return flat.view(-1).narrow(0, self.offset, self.shape.numel()).view(self.shape)
+
+    def value(self) -> torch.Tensor:
+        return self.of(self.flat)
+
+    def state(self, optimizer: torch.optim.Optimizer, key: str) -> torch.Tensor:
+        return self.of(optimizer.state[self.flat][key])
+
+
+def _zero0_masters(engine) -> dict[int, Master]:
+    """ZeRO-0 in bf16/fp16, by parameter id: DeepSpeed's unfused wrapper (around torch's AdamW) keeps an fp32
+    master per parameter in ``fp32_groups``, its fused one (around its FusedAdam) one flat fp32 master per
+    param group in ``fp32_groups_flat``, laid out as the group's parameters one after the other."""
+    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
     wrapper = engine.optimizer
-    pairs = zip(getattr(wrapper, "fp16_groups", ()), getattr(wrapper, "fp32_groups", ()))
-    return {id(low): high for lows, highs in pairs for low, high in zip(lows, highs)
-            if isinstance(low, torch.Tensor)}
+    if isinstance(wrapper, FP16_UnfusedOptimizer):
+        return {id(low): Master(high, 0, high.shape) for lows, highs in zip(wrapper.fp16_groups, wrapper.fp32_groups)
+                for low, high in zip(lows, highs)}
+    if isinstance(wrapper, FP16_Optimizer):
+        return {id(low): master for lows, flat in zip(wrapper.fp16_groups, wrapper.fp32_groups_flat)
+                for low, master in zip(lows, flat_layout(flat, [low.shape for low in lows]))}
+    return {}
+
+
+def flat_layout(flat: torch.Tensor, shapes: list[torch.Size]) -> list[Master]:
+    """Where each of ``shapes`` lies in ``flat``, which holds them one after the other (as DeepSpeed flattens)."""
+    offsets = itertools.accumulate((shape.numel() for shape in shapes), initial=0)
+    return [Master(flat, offset, shape) for offset, shape in zip(offsets, shapes)]
 
 
 def _relink_optimizer_state_fragments(optimizer) -> None:
