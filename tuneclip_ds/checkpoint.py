@@ -155,6 +155,28 @@ def check_complete(checkpoint: Path) -> Path:
     return checkpoint
 
 
+def find_checkpoint(path: Path, best: bool = False) -> Path:
+    """The checkpoint ``path`` names: a ``step_*`` folder, or the latest (or ``best``) complete one of a
+    run directory or of its ``checkpoints/`` folder."""
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist: give a run directory or one of its checkpoints/step_* folders")
+    if (path / COMPLETE).is_file() or any(path.glob("*model_states.pt")):  # a checkpoint folder
+        if best:
+            raise CheckpointError(f"--best picks a checkpoint of a run: give the run directory, not {path}")
+        return check_complete(path)
+    if (path / "checkpoints").is_dir():  # a run directory
+        path = path / "checkpoints"
+    elif not ((path / LATEST).is_file() or any(path.glob("step_*"))):  # nor a checkpoints/ folder
+        raise CheckpointError(f"{path} is not a run directory or checkpoint: expected checkpoints/, or a "
+                              f"step_* folder with DeepSpeed's files and {COMPLETE}")
+    if best:
+        return find_best(path)
+    latest = find_latest(path)
+    if latest is None:
+        raise CheckpointError(f"{path} holds no complete checkpoint (none was saved, or every save was interrupted)")
+    return latest
+
+
 def read_metadata(checkpoint: Path) -> dict:
     return json.loads((checkpoint / COMPLETE).read_text())
 
@@ -289,8 +311,6 @@ def set_rng_states(states: dict[str, Any]) -> None:
 def convert(source: Path, workers: int) -> str:
     """Convert the checkpoint ``source`` names (a run directory: its latest) for resuming on another number of
     ranks; returns what was done."""
-    from tuneclip_ds.export import find_checkpoint
-
     if workers < 1:
         raise InputError(f"--workers must be at least 1, got {workers}")
     folder = find_checkpoint(source)

@@ -93,7 +93,7 @@ def suite_from_args(args: argparse.Namespace) -> Suite:
 
 def training_checkpoint(pretrained: str) -> Path | None:
     """The checkpoint folder of the training run or checkpoint ``pretrained`` names; None for weights."""
-    from tuneclip_ds import checkpoint, export
+    from tuneclip_ds import checkpoint
 
     path = Path(pretrained)
     if not pretrained or not path.is_dir() or (path / "open_clip_config.json").is_file():
@@ -101,7 +101,7 @@ def training_checkpoint(pretrained: str) -> Path | None:
     markers = [path / "checkpoints", path / checkpoint.LATEST, path / checkpoint.COMPLETE]
     if not any(marker.exists() for marker in markers) and not any(path.glob("*model_states.pt")):
         return None  # an open_clip folder with one weights file
-    return export.find_checkpoint(path)
+    return checkpoint.find_checkpoint(path)
 
 
 @contextlib.contextmanager
