@@ -80,3 +80,27 @@ def test_run_resumed_after_a_killed_save_continues_from_the_previous_checkpoint(
     assert resumed["losses"] == straight["losses"][2:]
     assert_bit_identical(straight["params"], resumed["final"]["params"], "params")
     assert (killed / "step_00000006" / checkpoint.COMPLETE).is_file()
+
+
+def test_convert_command_explains_what_it_did_or_why_not(tmp_path, capsys):
+    def convert(*arguments) -> tuple[int, str]:
+        status = checkpoint.main(["convert", *arguments])
+        captured = capsys.readouterr()
+        return status, captured.out + captured.err
+
+    assert convert(str(tmp_path / "nothing")) == (2, f"error: {tmp_path / 'nothing'} does not exist: give a run "
+                                                      "directory or one of its checkpoints/step_* folders\n")
+    damaged = fake_checkpoint(tmp_path, 100)  # ZeRO-2, with empty files
+    assert convert(str(damaged), "--workers", "0") == (2, "error: --workers must be at least 1, got 0\n")
+    status, output = convert(str(tmp_path), "--workers", "1")  # the latest checkpoint of these
+    last_line = output.splitlines()[-1]  # after DeepSpeed's own lines
+    assert status == 2 and last_line.startswith(f"error: cannot resume {damaged} on another number of ranks: "
+                                                "DeepSpeed's conversion to a universal checkpoint failed (")
+    assert "Traceback" not in output and not list(damaged.glob(checkpoint.UNIVERSAL + "*"))
+    (damaged / checkpoint.UNIVERSAL).mkdir()
+    assert convert(str(damaged)) == (0, f"{damaged / checkpoint.UNIVERSAL} exists already: a resume on another "
+                                        "number of ranks loads it\n")
+    replicated = fake_checkpoint(tmp_path / "zero0", 100)
+    (replicated / checkpoint.COMPLETE).write_text(json.dumps(dict(METADATA, zero_stage=0, step=100, world_size=2)))
+    assert convert(str(replicated)) == (0, f"{replicated} is a ZeRO-0 checkpoint: it resumes on any number of "
+                                           "ranks as it is, nothing to convert\n")

@@ -103,6 +103,8 @@ def test_bad_override_names_the_override(tmp_path, overrides, message):
         ("osr.steps=-3", "osr.steps must be at least 0, got -3"),
         ("osr.min_steps=-1", "osr.min_steps must be at least 0, got -1"),
         ("eval.every=-1", "eval.every must be at least 0, got -1"),
+        ("train.wait_timeout_minutes=0", "train.wait_timeout_minutes must be greater than 0, got 0.0"),
+        ("train.wait_timeout_minutes=-5", "train.wait_timeout_minutes must be greater than 0, got -5.0"),
     ],
 )
 def test_numbers_out_of_range_are_refused(override, message):
@@ -113,8 +115,10 @@ def test_numbers_out_of_range_are_refused(override, message):
 
 def test_numbers_at_the_edges_of_their_ranges_load():
     config = load_config(None, ["train.steps=0", "optim.lr=0", "optim.weight_decay=0", "optim.betas=[0, 0.999]",
-                                "optim.eps=0", "optim.min_lr_ratio=1", "train.grad_clip=0", "osr.steps=0"])
+                                "optim.eps=0", "optim.min_lr_ratio=1", "train.grad_clip=0", "osr.steps=0",
+                                "train.wait_timeout_minutes=0.05"])
     assert config.optim.betas == (0.0, 0.999) and config.optim.lr == 0.0
+    assert config.train.wait_timeout_minutes == 0.05
 
 
 def test_empty_string_keys_accept_null_and_an_empty_override(tmp_path):

@@ -49,6 +49,24 @@ def evaluate_exported(rank, world_size, weights: str, suite: str):
     return evaluate(model, load_suite(suite), bundle.preprocess_val, bundle.tokenizer, "cpu")
 
 
+def evaluate_run_counting_exports(rank, world_size, run_dir: str, suite: str):
+    """``python -m tuneclip_ds.eval --pretrained RUN_DIR`` on each rank; returns the metrics and the folders this
+    rank exported the run to."""
+    from tuneclip_ds import export
+    from tuneclip_ds.eval import cli
+
+    exported, export_folder = [], export.export_folder
+
+    def counted(source, output, *args, **kwargs):
+        exported.append(output)
+        return export_folder(source, output, *args, **kwargs)
+
+    args = cli.parse_args(["--model", "tiny-ViT", "--pretrained", run_dir, "--tasks", suite])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(export, "export_folder", counted)
+        return cli.evaluate_pretrained(args, cli.suite_from_args(args), rank, world_size), exported
+
+
 def test_zero3_evaluation_during_training_keeps_and_exports_the_best(pools, tmp_path):
     from tuneclip_ds import export
     from tuneclip_ds.eval.cli import main as eval_main
@@ -86,6 +104,11 @@ def test_zero3_evaluation_during_training_keeps_and_exports_the_best(pools, tmp_
     assert eval_main(["--model", "tiny-ViT", "--pretrained", str(run_dir), "--tasks", str(suite),
                       "--output", str(tmp_path / "cli.json")]) == 0
     assert json.loads((tmp_path / "cli.json").read_text())["metrics"] == last
+    # On 2 ranks of one node, rank 0 alone converts the run (local rank 0; the other waits and reads its folder,
+    # removed afterwards), and the metrics are those of one process.
+    (metrics_0, exported), (metrics_1, none) = pools[2].run(evaluate_run_counting_exports, str(run_dir), str(suite))
+    assert metrics_0 == metrics_1 == last
+    assert len(exported) == 1 and none == [] and not exported[0].parent.exists()
     best_weights = torch.load(tmp_path / "best.pt")
     last_weights = torch.load(tmp_path / "last.pt")
     assert best_step == 6 or not torch.equal(best_weights["visual.proj"], last_weights["visual.proj"])

@@ -1,11 +1,16 @@
 """Resume on another number of ranks: weights, Adam moments, optimizer options and loss estimators carry over."""
 
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from test_checkpoint import assert_bit_identical
+from test_launch import REPO
 from test_training import TINY_RUN
 
 
@@ -72,6 +77,29 @@ def resume_and_finish(rank, world_size, overrides):
     return {"loaded": loaded, "final": snapshot(trainer), "losses": history.losses, "warnings": recorder.messages}
 
 
+def resume_without_converting(rank, world_size, overrides):
+    """``resume_and_finish`` from a checkpoint converted ahead of the job: converting again fails."""
+    from tuneclip_ds import checkpoint
+
+    def convert_again(folder, workers):
+        raise AssertionError(f"{folder} was converted again")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(checkpoint, "convert_to_universal", convert_again)
+        return resume_and_finish(rank, world_size, overrides)
+
+
+def convert_offline(run_dir: Path) -> None:
+    """``python -m tuneclip_ds.checkpoint convert RUN_DIR`` with 2 processes (forked: not from pytest's process, whose
+    threads would deadlock them)."""
+    command = [sys.executable, "-m", "tuneclip_ds.checkpoint", "convert", str(run_dir), "--workers", "2"]
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    universal = run_dir / "checkpoints" / "step_00000003" / "universal"
+    assert f"wrote {universal}: a resume on another number of ranks loads it without converting" in result.stdout
+
+
 def estimator_entries(states: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
     """Every rank's estimators as one table sorted by sample id."""
     ids = torch.cat([state["ids"] for state in states])
@@ -80,12 +108,17 @@ def estimator_entries(states: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
     return ids[order], log_u[order]
 
 
-def check_resume_on_other_world_size(pools, shards, tmp_path, stage, saved_ranks, resumed_ranks, *overrides):
+def check_resume_on_other_world_size(pools, shards, tmp_path, stage, saved_ranks, resumed_ranks, *overrides,
+                                     convert_ahead=False):
+    """``convert_ahead``: with ``python -m tuneclip_ds.checkpoint convert`` between the runs."""
     common = TINY_RUN + [f"data.train_shards={shards}", "data.num_samples=1024", "train.batch_size=8",
                          "data.shuffle_buffer=16", "data.num_workers=0", f"train.zero_stage={stage}",
                          "loss.name=gcl", f"output_dir={tmp_path}", *overrides]
     saved = pools[saved_ranks].run(train_and_snapshot, common + ["train.steps=3"])
-    resumed = pools[resumed_ranks].run(resume_and_finish, common + ["train.steps=5", "checkpoint.resume=latest"])
+    if convert_ahead:
+        convert_offline(tmp_path / "run")
+    resume = resume_without_converting if convert_ahead else resume_and_finish
+    resumed = pools[resumed_ranks].run(resume, common + ["train.steps=5", "checkpoint.resume=latest"])
     for result in resumed:
         loaded = result["loaded"]
         assert loaded["step"] == 3 and result["final"]["step"] == 5 and len(result["losses"]) == 2
@@ -107,6 +140,10 @@ def check_resume_on_other_world_size(pools, shards, tmp_path, stage, saved_ranks
 @pytest.mark.parametrize("saved_ranks, resumed_ranks", [(2, 1), (1, 2)])
 def test_zero3_resumes_on_another_world_size(pools, synthetic_shards, tmp_path, saved_ranks, resumed_ranks):
     check_resume_on_other_world_size(pools, synthetic_shards, tmp_path, 3, saved_ranks, resumed_ranks)
+
+
+def test_checkpoint_converted_ahead_resumes_on_another_world_size(pools, synthetic_shards, tmp_path):
+    check_resume_on_other_world_size(pools, synthetic_shards, tmp_path, 2, 2, 1, convert_ahead=True)
 
 
 @pytest.mark.slow

@@ -74,7 +74,7 @@ def submitted_job(result: subprocess.CompletedProcess) -> str:
 
 def sbatch(slurm, config: str, tmp_path: Path, name: str) -> str:
     """``sbatch slurm/train.sbatch`` of the run ``name``, 2 tasks; its log is tmp_path/slurm-JOBID.out."""
-    command = ["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", f"--chdir={tmp_path}",
+    command = ["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", f"--chdir={tmp_path}",
                str(REPO / "slurm" / "train.sbatch"), config, *run_in(tmp_path, name)]
     return subprocess.run(command, env=environment(slurm.env), capture_output=True, text=True,
                           check=True).stdout.strip()
@@ -204,6 +204,33 @@ def test_gpu_requests_are_checked_against_the_partition():
     with pytest.raises(SlurmError, match=r"3 node\(s\) with 8 GPUs, 2 have that many \(the most on a node: 8\)"):
         gpus_per_node(nodes, "gpu", count=3, tasks_per_node=8, cpus_per_task=1)
     assert gpus_per_node([Node(cpus=16, gpus=0)], "cpu", count=1, tasks_per_node=4, cpus_per_task=4) == 0
+
+
+def test_cpus_per_task_defaults_to_the_tasks_share_of_a_node(monkeypatch, capsys, tmp_path):
+    from tuneclip_ds import submit
+    from tuneclip_ds.config import load_config
+    from tuneclip_ds.submit import Node, default_cpus_per_task
+
+    nodes = [Node(cpus=64, gpus=8), Node(cpus=128, gpus=8), Node(cpus=96, gpus=4)]
+    monkeypatch.setattr(submit, "partition_nodes", lambda partition: ("gpu", nodes))
+
+    def cpus_per_task(arguments: list[str], num_workers: int) -> int:
+        args = submit.parse_args(["--nodes", "2", *arguments])
+        config = load_config(None, ["train.steps=1", f"data.num_workers={num_workers}", f"output_dir={tmp_path}"])
+        parameters = submit.slurm_executor(args, config, minutes=60).parameters
+        assert parameters["srun_args"] == ["--cpus-per-task", str(parameters["cpus_per_task"])]  # not inherited
+        return parameters["cpus_per_task"]
+
+    # Two nodes with 8 GPUs: the second best of those two gives 64 CPUs / 8 GPUs. With 4 GPUs, any node will do and
+    # each task takes its GPU's share (the second best is the 128-CPU node: 16, not 128 / 4).
+    assert cpus_per_task(["--gpus-per-node", "8"], num_workers=7) == 8
+    assert cpus_per_task(["--gpus-per-node", "4"], num_workers=7) == 16
+    assert capsys.readouterr().err == ""
+    assert cpus_per_task(["--gpus-per-node", "8", "--cpus-per-task", "6"], num_workers=7) == 6
+    assert capsys.readouterr().err == ("warning: 6 CPU(s) per task for data.num_workers=7 data-loading workers and "
+                                       "the rank itself: the GPUs may wait for data; give --cpus-per-task 8 or more, "
+                                       "or lower data.num_workers\n")
+    assert default_cpus_per_task([Node(cpus=16, gpus=0)], count=1, tasks_per_node=4, gpus=0) == 4  # CPU tasks
 
 
 def test_slurm_task_counts_and_time_limits_are_read():

@@ -9,6 +9,7 @@ import torch
 
 from tuneclip_ds.config import Config, DataConfig, LossConfig, SyntheticConfig
 from tuneclip_ds.data.stream import BatchStream
+from tuneclip_ds.distributed import set_wait_timeout, wait_for_rank0
 from tuneclip_ds.engine import build_ds_config, build_engine
 from tuneclip_ds.losses import build_loss
 from tuneclip_ds.models import ClipBundle, build_model, build_partitioned_model
@@ -18,17 +19,19 @@ from tuneclip_ds.trainer import Trainer, stage_lengths
 logger = logging.getLogger(__name__)
 
 
-def ensure_synthetic_corpus(data: DataConfig, rank: int) -> None:
+def ensure_synthetic_corpus(data: DataConfig) -> None:
     """Rank 0 writes the synthetic corpus when ``data.synthetic`` is set and the folder has no shards, and
-    its held-out split when ``data.synthetic.val_shards`` names a folder without shards."""
+    its held-out split when ``data.synthetic.val_shards`` names a folder without shards (the others wait)."""
+    wait_for_rank0(lambda: _write_splits(data))
+
+
+def _write_splits(data: DataConfig) -> None:
     spec = data.synthetic
-    if rank == 0:
-        _write_split_once(Path(data.train_shards), spec, spec.num_samples, spec.split)
-        if spec.val_shards:
-            _write_split_once(Path(spec.val_shards), spec, spec.val_samples, "val")
-        if spec.shifted_val_shards:
-            _write_split_once(Path(spec.shifted_val_shards), spec, spec.val_samples, "val", domain="shifted")
-    torch.distributed.barrier()
+    _write_split_once(Path(data.train_shards), spec, spec.num_samples, spec.split)
+    if spec.val_shards:
+        _write_split_once(Path(spec.val_shards), spec, spec.val_samples, "val")
+    if spec.shifted_val_shards:
+        _write_split_once(Path(spec.shifted_val_shards), spec, spec.val_samples, "val", domain="shifted")
 
 
 def _write_split_once(folder: Path, spec: SyntheticConfig, num_samples: int, split: str,
@@ -54,7 +57,7 @@ def build_batches(config: Config, bundle: ClipBundle, rank: int, world_size: int
 
     data = config.data
     if data.synthetic is not None:
-        ensure_synthetic_corpus(data, rank)
+        ensure_synthetic_corpus(data)
     loader = build_train_loader(
         resolve_shards(data.train_shards),
         preprocess=bundle.preprocess_train,
@@ -88,6 +91,7 @@ def build_writer(config: Config, rank: int):
 def build_run(config: Config, rank: int, world_size: int, batches=None) -> Trainer:
     """The trainer of ``config``; ``batches`` (an iterator of batch dicts) replaces the data pipeline."""
     torch.manual_seed(config.seed)
+    set_wait_timeout(config.train.wait_timeout_minutes)
     bundle = build_training_model(config, world_size)
     batches = build_batches(config, bundle, rank, world_size) if batches is None else batches
     evaluator = build_evaluator(config, bundle)  # checks the evaluation data before the engine is built

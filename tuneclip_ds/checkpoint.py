@@ -6,6 +6,7 @@ Layout of ``RUN_DIR/checkpoints``::
         trainer_rank00000.pt  per-rank state: data position, RNG states, loss estimator shard
         complete.json         written by rank 0 once every rank has finished writing
         universal/            DeepSpeed's universal form, made on the first resume on another world size
+                              (or ahead of it: python -m tuneclip_ds.checkpoint convert CHECKPOINT)
     latest                    the tag of the newest complete checkpoint (replaced atomically)
     best                      the tag of the best-evaluated one (eval.select); pruning keeps it
 
@@ -16,6 +17,11 @@ On another number of ranks, ZeRO-1/2/3 partitions are converted once by rank 0
 with DeepSpeed's ``ds_to_universal`` and loaded with its ``load_universal``
 option; ZeRO-0 state is replicated and loads as it is. The per-rank trainer
 state is rebuilt (``load_rank_state``).
+
+    python -m tuneclip_ds.checkpoint convert RUN_DIR_OR_CHECKPOINT [--workers N]
+
+converts ahead of the job, with N processes, instead of rank 0 alone while the
+other ranks wait.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import logging
 import os
 import random
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -33,7 +40,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from tuneclip_ds.errors import InputError
+from tuneclip_ds.distributed import wait_for_rank0
+from tuneclip_ds.errors import InputError, command
 
 logger = logging.getLogger(__name__)
 
@@ -62,14 +70,18 @@ def save(engine, root: Path, step: int, metadata: dict, rank_state: dict, keep_l
     engine.save_checkpoint(str(root), tag=tag, save_latest=False)
     write_atomically(rank_file(checkpoint, engine.global_rank), lambda path: torch.save(rank_state, path))
     torch.distributed.barrier()  # every rank's files are on disk
-    if engine.global_rank == 0:
-        record = dict(metadata, step=step, world_size=engine.dp_world_size, saved_at=time.time())
-        write_atomically(checkpoint / COMPLETE, lambda path: Path(path).write_text(json.dumps(record, indent=1)))
-        write_atomically(root / LATEST, lambda path: Path(path).write_text(tag))
-        _prune(root, keep_last)
-        logger.info("saved checkpoint %s", checkpoint)
-    torch.distributed.barrier()
+    record = dict(metadata, step=step, world_size=engine.dp_world_size, saved_at=time.time())
+    # Pruning old checkpoints can take long on a shared filesystem: the other ranks wait outside the collectives.
+    wait_for_rank0(lambda: _complete(root, tag, record, keep_last))
     return checkpoint
+
+
+def _complete(root: Path, tag: str, record: dict, keep_last: int) -> None:
+    """Mark the checkpoint ``tag`` complete and latest (rank 0), and delete those past ``keep_last``."""
+    write_atomically(root / tag / COMPLETE, lambda path: Path(path).write_text(json.dumps(record, indent=1)))
+    write_atomically(root / LATEST, lambda path: Path(path).write_text(tag))
+    _prune(root, keep_last)
+    logger.info("saved checkpoint %s", root / tag)
 
 
 def write_atomically(path: Path, write) -> None:
@@ -143,6 +155,28 @@ def check_complete(checkpoint: Path) -> Path:
     return checkpoint
 
 
+def find_checkpoint(path: Path, best: bool = False) -> Path:
+    """The checkpoint ``path`` names: a ``step_*`` folder, or the latest (or ``best``) complete one of a
+    run directory or of its ``checkpoints/`` folder."""
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist: give a run directory or one of its checkpoints/step_* folders")
+    if (path / COMPLETE).is_file() or any(path.glob("*model_states.pt")):  # a checkpoint folder
+        if best:
+            raise CheckpointError(f"--best picks a checkpoint of a run: give the run directory, not {path}")
+        return check_complete(path)
+    if (path / "checkpoints").is_dir():  # a run directory
+        path = path / "checkpoints"
+    elif not ((path / LATEST).is_file() or any(path.glob("step_*"))):  # nor a checkpoints/ folder
+        raise CheckpointError(f"{path} is not a run directory or checkpoint: expected checkpoints/, or a "
+                              f"step_* folder with DeepSpeed's files and {COMPLETE}")
+    if best:
+        return find_best(path)
+    latest = find_latest(path)
+    if latest is None:
+        raise CheckpointError(f"{path} holds no complete checkpoint (none was saved, or every save was interrupted)")
+    return latest
+
+
 def read_metadata(checkpoint: Path) -> dict:
     return json.loads((checkpoint / COMPLETE).read_text())
 
@@ -167,7 +201,7 @@ def load_engine(engine, checkpoint: Path, saved_world_size: int) -> None:
         return
     logger.info("checkpoint %s was written by %d ranks, this run has %d: loading its universal form",
                 checkpoint, saved_world_size, engine.dp_world_size)
-    universal = to_universal(checkpoint, engine.global_rank)
+    universal = to_universal(checkpoint)
     config = engine._config  # DeepSpeed reads this flag only while loading (engine.load_universal_checkpoint())
     previous, config.load_universal_checkpoint = config.load_universal_checkpoint, True
     try:
@@ -184,39 +218,45 @@ def _load(engine, checkpoint: Path) -> None:
         raise CheckpointError(f"DeepSpeed found no checkpoint files in {checkpoint}: the folder is damaged")
 
 
-def to_universal(checkpoint: Path, rank: int) -> Path:
-    """``checkpoint/universal``, converted by rank 0 unless an earlier resume did (collective)."""
-    universal = checkpoint / UNIVERSAL
-    failure = [None]
-    if rank == 0 and not universal.is_dir():
-        try:
-            _convert_to_universal(checkpoint, universal)
-        except Exception as error:  # every rank must hear of it, or the others wait forever
-            logger.exception("converting %s to a universal checkpoint failed", checkpoint)
-            failure = [f"{type(error).__name__}: {error}"]
-    torch.distributed.broadcast_object_list(failure, src=0)
-    if failure[0] is not None:
-        raise CheckpointError(f"cannot resume {checkpoint} on another number of ranks: DeepSpeed's conversion "
-                              f"to a universal checkpoint failed ({failure[0]}); resume on the number of ranks "
-                              "that wrote it")
-    return universal
+def to_universal(checkpoint: Path) -> Path:
+    """``checkpoint/universal``, converted by rank 0 unless that was done before (collective: the others wait)."""
+    wait_for_rank0(lambda: _convert_once(checkpoint))
+    return checkpoint / UNIVERSAL
 
 
-def _convert_to_universal(checkpoint: Path, universal: Path) -> None:
-    """DeepSpeed's ``ds_to_universal``, run in this process (0.5 s for the tiny test model against 5.6 s
-    as a subprocess, mostly imports), with one worker each: forking a process that holds a process
-    group (and maybe a CUDA context) is not safe."""
+def _convert_once(checkpoint: Path) -> None:
+    if (checkpoint / UNIVERSAL).is_dir():
+        return
+    logger.warning("converting %s to DeepSpeed's universal format on rank 0 while the other ranks wait (up to "
+                   "train.wait_timeout_minutes); for a large model, convert it ahead of the job next time, with "
+                   "several processes: python -m tuneclip_ds.checkpoint convert %s", checkpoint, checkpoint)
+    # One process: forking a process that holds a process group (and maybe a CUDA context) is not safe.
+    convert_to_universal(checkpoint, workers=1)
+
+
+def convert_to_universal(checkpoint: Path, workers: int) -> Path:
+    """``checkpoint/universal`` written by DeepSpeed's ``ds_to_universal`` with ``workers`` processes for each
+    of its parallel parts; run in this process (0.5 s for the tiny test model against 5.6 s as a subprocess,
+    mostly imports)."""
     from deepspeed.checkpoint import ds_to_universal
 
+    universal = checkpoint / UNIVERSAL
     partial = universal.with_name(universal.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)  # left by a conversion that was killed
-    ds_to_universal.main(argparse.Namespace(
-        input_folder=str(checkpoint), output_folder=str(partial), num_extract_workers=1, num_merge_workers=1,
-        keep_temp_folder=False, strict=True,
-        inject_missing_state=True,  # ZeRO-1/2 files of a model without tensor parallelism lack its version entry
-    ))
+    try:
+        ds_to_universal.main(argparse.Namespace(
+            input_folder=str(checkpoint), output_folder=str(partial), num_extract_workers=workers,
+            num_merge_workers=workers, keep_temp_folder=False, strict=True,
+            inject_missing_state=True,  # ZeRO-1/2 files of a model without tensor parallelism lack its version entry
+        ))
+    except Exception as error:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise CheckpointError(f"cannot resume {checkpoint} on another number of ranks: DeepSpeed's conversion to "
+                              f"a universal checkpoint failed ({type(error).__name__}: {error}); resume on the "
+                              "number of ranks that wrote it") from error
     (checkpoint / "latest_universal").unlink(missing_ok=True)  # the converter's own pointer; unused here
     os.replace(partial, universal)
+    return universal
 
 
 def _restore_param_group_options(engine, universal: Path) -> None:
@@ -266,3 +306,35 @@ def set_rng_states(states: dict[str, Any]) -> None:
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state(states["cuda"])
+
+
+def convert(source: Path, workers: int) -> str:
+    """Convert the checkpoint ``source`` names (a run directory: its latest) for resuming on another number of
+    ranks; returns what was done."""
+    if workers < 1:
+        raise InputError(f"--workers must be at least 1, got {workers}")
+    folder = find_checkpoint(source)
+    if read_metadata(folder)["zero_stage"] == 0:
+        return f"{folder} is a ZeRO-0 checkpoint: it resumes on any number of ranks as it is, nothing to convert"
+    if (folder / UNIVERSAL).is_dir():
+        return f"{folder / UNIVERSAL} exists already: a resume on another number of ranks loads it"
+    universal = convert_to_universal(folder, workers)
+    return f"wrote {universal}: a resume on another number of ranks loads it without converting"
+
+
+@command
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tuneclip_ds.checkpoint", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    converter = commands.add_parser("convert", help="convert a checkpoint for resuming on another number of ranks")
+    converter.add_argument("checkpoint", type=Path, help="a run directory (its latest checkpoint) or a step_* folder")
+    converter.add_argument("--workers", type=int, default=4,
+                           help="processes for the conversion's parallel parts (each holds one rank's share)")
+    args = parser.parse_args(argv)
+    print(convert(args.checkpoint, args.workers))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

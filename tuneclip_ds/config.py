@@ -104,6 +104,9 @@ class OSRConfig:
     recover: list[str] = field(default_factory=lambda: list(RECOVERABLE))
 
 
+WAIT_TIMEOUT_MINUTES = 240.0  # train.wait_timeout_minutes, and for python -m tuneclip_ds.eval
+
+
 @dataclass
 class TrainConfig:
     # The length of fine-tuning (stage II, after any stage I), exactly one of:
@@ -119,6 +122,10 @@ class TrainConfig:
     deepspeed_config: Optional[str] = None  # a JSON file; default: ds_configs/ by zero_stage/offload
     on_nonfinite_loss: Literal["skip", "stop"] = "stop"
     max_skipped_steps: int = 10  # with "skip": stop after this many non-finite steps in a row
+    # How long the other ranks wait while rank 0 works alone (converting a checkpoint for another world size,
+    # loading the model for ZeRO-3, writing the synthetic corpus, pruning checkpoints): over a gloo group of
+    # their own, outside the training collectives and their shorter timeout (NCCL's watchdog).
+    wait_timeout_minutes: float = WAIT_TIMEOUT_MINUTES
 
 
 @dataclass
@@ -314,23 +321,26 @@ def _convert(hint: Any, value: Any, key: str, origins: Origins) -> Any:
 
 @dataclass(frozen=True)
 class Range:
-    """The finite numbers from ``low`` to ``high`` (``high`` itself excluded when ``high_open``)."""
+    """The finite numbers from ``low`` to ``high`` (each excluded when ``low_open``, ``high_open``)."""
 
     low: float
     high: float = math.inf
     high_open: bool = False
+    low_open: bool = False
 
     def __contains__(self, value: float) -> bool:
+        above_low = value > self.low if self.low_open else value >= self.low
         below_high = value < self.high if self.high_open else value <= self.high
-        return math.isfinite(value) and self.low <= value and below_high
+        return math.isfinite(value) and above_low and below_high
 
     def __str__(self) -> str:
         if self.high == math.inf:
-            return f"at least {self.low:g}"
-        return f"in [{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+            return f"{'greater than' if self.low_open else 'at least'} {self.low:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
 
 
 AT_LEAST_0, AT_LEAST_1 = Range(0), Range(1)
+POSITIVE = Range(0, low_open=True)
 FRACTION = Range(0, 1)
 BETA = Range(0, 1, high_open=True)  # Adam's moving-average rates
 
@@ -353,6 +363,7 @@ def _ranged_values(config: Config) -> dict[str, tuple[float | None, Range]]:
         "train.epochs": (train.epochs, AT_LEAST_0),
         "train.grad_clip": (train.grad_clip, AT_LEAST_0),
         "train.max_skipped_steps": (train.max_skipped_steps, AT_LEAST_0),
+        "train.wait_timeout_minutes": (train.wait_timeout_minutes, POSITIVE),
         "osr.steps": (osr.steps, AT_LEAST_0),
         "osr.epochs": (osr.epochs, AT_LEAST_0),
         "osr.until_converged": (osr.until_converged, AT_LEAST_0),

@@ -1,4 +1,5 @@
-"""Process-group set-up shared by every launcher (deepspeed, torchrun, Slurm, a plain python)."""
+"""Process-group set-up shared by every launcher (deepspeed, torchrun, Slurm, a plain python), and the way
+ranks wait while one of them works alone."""
 
 from __future__ import annotations
 
@@ -6,10 +7,17 @@ import logging
 import os
 import socket
 import subprocess
+from datetime import timedelta
+from typing import Callable, TypeVar
 
 import torch
 
+from tuneclip_ds.config import WAIT_TIMEOUT_MINUTES
+from tuneclip_ds.errors import InputError
+
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 def free_port() -> int:
@@ -32,11 +40,23 @@ def init_distributed() -> tuple[int, int]:
         srun_task = "SLURM_STEP_ID" in os.environ
         os.environ.update(_slurm_environment() if srun_task else _single_process_environment())
     _limit_cpu_threads()
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if get_accelerator().device_name() != "cpu":
-        get_accelerator().set_device(local_rank)
+        get_accelerator().set_device(local_rank())
     deepspeed.init_distributed()
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def local_rank() -> int:
+    """This rank's place on its node (the launcher's LOCAL_RANK; 0 for a single process)."""
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def shutdown() -> None:
+    """End the process group (and the waiting group with it)."""
+    global _waiting_group
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    _waiting_group = None
 
 
 def _single_process_environment() -> dict[str, str]:
@@ -84,3 +104,82 @@ def _limit_cpu_threads() -> None:
     ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", 1)))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     torch.set_num_threads(max(1, cores // max(1, ranks_here)))
+
+
+# Ranks waiting for one rank's long work (a checkpoint conversion, a model load) must not sit in a collective
+# of the training's process group: on GPUs NCCL's watchdog ends a rank after that group's timeout (DeepSpeed's
+# default: 10 minutes). They wait in a gloo group of their own, made on first use, whose timeout is this.
+_wait_minutes = WAIT_TIMEOUT_MINUTES
+_waiting_group = None
+
+
+def set_wait_timeout(minutes: float) -> None:
+    """How long ``wait_for`` lets ranks wait (``train.wait_timeout_minutes``)."""
+    global _wait_minutes, _waiting_group
+    if minutes != _wait_minutes:
+        _wait_minutes, _waiting_group = minutes, None
+
+
+def wait_for(work: Callable[[], T], here: bool) -> T | None:
+    """Run ``work`` on the ranks where ``here`` is true while the others wait; its result where it ran.
+
+    Collective: every rank calls it at the same point. A failure reaches every rank: the failed rank raises its
+    own error, the others one with its message (an ``InputError`` for bad input), instead of waiting on.
+    """
+    if _world_size() == 1:
+        return work() if here else None
+    group = _waiting()
+    result, failure = None, None
+    if here:
+        try:
+            result = work()
+        except Exception as error:  # the others hear of it below
+            failure = error
+    outcomes = [None] * _world_size()
+    torch.distributed.all_gather_object(outcomes, _outcome(failure), group=group)
+    if failure is not None:
+        raise failure
+    for rank, outcome in enumerate(outcomes):
+        if outcome is not None:
+            bad_input, message = outcome
+            raise InputError(message) if bad_input else RuntimeError(f"rank {rank} failed: {message}")
+    return result
+
+
+def _waiting():
+    """The waiting group (collective the first time)."""
+    global _waiting_group
+    if _waiting_group is None:
+        _waiting_group = torch.distributed.new_group(backend="gloo", timeout=timedelta(minutes=_wait_minutes))
+    return _waiting_group
+
+
+def wait_for_rank0(work: Callable[[], T]) -> T | None:
+    """``work`` on rank 0 while the other ranks wait (see ``wait_for``); its result on rank 0."""
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    return wait_for(work, here=rank == 0)
+
+
+def once_per_node(work: Callable[[], T]) -> T:
+    """``work`` on each node's local rank 0 while the others wait (see ``wait_for``); every rank gets the result
+    of its node's (something small: it is sent to every rank)."""
+    first = local_rank() == 0
+    result = wait_for(work, here=first)
+    if _world_size() == 1:
+        return result
+    node = socket.gethostname()
+    shared = [None] * _world_size()
+    torch.distributed.all_gather_object(shared, (node, first, result), group=_waiting())
+    return next(theirs for host, by_first, theirs in shared if host == node and by_first)
+
+
+def _world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def _outcome(failure: Exception | None) -> tuple[bool, str] | None:
+    if failure is None:
+        return None
+    if isinstance(failure, InputError):
+        return True, str(failure)
+    return False, f"{type(failure).__name__}: {failure}"

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from tuneclip_ds import checkpoint
-from tuneclip_ds.checkpoint import CheckpointError
+from tuneclip_ds.checkpoint import CheckpointError, find_checkpoint
 from tuneclip_ds.errors import InputError, command
 from tuneclip_ds.tokenizer import tokenizer_files
 
@@ -42,28 +42,6 @@ ZERO_DIM = ("logit_scale", "logit_bias")  # kept as [1] in training for DeepSpee
 FOLDER_CONFIG = "open_clip_config.json"
 FOLDER_WEIGHTS = "open_clip_model.safetensors"  # the first name open_clip's 'local-dir:' loader looks for
 OUR_CONFIGS = Path(__file__).parent / "model_configs"  # registered with open_clip by tuneclip_ds.models only
-
-
-def find_checkpoint(path: Path, best: bool = False) -> Path:
-    """The checkpoint ``path`` names: a ``step_*`` folder, or the latest (or ``best``) complete one of a
-    run directory or of its ``checkpoints/`` folder."""
-    if not path.exists():
-        raise CheckpointError(f"{path} does not exist: give a run directory or one of its checkpoints/step_* folders")
-    if (path / checkpoint.COMPLETE).is_file() or any(path.glob("*model_states.pt")):  # a checkpoint folder
-        if best:
-            raise CheckpointError(f"--best picks a checkpoint of a run: give the run directory, not {path}")
-        return checkpoint.check_complete(path)
-    if (path / "checkpoints").is_dir():  # a run directory
-        path = path / "checkpoints"
-    elif not ((path / checkpoint.LATEST).is_file() or any(path.glob("step_*"))):  # nor a checkpoints/ folder
-        raise CheckpointError(f"{path} is not a run directory or checkpoint: expected checkpoints/, or a "
-                              f"step_* folder with DeepSpeed's files and {checkpoint.COMPLETE}")
-    if best:
-        return checkpoint.find_best(path)
-    latest = checkpoint.find_latest(path)
-    if latest is None:
-        raise CheckpointError(f"{path} holds no complete checkpoint (none was saved, or every save was interrupted)")
-    return latest
 
 
 def fp32_weights(folder: Path, zero_stage: int) -> dict[str, torch.Tensor]:

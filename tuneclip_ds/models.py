@@ -12,6 +12,7 @@ import open_clip
 import torch
 
 from tuneclip_ds.config import ModelConfig
+from tuneclip_ds.distributed import wait_for_rank0
 from tuneclip_ds.errors import ModelLoadError, first_line
 from tuneclip_ds.tokenizer import build_tokenizer
 from tuneclip_ds.weights import load_openai_archive, resolve_weights
@@ -125,12 +126,13 @@ def build_partitioned_model(cfg: ModelConfig, ds_config: dict) -> ClipBundle:
     """The model for ZeRO-3, built under ``deepspeed.zero.Init``: no rank ever holds it whole on its device.
 
     Rank 0 alone builds the full model on the CPU (pretrained weights, or the
-    seeded random initialisation the other ZeRO stages get) and fills the
-    partitions one parameter at a time; the CPU copy is then dropped.
+    seeded random initialisation the other ZeRO stages get; the others wait, for
+    minutes with a large checkpoint) and fills the partitions one parameter at a
+    time; the CPU copy is then dropped.
     """
     import deepspeed
 
-    source = build_model(cfg).model if torch.distributed.get_rank() == 0 else None
+    source = wait_for_rank0(lambda: build_model(cfg).model)
     deepspeed.init_distributed()  # DeepSpeed's view of the process group (which zero.Init reads) is set up lazily
     with deepspeed.zero.Init(config_dict_or_path=ds_config):
         bundle = build_model(cfg, load_weights=False)

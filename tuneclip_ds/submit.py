@@ -98,7 +98,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--time", default="60", help="time limit: minutes, or [D-]HH:MM:SS (default: 60)")
     parser.add_argument("--constraint", help="node features, as sbatch --constraint")
     parser.add_argument("--mem", help="memory per node, as sbatch --mem (e.g. 400G)")
-    parser.add_argument("--cpus-per-task", type=int, help="CPUs per rank: data.num_workers + 1 or more")
+    parser.add_argument("--cpus-per-task", type=int, help="CPUs per rank: data.num_workers + 1 or more "
+                        "(default: a node's CPUs shared by its GPUs, or by the tasks on a partition without GPUs)")
     parser.add_argument("--job-name", help="default: the config's run_name")
     parser.add_argument("--exclusive", action="store_true", help="whole nodes, shared with no other job")
     parser.add_argument("--max-requeues", type=int, default=3, help="requeues after preemption or time limit")
@@ -141,12 +142,15 @@ def log_folder(config: Config) -> Path:
 def slurm_executor(args: argparse.Namespace, config: Config, minutes: int) -> submitit.SlurmExecutor:
     partition, nodes = partition_nodes(args.partition)
     gpus = gpus_per_node(nodes, partition, args.nodes, args.gpus_per_node, args.cpus_per_task or 1)
+    cpus = args.cpus_per_task or default_cpus_per_task(nodes, args.nodes, args.gpus_per_node, gpus)
+    warn_if_data_starved(cpus, config.data.num_workers)
     executor = submitit.SlurmExecutor(folder=log_folder(config), max_num_timeout=args.max_requeues)
     executor.update_parameters(
         job_name=args.job_name or config.run_name, nodes=args.nodes, ntasks_per_node=args.gpus_per_node,
-        gpus_per_node=gpus or None, cpus_per_task=args.cpus_per_task, time=minutes, partition=args.partition,
+        gpus_per_node=gpus or None, cpus_per_task=cpus, time=minutes, partition=args.partition,
         account=args.account, qos=args.qos, constraint=args.constraint, exclusive=args.exclusive or None,
         signal_delay_s=args.signal_delay,
+        srun_args=["--cpus-per-task", str(cpus)],  # srun does not inherit it from sbatch (Slurm 22.05 and later)
         # --mem goes as it is: submitit would read it as a number of GB
         additional_parameters={"requeue": True, **({"mem": args.mem} if args.mem else {})},
     )
@@ -199,6 +203,21 @@ def gpus_per_node(nodes: list[Node], partition: str, count: int, tasks_per_node:
         raise SlurmError(f"partition {partition}: the job asks for {count} node(s) with {what}, {fitting} have "
                          f"that many (the most on a node: {max(capacity)})")
     return tasks_per_node if with_gpus else 0
+
+
+def default_cpus_per_task(nodes: list[Node], count: int, tasks_per_node: int, gpus: int) -> int:
+    """CPUs per task when --cpus-per-task is not given (Slurm's own default, one, starves the data loader): a
+    node's CPUs shared by its GPUs, one task each (the job takes its GPUs' share of the node), or by the tasks on
+    a partition without GPUs; on the ``count``-th best of the nodes that hold the job, so that ``count`` fit."""
+    shares = [node.cpus // (node.gpus if gpus else tasks_per_node) for node in nodes if node.gpus >= gpus]
+    return max(1, sorted(shares, reverse=True)[count - 1])
+
+
+def warn_if_data_starved(cpus_per_task: int, num_workers: int) -> None:
+    if num_workers + 1 > cpus_per_task:
+        print(f"warning: {cpus_per_task} CPU(s) per task for data.num_workers={num_workers} data-loading workers "
+              "and the rank itself: the GPUs may wait for data; give --cpus-per-task "
+              f"{num_workers + 1} or more, or lower data.num_workers", file=sys.stderr)
 
 
 def report(job, config: Config) -> None:

@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def train(config: Config) -> int:
     """Train as one rank of the world the launcher's environment describes; returns the exit status."""
-    from tuneclip_ds.distributed import init_distributed
+    from tuneclip_ds.distributed import init_distributed, shutdown
     from tuneclip_ds.trainer import NonFiniteLossError
 
     rank, world_size = init_distributed()
@@ -79,8 +79,7 @@ def train(config: Config) -> int:
         logging.getLogger("tuneclip_ds").error("%s", error)
         return NONFINITE_LOSS if isinstance(error, NonFiniteLossError) else 2
     finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        shutdown()
     if trainer.stop_requested:
         return PREEMPTED
     history = trainer.history

@@ -6,17 +6,20 @@
 --pretrained is a local weights file or open_clip folder (empty: random initialisation), or a
 training run (its latest checkpoint) or one of its checkpoints/step_* folders: those are exported
 to a temporary open_clip folder first, as `python -m tuneclip_ds.export --folder` does (the
-folder's config then defines the model, tokenizer included). --tokenizer names a folder of
-Hugging Face tokenizer files, as model.tokenizer does in training.
+folder's config then defines the model, tokenizer included), once per node: the node's other ranks
+wait and read it. --tokenizer names a folder of Hugging Face tokenizer files, as model.tokenizer
+does in training.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -24,6 +27,7 @@ from pathlib import Path
 import torch
 
 from tuneclip_ds.config import ConfigError
+from tuneclip_ds.distributed import init_distributed, local_rank, once_per_node, shutdown
 from tuneclip_ds.errors import InputError
 from tuneclip_ds.eval.runner import check_suite, evaluate
 from tuneclip_ds.eval.tasks import Suite, load_suite
@@ -54,8 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         suite = suite_from_args(args)
         check_suite(suite)
-        workdir = tempfile.TemporaryDirectory(prefix="tuneclip_eval_")
-        args.weights = export_training_checkpoint(args.pretrained, Path(workdir.name))
+        training_checkpoint(args.pretrained)  # a damaged run is one message before any process group
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -64,14 +67,12 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_logging(rank)
     try:
-        results = run(args, suite, rank, world_size)
+        results = evaluate_pretrained(args, suite, rank, world_size)
     except InputError as error:
         logger.error("%s", error)
         return 2
     finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-        workdir.cleanup()
+        shutdown()
     if rank == 0:
         print(format_table(results))
         report = {"model": args.model, "pretrained": args.pretrained, "tasks": args.tasks,
@@ -90,37 +91,68 @@ def suite_from_args(args: argparse.Namespace) -> Suite:
     return Suite([dataclasses.replace(task, **overrides) for task in suite.tasks], suite.averages)
 
 
-def export_training_checkpoint(pretrained: str, workdir: Path) -> str:
-    """The weights to load: ``pretrained`` itself, or the open_clip folder exported from the training run or
-    checkpoint it names."""
-    from tuneclip_ds import checkpoint, export
+def training_checkpoint(pretrained: str) -> Path | None:
+    """The checkpoint folder of the training run or checkpoint ``pretrained`` names; None for weights."""
+    from tuneclip_ds import checkpoint
 
     path = Path(pretrained)
     if not pretrained or not path.is_dir() or (path / "open_clip_config.json").is_file():
-        return pretrained
+        return None
     markers = [path / "checkpoints", path / checkpoint.LATEST, path / checkpoint.COMPLETE]
     if not any(marker.exists() for marker in markers) and not any(path.glob("*model_states.pt")):
-        return pretrained  # an open_clip folder with one weights file
-    folder = workdir / "model"
-    logger.info("%s", export.export_folder(path, folder))
-    return str(folder)
+        return None  # an open_clip folder with one weights file
+    return checkpoint.find_checkpoint(path)
+
+
+@contextlib.contextmanager
+def exported_weights(pretrained: str):
+    """The weights to load: ``pretrained`` itself, or the open_clip folder exported from the training run or
+    checkpoint it names. That conversion (to full fp32 weights: the size of the model in CPU memory) runs once
+    per node, by its local rank 0, into a temporary folder that it removes afterwards."""
+    source = training_checkpoint(pretrained)
+    if source is None:
+        yield pretrained
+        return
+    workdir = once_per_node(lambda: _export_to_temporary_folder(source))
+    try:
+        yield str(workdir / "model")
+    finally:
+        # The node's other ranks have built their models by now: evaluation's collectives need every rank.
+        if local_rank() == 0:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _export_to_temporary_folder(source: Path) -> Path:
+    from tuneclip_ds import export
+
+    workdir = Path(tempfile.mkdtemp(prefix="tuneclip_eval_"))
+    try:
+        logger.info("%s", export.export_folder(source, workdir / "model"))
+    except BaseException:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
+    return workdir
 
 
 def start_distributed() -> tuple[int, int]:
     """(rank, world size): a process group when a launcher (torchrun, deepspeed) started several ranks."""
     if int(os.environ.get("WORLD_SIZE", 1)) == 1:
         return 0, 1
-    from tuneclip_ds.distributed import init_distributed
-
     return init_distributed()
 
 
-def run(args: argparse.Namespace, suite: Suite, rank: int, world_size: int) -> dict[str, float]:
+def evaluate_pretrained(args: argparse.Namespace, suite: Suite, rank: int, world_size: int) -> dict[str, float]:
+    """The metrics of the model ``args`` names, on this rank's share of the samples (collective)."""
+    with exported_weights(args.pretrained) as weights:
+        return run(args, weights, suite, rank, world_size)
+
+
+def run(args: argparse.Namespace, weights: str, suite: Suite, rank: int, world_size: int) -> dict[str, float]:
     from tuneclip_ds.config import ModelConfig
     from tuneclip_ds.models import build_model
 
     device = resolve_device(args.device)
-    bundle = build_model(ModelConfig(name=args.model, pretrained=args.weights, tokenizer=args.tokenizer))
+    bundle = build_model(ModelConfig(name=args.model, pretrained=weights, tokenizer=args.tokenizer))
     if not args.pretrained and rank == 0:
         logger.warning("no --pretrained weights: evaluating a randomly initialised %s", args.model)
     model = bundle.model.to(device)
@@ -131,7 +163,7 @@ def run(args: argparse.Namespace, suite: Suite, rank: int, world_size: int) -> d
 def resolve_device(name: str | None) -> torch.device:
     device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        device = torch.device("cuda", local_rank())
     return device
 
 
