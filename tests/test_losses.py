@@ -82,10 +82,11 @@ def subgroup(world_size, pool_size):
 
 
 @contextlib.contextmanager
-def only_scalar_collectives():
+def only_scalar_collectives(all_reduce_sizes=()):
     """Make every feature-sized collective raise: gathers, broadcasts, scatters, all_reduce of more
-    than a few numbers, all_to_all of more than 2 numbers per sample. Point-to-point ring exchanges,
-    scalar all_reduces and the per-sample estimator routing pass."""
+    than a few numbers (or of another size than ``all_reduce_sizes``), all_to_all of more than 2 numbers
+    per sample. Point-to-point ring exchanges, scalar all_reduces and the per-sample estimator routing
+    pass."""
     forbidden = ["all_gather", "all_gather_into_tensor", "_all_gather_base", "all_gather_object",
                  "gather", "broadcast", "scatter", "reduce_scatter", "reduce_scatter_tensor", "all_to_all"]
     saved = {name: getattr(dist, name) for name in forbidden + ["all_reduce", "all_to_all_single"]}
@@ -96,7 +97,7 @@ def only_scalar_collectives():
         return call
 
     def small_all_reduce(tensor, *args, **kwargs):
-        assert tensor.numel() <= 8, f"all_reduce of {tensor.numel()} elements"
+        assert tensor.numel() <= 8 or tensor.numel() in all_reduce_sizes, f"all_reduce of {tensor.numel()} elements"
         return saved["all_reduce"](tensor, *args, **kwargs)
 
     def per_sample_all_to_all(output, tensor, *args, **kwargs):
@@ -114,18 +115,19 @@ def only_scalar_collectives():
             setattr(dist, name, fn)
 
 
-def run_on_ranks(pool, world_size, worker, *args):
-    """Results of ``worker(rank, world_size, group, *args)`` for ranks 0..world_size-1."""
+def run_on_ranks(pool, world_size, worker, *args, all_reduce_sizes=()):
+    """Results of ``worker(rank, world_size, group, *args)`` for ranks 0..world_size-1, with only scalar
+    collectives (and all_reduces of ``all_reduce_sizes`` elements)."""
     if world_size == 1:
         return [worker(0, 1, None, *args)]
-    return pool.run(_in_subgroup, world_size, worker, args)[:world_size]
+    return pool.run(_in_subgroup, world_size, worker, args, all_reduce_sizes)[:world_size]
 
 
-def _in_subgroup(rank, pool_size, world_size, worker, args):
+def _in_subgroup(rank, pool_size, world_size, worker, args, all_reduce_sizes):
     group = subgroup(world_size, pool_size)
     if rank >= world_size:
         return None
-    with only_scalar_collectives():
+    with only_scalar_collectives(all_reduce_sizes):
         return worker(rank, world_size, group, *args)
 
 
@@ -206,6 +208,36 @@ def test_infonce_matches_open_clip_float32_with_bias(pool, world_size):
     assert abs(reference.pop("bias").item()) < 1e-6
     assert all(result.pop("bias").item() == 0.0 for result in results)
     assert_matches_reference(results, reference | {"bias": None}, world_size, rtol=1e-5, atol=1e-5)
+
+
+def smoothed_infonce(smoothing):
+    """Cross-entropy with label smoothing on the full similarity matrix, both directions."""
+    def loss(image, text, scale, bias, sample_ids=None):
+        logits = scale * image @ text.T
+        labels = torch.arange(len(image))
+        return (F.cross_entropy(logits, labels, label_smoothing=smoothing)
+                + F.cross_entropy(logits.T, labels, label_smoothing=smoothing)) / 2
+    return loss
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+@pytest.mark.parametrize("smoothing", [0.1, 0.5])
+def test_infonce_label_smoothing_matches_cross_entropy(pool, world_size, smoothing):
+    dim = 24  # the feature sums all-reduced are 2 x 24 numbers, whatever the batch
+    batch_kwargs = dict(global_batch=5 * world_size, dim=dim, dtype=torch.float64, seed=world_size)
+    reference = loss_and_grads(smoothed_infonce(smoothing), make_batch(**batch_kwargs))
+    results = run_on_ranks(pool, world_size, _loss_worker, "infonce", dict(tile_size=3, label_smoothing=smoothing),
+                           batch_kwargs, all_reduce_sizes=(2 * dim,))
+    assert_matches_reference(results, reference, world_size, rtol=1e-10, atol=1e-12)
+
+
+def test_infonce_label_smoothing_zero_is_the_plain_loss():
+    batch = make_batch(global_batch=6)
+    plain = loss_and_grads(build_loss("infonce", tile_size=4), batch)
+    smoothed = loss_and_grads(build_loss("infonce", tile_size=4, label_smoothing=0.0), batch)
+    assert all(torch.equal(plain[key], smoothed[key]) for key in ("loss", "image", "text", "scale"))
+    with pytest.raises(ValueError, match="label_smoothing"):
+        build_loss("infonce", label_smoothing=1.0)
 
 
 # ---------------------------------------------------------------- SigLIP

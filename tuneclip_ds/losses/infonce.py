@@ -1,5 +1,7 @@
 """InfoNCE / CLIP loss, gather-free; equal to open_clip ``ClipLoss`` on the global batch."""
 
+import torch
+
 from tuneclip_ds.losses.base import RingLoss, global_value_with_local_gradient, with_zero_bias_gradient
 from tuneclip_ds.losses.pairs import LossInputs, PairReduction, pair_statistics
 from tuneclip_ds.losses.ring import all_reduce_sum
@@ -16,16 +18,41 @@ _INFONCE = PairReduction(pair_value=_logits, logsumexp=True, exclude_positive=Fa
 class InfoNCELoss(RingLoss):
     """Mean over the global batch and over both directions of ``logsumexp_j(t s_ij) - t s_ii``.
 
+    With ``label_smoothing`` e, the cross-entropy against (1 - e) on the positive plus e spread evenly
+    over the N columns of the global batch, as ``torch.nn.functional.cross_entropy(label_smoothing=e)``:
+    ``logsumexp_j(t s_ij) - (1 - e) t s_ii - e/N sum_j t s_ij``.
+
     ``logit_bias`` cancels in the softmax; it is accepted (and gets a zero gradient) so that models
     with a bias can be trained with this loss. See ``RingLoss`` for the value/gradient contract.
     """
+
+    def __init__(self, tile_size: int = 1024, group=None, label_smoothing: float = 0.0):
+        super().__init__(tile_size, group)
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        self.label_smoothing = label_smoothing
 
     def forward(self, image_features, text_features, logit_scale, logit_bias=None, sample_ids=None):
         info = self.group_info()
         inputs = LossInputs.prepare(image_features, text_features, logit_scale)
         stats, _ = pair_statistics(_INFONCE, inputs, self.tile_size, info)
         global_batch = inputs.local_batch * info.world_size
-        local_share = (stats - inputs.scale * inputs.positive).sum() / (2 * global_batch)
+        smoothing = self.label_smoothing
+        targets = (1 - smoothing) * 2 * inputs.positive.sum()  # both directions
+        if smoothing:
+            targets = targets + smoothing * _mean_similarity_share(inputs, info, global_batch)
+        local_share = (stats.sum() - inputs.scale * targets) / (2 * global_batch)
         local_share = with_zero_bias_gradient(local_share, logit_bias)
         global_value = all_reduce_sum(local_share.detach().clone(), info)
         return global_value_with_local_gradient(global_value, local_share, info.world_size)
+
+
+def _mean_similarity_share(inputs: LossInputs, info, global_batch: int):
+    """This rank's anchors' ``1/N sum_j s_ij`` summed, both directions: the sums of all features (2 x d
+    numbers, all-reduced; nothing that grows with the batch) against the local features. Its gradient is
+    doubled (its value is not): each local feature is also a column of every anchor, whose share of the
+    gradient, the same vector, is this."""
+    local_sums = torch.stack([inputs.image.sum(0), inputs.text.sum(0)])
+    image_sum, text_sum = all_reduce_sum(local_sums.detach().clone(), info)
+    share = (local_sums[0] @ text_sum + local_sums[1] @ image_sum) / global_batch
+    return 2 * share - share.detach()
