@@ -98,6 +98,7 @@ def test_bad_override_names_the_override(tmp_path, overrides, message):
         ("optim.warmup_steps=-1", "optim.warmup_steps must be at least 0, got -1"),
         ("optim.min_lr_ratio=1.5", "optim.min_lr_ratio must be in [0, 1], got 1.5"),
         ("loss.gamma_min=-0.2", "loss.gamma_min must be in [0, 1], got -0.2"),
+        ("loss.label_smoothing=1", "loss.label_smoothing must be in [0, 1), got 1.0"),
         ("train.grad_clip=-1", "train.grad_clip must be at least 0, got -1.0"),
         ("train.max_skipped_steps=-1", "train.max_skipped_steps must be at least 0, got -1"),
         ("osr.steps=-3", "osr.steps must be at least 0, got -3"),
@@ -111,6 +112,15 @@ def test_numbers_out_of_range_are_refused(override, message):
     with pytest.raises(ConfigError) as error:
         load_config(None, ["train.steps=1", override])
     assert str(error.value) == f"override {override}: {message}"
+
+
+def test_label_smoothing_reaches_the_infonce_loss_only():
+    from tuneclip_ds.builders import build_loss_from_config
+
+    config = load_config(None, ["train.steps=1", "loss.label_smoothing=0.1"])
+    assert build_loss_from_config(config.loss).label_smoothing == 0.1
+    with pytest.raises(ConfigError, match="loss.label_smoothing applies to loss.name=infonce, not hgcl"):
+        load_config(None, ["train.steps=1", "loss.label_smoothing=0.1", "loss.name=hgcl"])
 
 
 def test_numbers_at_the_edges_of_their_ranges_load():

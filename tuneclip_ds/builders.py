@@ -77,6 +77,8 @@ def build_loss_from_config(loss: LossConfig):
     kwargs = {"tile_size": loss.tile_size}
     if loss.name in ("gcl", "hgcl"):
         kwargs.update(margin=loss.margin, eps=loss.eps)
+    if loss.label_smoothing:
+        kwargs.update(label_smoothing=loss.label_smoothing)
     return build_loss(loss.name, **kwargs)
 
 

@@ -72,6 +72,7 @@ class LossConfig:
     eps: float = 1e-14
     gamma_min: float = 0.8
     gamma_decay_epochs: float = 1.0
+    label_smoothing: float = 0.0  # infonce: cross-entropy targets (1 - e) on the pair, e spread over the batch
 
 
 @dataclass
@@ -358,6 +359,7 @@ def _ranged_values(config: Config) -> dict[str, tuple[float | None, Range]]:
         "optim.warmup_steps": (optim.warmup_steps, AT_LEAST_0),
         "optim.min_lr_ratio": (optim.min_lr_ratio, FRACTION),
         "loss.gamma_min": (config.loss.gamma_min, FRACTION),
+        "loss.label_smoothing": (config.loss.label_smoothing, Range(0, 1, high_open=True)),
         "train.steps": (train.steps, AT_LEAST_0),
         "train.samples": (train.samples, AT_LEAST_0),
         "train.epochs": (train.epochs, AT_LEAST_0),
@@ -393,6 +395,9 @@ def _check(config: Config, origins: Origins) -> None:
     if any(name not in RECOVERABLE for name in recover) or len(set(recover)) != len(recover):
         raise origins.error(f"osr.recover must list each of {list(RECOVERABLE)} at most once, got {recover!r}",
                             "osr.recover")
+    if config.loss.label_smoothing and config.loss.name != "infonce":
+        raise origins.error(f"loss.label_smoothing applies to loss.name=infonce, not {config.loss.name}",
+                            "loss.label_smoothing", "loss.name")
     if config.eval.select and not config.eval.tasks:
         raise origins.error(f"eval.select={config.eval.select!r} needs eval.tasks (a suite YAML)", "eval.select")
     if corpus_size(config) is None:
