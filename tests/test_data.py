@@ -325,8 +325,8 @@ def unequal_readers_corpus(folder):
     write_shards(items, folder, samples_per_shard=16, progress=False)
 
 
-def stream_for(folder, preprocess, num_workers, state=None):
-    stream = BatchStream(loader_for(folder, preprocess, num_workers=num_workers, shuffle_buffer=6))
+def stream_for(folder, preprocess, num_workers, state=None, **loader_options):
+    stream = BatchStream(loader_for(folder, preprocess, num_workers=num_workers, shuffle_buffer=6, **loader_options))
     if state is not None:
         stream.load_state_dict(state)
     return stream

@@ -53,14 +53,19 @@ def _write_split_once(folder: Path, spec: SyntheticConfig, num_samples: int, spl
 
 def build_batches(config: Config, bundle: ClipBundle, rank: int, world_size: int) -> BatchStream:
     """This rank's endless stream of training batches, one epoch of its shards after another."""
-    from tuneclip_ds.data.pipeline import build_train_loader, resolve_shards
+    from tuneclip_ds.data.augment import CaptionAugmenter, image_train_transform
+    from tuneclip_ds.data.pipeline import build_train_loader, resolve_shards, weighted_shards
 
     data = config.data
     if data.synthetic is not None:
         ensure_synthetic_corpus(data)
+    shards, weights = resolve_shards(data.train_shards), None
+    if data.upsampling_factors:
+        shards, weights = weighted_shards(data.train_shards, data.upsampling_factors)
+    text = data.text_augmentation
     loader = build_train_loader(
-        resolve_shards(data.train_shards),
-        preprocess=bundle.preprocess_train,
+        shards,
+        preprocess=image_train_transform(bundle.model, data.augmentation, bundle.preprocess_train),
         tokenizer=bundle.tokenizer,
         batch_size=config.train.batch_size,
         num_workers=data.num_workers,
@@ -69,6 +74,8 @@ def build_batches(config: Config, bundle: ClipBundle, rank: int, world_size: int
         seed=config.seed,
         shuffle_buffer=data.shuffle_buffer,
         resampled=data.resampled,
+        captions=CaptionAugmenter(text, bundle.tokenizer, config.seed) if text.active else None,
+        shard_weights=weights,
     )
     return BatchStream(loader)
 

@@ -40,6 +40,38 @@ class SyntheticConfig:
 
 
 @dataclass
+class ImageAugmentationConfig:
+    """open_clip's AugmentationCfg fields over a preset (none: open_clip's training transform); unset: the
+    preset's."""
+
+    preset: Literal["none", "weak", "strong"] = "none"
+    scale: Optional[tuple[float, float]] = None  # random resized crop's area range
+    ratio: Optional[tuple[float, float]] = None  # its aspect ratios (use_timm)
+    color_jitter: Optional[tuple[float, float, float, float]] = None  # brightness, contrast, saturation, hue
+    color_jitter_prob: Optional[float] = None
+    gray_scale_prob: Optional[float] = None
+    blur_prob: Optional[float] = None  # Gaussian blur (sigma 0.1-2), ours
+    re_prob: Optional[float] = None  # random erasing (use_timm)
+    re_count: Optional[int] = None
+    use_timm: Optional[bool] = None  # timm's create_transform instead of open_clip's
+
+
+@dataclass
+class TextAugmentationConfig:
+    """Caption augmentation, drawn per (seed, epoch, sample id)."""
+
+    multi_caption: bool = False  # a txt of several lines, or a json "captions" list: one caption per epoch
+    delete: float = 0.0  # each word dropped with this probability (a caption keeps at least one)
+    swap: float = 0.0  # swaps of two random words: this fraction of the caption's words
+    stop_words: float = 0.0  # each English stop word dropped with this probability
+    token_dropout: float = 0.0  # each token but start, end and padding dropped, after tokenising
+
+    @property
+    def active(self) -> bool:
+        return self != TextAugmentationConfig()
+
+
+@dataclass
 class DataConfig:
     train_shards: str = "data/synthetic/train"  # a folder, a brace pattern, or '::'-joined list
     synthetic: Optional[SyntheticConfig] = None  # generate into train_shards when it is empty
@@ -47,6 +79,11 @@ class DataConfig:
     num_workers: int = 2
     shuffle_buffer: int = 1000
     resampled: bool = False
+    # With resampled: a factor per '::' part of train_shards; a shard is drawn with its part's factor as
+    # weight (a part's share grows with its factor and its number of shards), as open_clip's upsampling.
+    upsampling_factors: list[float] = field(default_factory=list)
+    augmentation: ImageAugmentationConfig = field(default_factory=ImageAugmentationConfig)
+    text_augmentation: TextAugmentationConfig = field(default_factory=TextAugmentationConfig)
 
 
 @dataclass
@@ -360,6 +397,7 @@ def _ranged_values(config: Config) -> dict[str, tuple[float | None, Range]]:
         "optim.min_lr_ratio": (optim.min_lr_ratio, FRACTION),
         "loss.gamma_min": (config.loss.gamma_min, FRACTION),
         "loss.label_smoothing": (config.loss.label_smoothing, Range(0, 1, high_open=True)),
+        **_augmentation_ranges(config.data),
         "train.steps": (train.steps, AT_LEAST_0),
         "train.samples": (train.samples, AT_LEAST_0),
         "train.epochs": (train.epochs, AT_LEAST_0),
@@ -381,10 +419,38 @@ def _ranged_values(config: Config) -> dict[str, tuple[float | None, Range]]:
     }
 
 
+def _augmentation_ranges(data: DataConfig) -> dict[str, tuple[float | None, Range]]:
+    image, text = data.augmentation, data.text_augmentation
+    ranges = {f"data.text_augmentation.{name}": (getattr(text, name), FRACTION)
+              for name in ("delete", "swap", "stop_words", "token_dropout")}
+    ranges |= {f"data.augmentation.{name}": (getattr(image, name), FRACTION)
+               for name in ("color_jitter_prob", "gray_scale_prob", "blur_prob", "re_prob")}
+    for index, bound in enumerate(image.scale or ()):
+        ranges[f"data.augmentation.scale[{index}]"] = (bound, Range(0, 1, low_open=True))
+    for index, factor in enumerate(data.upsampling_factors):
+        ranges[f"data.upsampling_factors[{index}]"] = (factor, AT_LEAST_0)
+    return ranges
+
+
+def _check_data(data: DataConfig, origins: Origins) -> None:
+    parts = len(data.train_shards.split("::"))
+    if data.upsampling_factors and (not data.resampled or len(data.upsampling_factors) != parts):
+        raise origins.error(f"data.upsampling_factors needs data.resampled: true and one factor per '::' part "
+                            f"of data.train_shards ({parts}), got {data.upsampling_factors}",
+                            "data.upsampling_factors", "data.resampled", "data.train_shards")
+    image = data.augmentation
+    timm_only = [name for name in ("ratio", "re_prob", "re_count") if getattr(image, name) is not None]
+    if timm_only and not image.use_timm:
+        raise origins.error(f"data.augmentation.{timm_only[0]} is used by timm's transform only: set "
+                            "data.augmentation.use_timm: true (open_clip's own transform ignores it)",
+                            f"data.augmentation.{timm_only[0]}")
+
+
 def _check(config: Config, origins: Origins) -> None:
     for key, (value, valid) in _ranged_values(config).items():
         if value is not None and value not in valid:
             raise origins.error(f"{key} must be {valid}, got {value!r}", key)
+    _check_data(config.data, origins)
     train = config.train
     if [train.steps, train.samples, train.epochs].count(None) != 2:
         raise origins.error("set exactly one of train.steps, train.samples and train.epochs",

@@ -27,6 +27,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys
 
+from tuneclip_ds.data.augment import CaptionAugmenter, seeded
 from tuneclip_ds.data.shards import DataError
 from tuneclip_ds.data.tar_members import read_tar_members
 
@@ -70,16 +71,29 @@ def resolve_shards(spec) -> list:
     return shards
 
 
+def weighted_shards(spec, factors: list[float]) -> tuple[list, list[float]]:
+    """The shards of ``spec`` and each one's weight: the factor of the ``::`` part it comes from."""
+    shards, weights = [], []
+    for part, factor in zip(os.fspath(spec).split("::"), factors, strict=True):
+        found = resolve_shards(part)
+        shards += found
+        weights += [factor] * len(found)
+    return shards, weights
+
+
 def _is_remote(path: str) -> bool:
     return "://" in path or path.startswith("pipe:")
 
 
 def build_train_loader(shards, preprocess, tokenizer, batch_size: int, num_workers: int, rank: int,
-                       world_size: int, seed: int, shuffle_buffer: int = 1000, resampled: bool = False):
+                       world_size: int, seed: int, shuffle_buffer: int = 1000, resampled: bool = False,
+                       captions: CaptionAugmenter | None = None, shard_weights: list[float] | None = None):
     """Batches ``{"image", "text", "sample_id", "num_skipped"}`` for this rank; see :class:`TrainLoader`.
 
     ``shards``: a spec for :func:`resolve_shards` or a list of paths. ``preprocess``: PIL image -> tensor.
-    ``tokenizer``: list of str -> LongTensor [n, ctx]. Partial last batches are dropped.
+    ``tokenizer``: list of str -> LongTensor [n, ctx]. ``captions``: caption augmentation (none: the
+    ``txt`` as it is). ``shard_weights``: with ``resampled``, how likely each shard is drawn. Partial last
+    batches are dropped.
     """
     if isinstance(shards, (str, os.PathLike)):
         shards = resolve_shards(shards)
@@ -95,6 +109,7 @@ def build_train_loader(shards, preprocess, tokenizer, batch_size: int, num_worke
             "use fewer data workers, or sample shards with replacement (resampled=True)"
         )
     batches = RankBatches(shards, preprocess, tokenizer, batch_size, rank, world_size, seed, shuffle_buffer, resampled)
+    batches.captions, batches.shard_weights = captions, shard_weights
     return TrainLoader(batches, num_workers)
 
 
@@ -182,6 +197,8 @@ class RankBatches(IterableDataset):
         self.resampled = resampled
         self.epoch = 0
         self.start = ReadPosition.start(1)  # where the epoch resumes (set by TrainLoader)
+        self.captions: CaptionAugmenter | None = None
+        self.shard_weights: list[float] | None = None
 
     def __iter__(self):
         reader = self._reader()
@@ -215,7 +232,7 @@ class RankBatches(IterableDataset):
     def _resampled_shards(self, reader: int):
         rng = random.Random(f"resampled/{self.seed}/{self.epoch}/{self.rank}/{reader}")
         while True:
-            yield dict(url=rng.choice(self.shards))
+            yield dict(url=rng.choices(self.shards, weights=self.shard_weights)[0])
 
     def _batches(self, samples, reader: int, already_read: int):
         """Batches of the decoded ``samples``, each with its ``position``: (reader, samples read)."""
@@ -245,23 +262,24 @@ class RankBatches(IterableDataset):
             raise KeyError(f"no image field (one of {_IMAGE_KEYS})")
         with Image.open(io.BytesIO(sample[image_key])) as image:
             image = image.convert("RGB")
-        caption = sample["txt"].decode("utf-8")
         metadata = json.loads(sample["json"]) if "json" in sample else {}
         sample_id = sample_id_of(sample, metadata)
-        return self._augment(image, sample_id), caption, sample_id
-
-    def _augment(self, image, sample_id: int) -> torch.Tensor:
-        """The transform under a seed of (run seed, epoch, sample id), so that random augmentation
-        is the same whichever rank, worker or resumed run reads the sample."""
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(hash((self.seed, self.epoch, sample_id)) & 0x7FFF_FFFF_FFFF_FFFF)
-            return self.preprocess(image)
+        if self.captions is None:
+            caption = sample["txt"].decode("utf-8")
+        else:
+            caption = self.captions.caption(sample, metadata, self.epoch, sample_id)
+        # seeded by (run seed, epoch, sample id): the same whichever rank, worker or resumed run reads it
+        with seeded(self.seed, self.epoch, sample_id):
+            return self.preprocess(image), caption, sample_id
 
     def _collate(self, batch: list, num_skipped: int, position: tuple[int, int]) -> dict:
         images, captions, ids = zip(*batch)
+        tokens = self.tokenizer(list(captions))
+        if self.captions is not None:
+            tokens = self.captions.tokens(tokens, self.epoch, ids)
         return {
             "image": torch.stack(images),
-            "text": self.tokenizer(list(captions)),
+            "text": tokens,
             "sample_id": torch.tensor(ids, dtype=torch.int64),
             "num_skipped": num_skipped,
             "position": position,
