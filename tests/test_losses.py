@@ -6,6 +6,7 @@ in the parent (references): the children import this module to find the worker f
 """
 
 import contextlib
+import os
 
 import tuneclip_ds  # noqa: F401  (before open_clip: patches the torchvision import on CPU)
 import pytest
@@ -83,10 +84,10 @@ def subgroup(world_size, pool_size):
 
 @contextlib.contextmanager
 def only_scalar_collectives(all_reduce_sizes=()):
-    """Make every feature-sized collective raise: gathers, broadcasts, scatters, all_reduce of more
-    than a few numbers (or of another size than ``all_reduce_sizes``), all_to_all of more than 2 numbers
-    per sample. Point-to-point ring exchanges, scalar all_reduces and the per-sample estimator routing
-    pass."""
+    """Make every feature-sized collective raise: gathers (but inside a node: the hierarchical ring's),
+    broadcasts, scatters, all_reduce of more than a few numbers (or of another size than
+    ``all_reduce_sizes``), all_to_all of more than 2 numbers per sample. Point-to-point ring exchanges,
+    scalar all_reduces and the per-sample estimator routing pass."""
     forbidden = ["all_gather", "all_gather_into_tensor", "_all_gather_base", "all_gather_object",
                  "gather", "broadcast", "scatter", "reduce_scatter", "reduce_scatter_tensor", "all_to_all"]
     saved = {name: getattr(dist, name) for name in forbidden + ["all_reduce", "all_to_all_single"]}
@@ -100,6 +101,11 @@ def only_scalar_collectives(all_reduce_sizes=()):
         assert tensor.numel() <= 8 or tensor.numel() in all_reduce_sizes, f"all_reduce of {tensor.numel()} elements"
         return saved["all_reduce"](tensor, *args, **kwargs)
 
+    def node_all_gather(tensors, tensor, group=None, **kwargs):
+        assert group is not None and dist.get_world_size(group) == int(os.environ["LOCAL_WORLD_SIZE"]), \
+            "all_gather beyond a node"
+        return saved["all_gather"](tensors, tensor, group=group, **kwargs)
+
     def per_sample_all_to_all(output, tensor, *args, **kwargs):
         assert tensor.dim() == 1 or tensor.shape[1] <= 2, f"all_to_all_single of shape {tuple(tensor.shape)}"
         return saved["all_to_all_single"](output, tensor, *args, **kwargs)
@@ -108,6 +114,7 @@ def only_scalar_collectives(all_reduce_sizes=()):
         for name in forbidden:
             setattr(dist, name, refuse(name))
         dist.all_reduce = small_all_reduce
+        dist.all_gather = node_all_gather
         dist.all_to_all_single = per_sample_all_to_all
         yield
     finally:
@@ -393,6 +400,60 @@ def test_gcl_state_dict_resumes_on_another_world_size(pool, new_world_size):
     assert_steps_match(resumed, reference_steps[2:], new_world_size)
 
 
+def _on_nodes_of(rank, world_size, group, node_size, worker, *args):
+    """``worker`` with the ranks laid out as nodes of ``node_size`` (what launchers say in LOCAL_WORLD_SIZE)."""
+    pool_layout = os.environ["LOCAL_WORLD_SIZE"]
+    os.environ["LOCAL_WORLD_SIZE"] = str(node_size)
+    try:
+        return worker(rank, world_size, group, *args)
+    finally:
+        os.environ["LOCAL_WORLD_SIZE"] = pool_layout
+
+
+@pytest.fixture(scope="module")
+def pool6():
+    gloo_pool = GlooPool(6)
+    yield gloo_pool
+    gloo_pool.close()
+
+
+@pytest.mark.parametrize("world_size,node_size", [(4, 2), (6, 2), (6, 3)])
+@pytest.mark.parametrize("name", ["infonce", "siglip", "gcl", "hgcl"])
+def test_the_hierarchical_ring_gives_the_flat_rings_results_bit_for_bit(pool, pool6, world_size, node_size, name):
+    """Blocks gathered in each node and node blocks passed between nodes reach every rank in the flat
+    ring's order: values, gradients, metrics and estimators over three steps are identical (and the flat
+    ring's equal the full-matrix reference, see the tests above)."""
+    ranks = pool if world_size == POOL_SIZE else pool6
+    steps = [(gamma, kwargs | dict(bias=-2.0)) for gamma, kwargs in gcl_step_batches(world_size)]
+    results = {}
+    for topology in ("ring", "hierarchical"):
+        loss_kwargs = dict(name=name, tile_size=3, topology=topology)
+        results[topology] = run_on_ranks(ranks, world_size, _on_nodes_of, node_size, _gcl_steps_worker, loss_kwargs,
+                                         steps)
+    for (flat_steps, flat_state), (steps_by_node, state_by_node) in zip(results["ring"], results["hierarchical"]):
+        for flat, by_node in zip(flat_steps, steps_by_node):
+            assert flat["metrics"] == by_node["metrics"]
+            for key in ("loss", "image", "text", "scale", "bias"):
+                assert torch.equal(flat[key], by_node[key]), key
+        assert all(torch.equal(flat_state[key], state_by_node[key]) for key in flat_state)
+
+
+def _refusal_worker(rank, world_size, group, *args):
+    """The message of the error that ``_loss_worker`` raises (on every rank, before any communication)."""
+    try:
+        _loss_worker(rank, world_size, group, *args)
+    except ValueError as error:
+        return str(error)
+
+
+def test_a_topology_that_does_not_split_into_nodes_is_refused(pool):
+    messages = run_on_ranks(pool, 4, _on_nodes_of, 3, _refusal_worker, "infonce", dict(topology="hierarchical"),
+                            dict(global_batch=8))
+    assert all("4 ranks do not split into nodes of LOCAL_WORLD_SIZE=3" in message for message in messages)
+    with pytest.raises(ValueError, match="unknown topology 'star'"):
+        build_loss("infonce", topology="star")
+
+
 @pytest.mark.parametrize("world_size", [1, 2])
 @pytest.mark.parametrize("name", ["gcl", "hgcl"])
 def test_a_nonfinite_batch_leaves_the_estimators_as_they_were(pool, world_size, name):
@@ -609,5 +670,5 @@ def _all_gather_worker(rank, world_size, group):
 
 
 def test_the_collective_guard_rejects_all_gather(pool):
-    with pytest.raises(RuntimeError, match="all_gather called on the gather-free path"):
+    with pytest.raises(RuntimeError, match="all_gather beyond a node"):
         run_on_ranks(pool, 2, _all_gather_worker)

@@ -81,7 +81,7 @@ def build_batches(config: Config, bundle: ClipBundle, rank: int, world_size: int
 
 
 def build_loss_from_config(loss: LossConfig):
-    kwargs = {"tile_size": loss.tile_size}
+    kwargs = {"tile_size": loss.tile_size, "topology": loss.topology}
     if loss.name in ("gcl", "hgcl"):
         kwargs.update(margin=loss.margin, eps=loss.eps)
     if loss.label_smoothing:

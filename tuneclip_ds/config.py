@@ -104,6 +104,9 @@ class ModelConfig:
 class LossConfig:
     name: Literal["infonce", "siglip", "gcl", "hgcl"] = "infonce"
     tile_size: int = 1024
+    # hierarchical: blocks gathered within each node (LOCAL_WORLD_SIZE ranks), a ring across nodes (the flat
+    # ring on one node); ring: every rank's block around all ranks
+    topology: Literal["ring", "hierarchical"] = "hierarchical"
     # gcl / hgcl: per-sample estimators u with moving-average rate gamma (cosine from 1 to gamma_min)
     margin: float = 0.1  # hgcl's hinge margin m
     eps: float = 1e-14

@@ -4,7 +4,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from tuneclip_ds.losses.ring import GroupInfo, resolve_group
+from tuneclip_ds.losses.ring import TOPOLOGIES, GroupInfo, resolve_group
 
 
 class RingLoss(nn.Module):
@@ -26,16 +26,19 @@ class RingLoss(nn.Module):
     around a ring (see ``ring.py`` and ``pairs.py``); only scalars are all-reduced.
     """
 
-    def __init__(self, tile_size: int = 1024, group: dist.ProcessGroup | None = None):
+    def __init__(self, tile_size: int = 1024, group: dist.ProcessGroup | None = None, topology: str = "ring"):
         super().__init__()
         if tile_size < 1:
             raise ValueError(f"tile_size must be positive, got {tile_size}")
+        if topology not in TOPOLOGIES:
+            raise ValueError(f"unknown topology {topology!r}; one of {', '.join(TOPOLOGIES)}")
         self.tile_size = tile_size
         self.group = group
+        self.topology = topology  # "ring", or "hierarchical": gathered in each node, a ring across nodes
 
     def group_info(self) -> GroupInfo:
         # Resolved per call: the loss may be built before torch.distributed is initialised.
-        return resolve_group(self.group)
+        return resolve_group(self.group, self.topology)
 
     def metrics(self) -> dict[str, float]:
         """Global-batch statistics of the last forward, for logging."""

@@ -99,8 +99,9 @@ class GlobalContrastiveLoss(RingLoss):
         eps: float = 1e-14,
         tile_size: int = 1024,
         group=None,
+        topology: str = "ring",
     ):
-        super().__init__(tile_size, group)
+        super().__init__(tile_size, group, topology)
         pairwise_fn = make_pairwise(pairwise, margin) if isinstance(pairwise, str) else pairwise
         self.reduction = PairReduction(
             pair_value=partial(_scaled_pairwise, pairwise_fn),

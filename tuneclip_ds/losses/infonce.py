@@ -26,8 +26,8 @@ class InfoNCELoss(RingLoss):
     with a bias can be trained with this loss. See ``RingLoss`` for the value/gradient contract.
     """
 
-    def __init__(self, tile_size: int = 1024, group=None, label_smoothing: float = 0.0):
-        super().__init__(tile_size, group)
+    def __init__(self, tile_size: int = 1024, group=None, label_smoothing: float = 0.0, topology: str = "ring"):
+        super().__init__(tile_size, group, topology)
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         self.label_smoothing = label_smoothing

@@ -4,31 +4,78 @@ Rank ``k`` of a group of ``W`` ranks sends its block (a tuple of tensors) to ``k
 the block of ``k-1``, ``W-1`` times, so that every rank sees every block exactly once. The next
 transfer is started before the caller works on the current block, so communication overlaps
 computation. Tensors stay on their own device (gloo on CPU, nccl on GPU).
+
+Hierarchical (``topology="hierarchical"``, ranks laid out as nodes of ``L`` consecutive ranks): the
+blocks of a node are first gathered inside it (the fast local fabric), then node-sized blocks travel a
+ring across nodes, between the ranks of the same local index: ``N-1`` hops for ``N`` nodes instead of
+``W-1``. The caller sees the same blocks in the same order as on the flat ring (so the losses give
+identical results): its own node's blocks from its own down, the other nodes' as they arrive, its own
+node's higher blocks last.
 """
 
+import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
 
 
+TOPOLOGIES = ("ring", "hierarchical")
+
+
 @dataclass(frozen=True)
 class GroupInfo:
-    """A process group (``None``: single process) with this process's rank in it."""
+    """A process group (``None``: single process) with this process's rank in it, and for the
+    hierarchical ring the ranks per node and this rank's node group."""
 
     group: dist.ProcessGroup | None
     rank: int
     world_size: int
+    node_size: int = 1  # 1: the flat ring
+    node_group: dist.ProcessGroup | None = None
+
+    @property
+    def nodes(self) -> int:
+        return self.world_size // self.node_size
 
 
-def resolve_group(group: dist.ProcessGroup | None = None) -> GroupInfo:
-    """The given group, else the world when torch.distributed is initialised, else one process."""
+def resolve_group(group: dist.ProcessGroup | None = None, topology: str = "ring") -> GroupInfo:
+    """The given group, else the world when torch.distributed is initialised, else one process; for
+    ``topology="hierarchical"`` on the world, with nodes of ``LOCAL_WORLD_SIZE`` ranks when that makes more
+    than one node of more than one rank (else, and on other groups, the flat ring: the same results)."""
+    if topology not in TOPOLOGIES:
+        raise ValueError(f"unknown ring topology {topology!r}; one of {', '.join(TOPOLOGIES)}")
     if group is None:
         if not (dist.is_available() and dist.is_initialized()):
             return GroupInfo(None, 0, 1)
         group = dist.group.WORLD
-    return GroupInfo(group, dist.get_rank(group), dist.get_world_size(group))
+    info = GroupInfo(group, dist.get_rank(group), dist.get_world_size(group))
+    node_size = local_world_size()
+    if topology == "ring" or group != dist.group.WORLD or not 1 < node_size < info.world_size:
+        return info
+    if info.world_size % node_size:
+        raise ValueError(f"the hierarchical ring needs the same number of ranks on every node: {info.world_size} "
+                         f"ranks do not split into nodes of LOCAL_WORLD_SIZE={node_size}")
+    return replace(info, node_size=node_size, node_group=_node_group(info.rank // node_size, node_size))
+
+
+def local_world_size() -> int:
+    """Ranks per node, as torchrun, the deepspeed launcher and the Slurm mapping set it (1 if unset)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+
+
+_NODE_GROUPS: dict[int, list[dist.ProcessGroup]] = {}  # by ranks per node: the group of each node
+
+
+def _node_group(node: int, node_size: int) -> dist.ProcessGroup:
+    """The group of ``node``'s ranks (consecutive ranks of the world). Every rank makes every node's group,
+    once, in the same order, as ``new_group`` requires."""
+    if node_size not in _NODE_GROUPS:
+        world = dist.get_world_size()
+        _NODE_GROUPS[node_size] = [dist.new_group(list(range(first, first + node_size)))
+                                   for first in range(0, world, node_size)]
+    return _NODE_GROUPS[node_size][node]
 
 
 def all_reduce_sum(tensor: torch.Tensor, info: GroupInfo) -> torch.Tensor:
@@ -71,12 +118,73 @@ def ring_blocks(
     read by the pending send: the caller must not modify them.
     """
     current = tuple(t.contiguous() for t in block)
+    if info.node_size > 1:
+        yield from _hierarchical_blocks(current, info)
+        return
+    shift = _Shift.along_ranks(info)
     for step in range(info.world_size):
         is_last = step == info.world_size - 1
-        incoming = None if is_last else _start_shift(current, info)
+        incoming = None if is_last else shift.start(current)
         yield (info.rank - step) % info.world_size, current
         if incoming is not None:
             current = incoming.wait()
+
+
+def _hierarchical_blocks(block: tuple[torch.Tensor, ...], info: GroupInfo):
+    """``ring_blocks`` over nodes: blocks gathered in the node, node blocks (each tensor stacked over the
+    node's ranks) passed between nodes, and yielded rank by rank in the flat ring's order."""
+    size, local = info.node_size, info.rank % info.node_size
+    first_rank = info.rank - local
+    own = tuple(_gather_in_node(t, info) for t in block)
+    shift = _Shift.along_nodes(info)
+    incoming = shift.start(own)
+    for index in range(local, -1, -1):  # this node's blocks from this rank's down
+        yield first_rank + index, tuple(t[index] for t in own)
+    for step in range(1, info.nodes):
+        current = incoming.wait()
+        incoming = shift.start(current) if step < info.nodes - 1 else None
+        current_first = (first_rank - step * size) % info.world_size
+        for index in range(size - 1, -1, -1):
+            yield current_first + index, tuple(t[index] for t in current)
+    for index in range(size - 1, local, -1):  # its higher blocks close the flat ring's order
+        yield first_rank + index, tuple(t[index] for t in own)
+
+
+def _gather_in_node(tensor: torch.Tensor, info: GroupInfo) -> torch.Tensor:
+    """``[node_size, *tensor.shape]``: the node's ranks' tensors in rank order."""
+    gathered = tensor.new_empty((info.node_size, *tensor.shape))
+    dist.all_gather(list(gathered.unbind(0)), tensor, group=info.node_group)
+    return gathered
+
+
+@dataclass(frozen=True)
+class _Shift:
+    """Sends to ``next_rank`` and receives from ``previous_rank`` (ranks of the group)."""
+
+    info: GroupInfo
+    next_rank: int
+    previous_rank: int
+
+    @classmethod
+    def along_ranks(cls, info: GroupInfo) -> "_Shift":
+        return cls(info, (info.rank + 1) % info.world_size, (info.rank - 1) % info.world_size)
+
+    @classmethod
+    def along_nodes(cls, info: GroupInfo) -> "_Shift":
+        """Between the ranks of the same local index on neighbouring nodes."""
+        return cls(info, (info.rank + info.node_size) % info.world_size, (info.rank - info.node_size) % info.world_size)
+
+    def start(self, block: tuple[torch.Tensor, ...]) -> "_PendingShift":
+        """Start sending ``block`` and receiving the same-shaped block."""
+        buffers = tuple(torch.empty_like(t) for t in block)
+        operations = []
+        # One tag per tensor so that tensors of a block cannot be matched out of order.
+        for tag, (outgoing, buffer) in enumerate(zip(block, buffers)):
+            operations.append(dist.P2POp(dist.isend, outgoing, group=self.info.group, group_peer=self.next_rank,
+                                         tag=tag))
+            operations.append(dist.P2POp(dist.irecv, buffer, group=self.info.group, group_peer=self.previous_rank,
+                                         tag=tag))
+        return _PendingShift(buffers, dist.batch_isend_irecv(operations))
 
 
 class _PendingShift:
@@ -91,15 +199,3 @@ class _PendingShift:
             work.wait()
         return self.buffers
 
-
-def _start_shift(block: tuple[torch.Tensor, ...], info: GroupInfo) -> _PendingShift:
-    """Start sending ``block`` to rank k+1 and receiving the same-shaped block from rank k-1."""
-    next_rank = (info.rank + 1) % info.world_size
-    previous_rank = (info.rank - 1) % info.world_size
-    buffers = tuple(torch.empty_like(t) for t in block)
-    operations = []
-    # One tag per tensor so that tensors of a block cannot be matched out of order.
-    for tag, (outgoing, buffer) in enumerate(zip(block, buffers)):
-        operations.append(dist.P2POp(dist.isend, outgoing, group=info.group, group_peer=next_rank, tag=tag))
-        operations.append(dist.P2POp(dist.irecv, buffer, group=info.group, group_peer=previous_rank, tag=tag))
-    return _PendingShift(buffers, dist.batch_isend_irecv(operations))
