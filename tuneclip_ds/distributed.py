@@ -97,11 +97,17 @@ def _first_host(nodelist: str) -> str:
     return hosts.stdout.split()[0]
 
 
+def ranks_per_node() -> int:
+    """As torchrun and the Slurm mapping (LOCAL_WORLD_SIZE) or DeepSpeed's launcher (LOCAL_SIZE) set it; 1 if
+    neither does."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", 1)))
+
+
 def _limit_cpu_threads() -> None:
     """Share the cores between the ranks of a node unless the user chose (OMP_NUM_THREADS)."""
     if "OMP_NUM_THREADS" in os.environ:
         return
-    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", 1)))
+    ranks_here = ranks_per_node()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     torch.set_num_threads(max(1, cores // max(1, ranks_here)))
 

@@ -13,12 +13,13 @@ identical results): its own node's blocks from its own down, the other nodes' as
 node's higher blocks last.
 """
 
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
+
+from tuneclip_ds.distributed import ranks_per_node
 
 
 TOPOLOGIES = ("ring", "hierarchical")
@@ -51,18 +52,13 @@ def resolve_group(group: dist.ProcessGroup | None = None, topology: str = "ring"
             return GroupInfo(None, 0, 1)
         group = dist.group.WORLD
     info = GroupInfo(group, dist.get_rank(group), dist.get_world_size(group))
-    node_size = local_world_size()
+    node_size = ranks_per_node()
     if topology == "ring" or group != dist.group.WORLD or not 1 < node_size < info.world_size:
         return info
     if info.world_size % node_size:
         raise ValueError(f"the hierarchical ring needs the same number of ranks on every node: {info.world_size} "
                          f"ranks do not split into nodes of LOCAL_WORLD_SIZE={node_size}")
     return replace(info, node_size=node_size, node_group=_node_group(info.rank // node_size, node_size))
-
-
-def local_world_size() -> int:
-    """Ranks per node, as torchrun, the deepspeed launcher and the Slurm mapping set it (1 if unset)."""
-    return int(os.environ.get("LOCAL_WORLD_SIZE", 1))
 
 
 _NODE_GROUPS: dict[int, list[dist.ProcessGroup]] = {}  # by ranks per node: the group of each node
