@@ -1,7 +1,9 @@
 """WiSE-FT: a run's fine-tuned weights interpolated toward its starting weights (the shipped pretrained model),
-exported at ZeRO-0 and ZeRO-2; bad input is one clear message."""
+exported at ZeRO-0 and ZeRO-2 and swept in evaluation; bad input is one clear message."""
 
+import json
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,11 +11,13 @@ import pytest
 import torch
 
 from test_checkpoint_errors import fake_checkpoint
+from test_eval import cli_suite, heldout, run_cli  # noqa: F401  (heldout: a fixture, 45 held-out samples)
 from test_export import read_weights, train_overrides
 from test_reproduce import SHIPPED
 from tuneclip_ds import export
 from tuneclip_ds.config import ModelConfig
 from tuneclip_ds.errors import InputError
+from tuneclip_ds.eval.cli import main as eval_main
 from tuneclip_ds.wise_ft import parse_alpha, parse_sweep, wise_ft
 
 
@@ -109,6 +113,43 @@ def test_folder_export_of_the_best_checkpoint(finished_runs, tmp_path):
         torch.testing.assert_close(tensor, 0.75 * start[name] + 0.25 * best[name], rtol=1e-6, atol=1e-7)
 
 
+# ---------------------------------------------------------------- evaluation sweep
+
+
+def test_sweep_ends_are_the_start_and_the_run(finished_runs, heldout, tmp_path, capsys):  # noqa: F811
+    run = finished_runs(0).folder
+    suite = cli_suite(tmp_path, heldout)
+
+    def evaluate(pretrained, name, *flags):
+        output = tmp_path / f"{name}.json"
+        command = ["--model", "tiny-ViT", "--pretrained", str(pretrained), "--tasks", str(suite), "--workers", "0"]
+        assert eval_main(command + ["--output", str(output), *flags]) == 0
+        return json.loads(output.read_text())
+
+    sweep = evaluate(run, "sweep", "--wise-ft", "0:1:0.5")
+    table = capsys.readouterr().out
+    rows = {row["alpha"]: row["metrics"] for row in sweep["wise_ft"]}
+    assert list(rows) == [0.0, 0.5, 1.0] and sweep["start"] == str(SHIPPED)
+    assert rows[0.0] == evaluate(SHIPPED, "start")["metrics"]
+    assert rows[1.0] == evaluate(run, "plain")["metrics"]
+    assert rows[0.0] != rows[1.0] != rows[0.5]  # the ends tell the start from the run
+    assert table.splitlines()[0].split() == ["alpha", "cls/top1", "ret/mean_R@1", "average"]
+    assert ["1", *(f"{rows[1.0][key]:.4f}" for key in ("cls/top1", "ret/mean_R@1", "average"))] in \
+        [line.split() for line in table.splitlines()]
+    assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_sweep_on_two_ranks_equals_one_process(finished_runs, heldout, tmp_path):  # noqa: F811
+    suite, run = cli_suite(tmp_path, heldout), str(finished_runs(0).folder)
+    sweep = ["-m", "tuneclip_ds.eval", "--wise-ft", "0,0.5,1"]  # before the options run_cli adds: argparse takes both
+    alone, _ = run_cli([sys.executable, *sweep], tmp_path, suite, run, threads=1, name="one")
+    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2"]
+    together, result = run_cli(torchrun + sweep, tmp_path, suite, run, threads=1, name="two")
+    assert together["world_size"] == 2 and together["wise_ft"] == alone["wise_ft"]
+    assert result.stdout.count("wrote ") == 1  # rank 0 reports
+
+
 # ---------------------------------------------------------------- the interpolation
 
 
@@ -183,3 +224,17 @@ def test_export_bad_wise_ft_input(tmp_path, capsys, make_run, alpha, message):
     assert export.main([str(make_run(tmp_path)), "--wise-ft", alpha, "--output", str(output)]) == 2
     assert re.search(message, capsys.readouterr().err)
     assert not output.exists()
+
+
+@pytest.mark.parametrize("pretrained, alphas, message", [
+    ("random start", "0:1:0.1", "started from random weights"),
+    ("weights file", "0,1", f"--pretrained {SHIPPED} is not a run: give a run directory"),
+    ("random start", "0:1.5:0.5", "needs 0 <= START <= STOP <= 1"),
+])
+def test_sweep_bad_input_is_one_message(tmp_path, heldout, capsys, pretrained, alphas, message):  # noqa: F811
+    source = run_without_start(tmp_path) if pretrained == "random start" else SHIPPED
+    suite = cli_suite(tmp_path, heldout)
+    assert eval_main(["--model", "tiny-ViT", "--pretrained", str(source), "--tasks", str(suite),
+                      "--wise-ft", alphas]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and message in error and "Traceback" not in error
