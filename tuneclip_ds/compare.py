@@ -115,12 +115,7 @@ def plot_curves(curves: dict[str, list[Curve]], baseline: float, path: Path, tit
                 ylabel: str, scale: float = 100.0) -> None:
     """Metric against stage-II step, one line per arm (the mean over its runs, a band of +- one std),
     with the starting model's level as a dashed line; the step axis is symmetric-log to show the first steps."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(7, 4.2))
+    figure, axes = new_plot()
     evaluated = sorted(set().union(*(curve for runs in curves.values() for curve in runs)))
     for arm, runs in curves.items():
         steps = sorted(set.intersection(*(set(curve) for curve in runs)))
@@ -135,7 +130,24 @@ def plot_curves(curves: dict[str, list[Curve]], baseline: float, path: Path, tit
     axes.set_xlim(0, evaluated[-1])
     axes.set_xticks(evaluated, [str(step) for step in evaluated])
     axes.minorticks_off()
-    axes.set_xlabel("fine-tuning step (stage II)")
+    save_plot(figure, axes, path, "fine-tuning step (stage II)", ylabel, title)
+
+
+def new_plot():
+    """A figure and its axes in the size of this package's plots, drawn without a display."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(7, 4.2))
+
+
+def save_plot(figure, axes, path: Path, xlabel: str, ylabel: str, title: str) -> None:
+    """Label, grid and legend in this package's style; written to ``path`` as PNG, then closed."""
+    import matplotlib.pyplot as plt
+
+    axes.set_xlabel(xlabel)
     axes.set_ylabel(ylabel)
     axes.set_title(title)
     axes.grid(alpha=0.3)

@@ -18,6 +18,9 @@ printed). The weights are fp32 (DeepSpeed's fp32 master copies where training
 kept them) with a 0-dim ``logit_scale``/``logit_bias`` like open_clip's own
 checkpoints; ``--dtype fp16`` (or bf16) halves them, for shipping; open_clip
 casts the values to the model's precision on load.
+
+``--wise-ft ALPHA`` exports WiSE-FT weights instead: ``(1 - ALPHA) * start + ALPHA * fine-tuned``, the
+start being the run's ``model.pretrained`` (see tuneclip_ds/wise_ft.py).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from tuneclip_ds import checkpoint
+from tuneclip_ds import checkpoint, wise_ft
 from tuneclip_ds.checkpoint import CheckpointError, find_checkpoint
 from tuneclip_ds.errors import InputError, command
 from tuneclip_ds.tokenizer import tokenizer_files
@@ -118,20 +121,22 @@ def open_clip_state_dict(weights: dict[str, torch.Tensor], dtype: torch.dtype = 
     return exported
 
 
-def export(source: Path, output: Path, safetensors: bool = False, best: bool = False, dtype: str = "fp32") -> str:
+def export(source: Path, output: Path, safetensors: bool = False, best: bool = False, dtype: str = "fp32",
+           wise_ft_alpha: float | None = None) -> str:
     """Write the weights of the checkpoint ``source`` names to ``output``; returns what was written."""
     if safetensors != (output.suffix == ".safetensors"):
         raise InputError(f"--output {output}: open_clip picks the format by the suffix, so use a .safetensors "
                          "name with --safetensors and another (e.g. .pt) without it")
     folder = find_checkpoint(source, best)
     metadata = checkpoint.read_metadata(folder)
-    state_dict = _weights(folder, metadata, dtype)
+    state_dict = _weights(folder, metadata, dtype, wise_ft_alpha)
     output.parent.mkdir(parents=True, exist_ok=True)
     checkpoint.write_atomically(output, lambda path: _save(state_dict, path, safetensors, metadata))
-    return _summary(output, folder, metadata, state_dict, dtype) + "\n" + _load_hint(metadata, output)
+    return _summary(output, folder, metadata, state_dict, dtype, wise_ft_alpha) + "\n" + _load_hint(metadata, output)
 
 
-def export_folder(source: Path, output: Path, best: bool = False, dtype: str = "fp32") -> str:
+def export_folder(source: Path, output: Path, best: bool = False, dtype: str = "fp32",
+                  wise_ft_alpha: float | None = None) -> str:
     """Write the checkpoint ``source`` names as an open_clip folder ``output`` (config, weights, tokenizer
     files) that ``open_clip`` loads as ``local-dir:OUTPUT``; returns what was written."""
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
@@ -139,9 +144,9 @@ def export_folder(source: Path, output: Path, best: bool = False, dtype: str = "
     folder = find_checkpoint(source, best)
     metadata = checkpoint.read_metadata(folder)
     config, tokenizer = _folder_contents(folder, metadata)
-    state_dict = _weights(folder, metadata, dtype)
+    state_dict = _weights(folder, metadata, dtype, wise_ft_alpha)
     _write_folder(output, config, state_dict, tokenizer, metadata)
-    return (_summary(output, folder, metadata, state_dict, dtype) + "\n"
+    return (_summary(output, folder, metadata, state_dict, dtype, wise_ft_alpha) + "\n"
             f"load it with open_clip.create_model_and_transforms('local-dir:{output}') "
             f"and open_clip.get_tokenizer('local-dir:{output}')")
 
@@ -174,13 +179,21 @@ def _folder_contents(folder: Path, metadata: dict) -> tuple[dict, list[Path]]:
     return metadata["open_clip_config"], files
 
 
-def _weights(folder: Path, metadata: dict, dtype: str) -> dict[str, torch.Tensor]:
-    return open_clip_state_dict(fp32_weights(folder, metadata["zero_stage"]), DTYPES[dtype])
+def _weights(folder: Path, metadata: dict, dtype: str, wise_ft_alpha: float | None) -> dict[str, torch.Tensor]:
+    """The checkpoint's weights as open_clip holds them; with ``wise_ft_alpha``, interpolated (in fp32) toward
+    the run's starting weights, which are read first: a run without them fails before the long read."""
+    start = None if wise_ft_alpha is None else wise_ft.run_start_weights(folder)
+    weights = fp32_weights(folder, metadata["zero_stage"])
+    if start is not None:
+        weights = wise_ft.wise_ft(start, weights, wise_ft_alpha)
+    return open_clip_state_dict(weights, DTYPES[dtype])
 
 
-def _summary(output: Path, folder: Path, metadata: dict, state_dict: dict, dtype: str) -> str:
+def _summary(output: Path, folder: Path, metadata: dict, state_dict: dict, dtype: str,
+             wise_ft_alpha: float | None) -> str:
     count = sum(tensor.numel() for tensor in state_dict.values())
-    return (f"wrote {output}: {metadata['model']} at step {metadata['step']} from {folder}, "
+    mixed = "" if wise_ft_alpha is None else f" mixed with its starting weights by WiSE-FT (alpha {wise_ft_alpha:g})"
+    return (f"wrote {output}: {metadata['model']} at step {metadata['step']} from {folder}{mixed}, "
             f"{len(state_dict)} tensors, {count / 1e6:.2f}M values, {dtype}")
 
 
@@ -234,13 +247,16 @@ def main(argv: list[str] | None = None) -> int:
                         "(name ending .safetensors); a folder always holds safetensors")
     parser.add_argument("--best", action="store_true", help="the run's best-evaluated checkpoint (eval.select)")
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="precision of the written weights")
+    parser.add_argument("--wise-ft", metavar="ALPHA", help="WiSE-FT: (1 - ALPHA) * the run's starting weights "
+                        "(its model.pretrained) + ALPHA * the fine-tuned ones, ALPHA in [0, 1]")
     args = parser.parse_args(argv)
+    alpha = None if args.wise_ft is None else wise_ft.parse_alpha(args.wise_ft)
     if args.folder is None:
-        print(export(args.source, args.output, args.safetensors, args.best, args.dtype))
+        print(export(args.source, args.output, args.safetensors, args.best, args.dtype, alpha))
     elif args.safetensors:
         raise InputError("--safetensors goes with --output: a --folder always holds safetensors weights")
     else:
-        print(export_folder(args.source, args.folder, args.best, args.dtype))
+        print(export_folder(args.source, args.folder, args.best, args.dtype, alpha))
     return 0
 
 

@@ -9,6 +9,12 @@ to a temporary open_clip folder first, as `python -m tuneclip_ds.export --folder
 folder's config then defines the model, tokenizer included), once per node: the node's other ranks
 wait and read it. --tokenizer names a folder of Hugging Face tokenizer files, as model.tokenizer
 does in training.
+
+    python -m tuneclip_ds.eval --model ViT-B-16 --pretrained RUN_DIR --wise-ft 0:1:0.1 --tasks SUITE
+
+evaluates WiSE-FT interpolations of a training run toward its starting weights (model.pretrained), one
+per alpha: a table (a row per alpha), the metrics in --output and a plot beside it (--output's name
+with .png), see tuneclip_ds/eval/sweep.py.
 """
 
 from __future__ import annotations
@@ -50,15 +56,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, help="data-loading workers per rank (default: the suite's)")
     parser.add_argument("--device", help="default: cuda (the local rank's GPU) when available, else cpu")
     parser.add_argument("--precision", choices=list(AUTOCAST_DTYPES), default="fp32", help="autocast dtype")
+    parser.add_argument("--wise-ft", metavar="ALPHAS", help="with --pretrained RUN_DIR: evaluate WiSE-FT "
+                        "interpolations toward the run's starting weights, alpha START:STOP:STEP (e.g. 0:1:0.1, "
+                        "STOP included) or A,B,... (0: the starting weights, 1: the fine-tuned ones)")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from tuneclip_ds.eval import sweep  # (built on this module)
+
     args = parse_args(argv)
     try:
         suite = suite_from_args(args)
         check_suite(suite)
         training_checkpoint(args.pretrained)  # a damaged run is one message before any process group
+        alphas = None if args.wise_ft is None else sweep.alphas_to_evaluate(args)
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -67,19 +79,28 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_logging(rank)
     try:
-        results = evaluate_pretrained(args, suite, rank, world_size)
+        if alphas is None:
+            results = evaluate_pretrained(args, suite, rank, world_size)
+        else:
+            results = sweep.evaluate_sweep(args, suite, alphas, rank, world_size)
     except InputError as error:
         logger.error("%s", error)
         return 2
     finally:
         shutdown()
-    if rank == 0:
-        print(format_table(results))
-        report = {"model": args.model, "pretrained": args.pretrained, "tasks": args.tasks,
-                  "world_size": world_size, "metrics": results}
-        Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.output}")
+    if rank == 0 and alphas is None:
+        write_report(args, results, world_size)
+    elif rank == 0:
+        sweep.write_report(args, suite, results, world_size)
     return 0
+
+
+def write_report(args: argparse.Namespace, results: dict[str, float], world_size: int) -> None:
+    print(format_table(results))
+    report = {"model": args.model, "pretrained": args.pretrained, "tasks": args.tasks,
+              "world_size": world_size, "metrics": results}
+    Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.output}")
 
 
 def suite_from_args(args: argparse.Namespace) -> Suite:
@@ -148,15 +169,25 @@ def evaluate_pretrained(args: argparse.Namespace, suite: Suite, rank: int, world
 
 
 def run(args: argparse.Namespace, weights: str, suite: Suite, rank: int, world_size: int) -> dict[str, float]:
+    device = resolve_device(args.device)
+    return evaluate_model(args, load_model(args, weights, device, rank), suite, device, rank, world_size)
+
+
+def load_model(args: argparse.Namespace, weights: str, device: torch.device, rank: int):
+    """The ClipBundle of --model with ``weights``, its model on ``device``."""
     from tuneclip_ds.config import ModelConfig
     from tuneclip_ds.models import build_model
 
-    device = resolve_device(args.device)
     bundle = build_model(ModelConfig(name=args.model, pretrained=weights, tokenizer=args.tokenizer))
     if not args.pretrained and rank == 0:
         logger.warning("no --pretrained weights: evaluating a randomly initialised %s", args.model)
-    model = bundle.model.to(device)
-    return evaluate(model, suite, bundle.preprocess_val, bundle.tokenizer, device, rank, world_size,
+    bundle.model.to(device)
+    return bundle
+
+
+def evaluate_model(args: argparse.Namespace, bundle, suite: Suite, device: torch.device, rank: int,
+                   world_size: int) -> dict[str, float]:
+    return evaluate(bundle.model, suite, bundle.preprocess_val, bundle.tokenizer, device, rank, world_size,
                     autocast_dtype=AUTOCAST_DTYPES[args.precision])
 
 
