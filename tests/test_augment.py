@@ -163,3 +163,14 @@ def test_the_run_builds_its_loader_with_the_configured_augmentation(synthetic_sh
     batches = build_batches(config, build_model(config.model), rank=0, world_size=1).loader.batches
     assert "RandomApply" in kinds(batches.preprocess) and batches.captions.config.stop_words == 0.9
     assert next(iter(batches))["image"].shape == (config.train.batch_size, 3, 32, 32)
+
+
+def test_transforms_not_ending_in_normalisation_keep_float_images(model):
+    from tuneclip_ds.data.device_images import split_normalization
+
+    erasing = image_train_transform(model, ImageAugmentationConfig(use_timm=True, re_prob=0.25), None)
+    assert type(erasing.transforms[-1]).__name__ == "RandomErasing"  # works on normalised tensors
+    assert split_normalization(erasing) == (erasing, None)
+    pixels, normalization = split_normalization(image_train_transform(model, ImageAugmentationConfig(preset="strong"),
+                                                                      None))
+    assert kinds(pixels)[-2:] == ["RandomApply", "PILToTensor"] and normalization.mean == open_clip.OPENAI_DATASET_MEAN

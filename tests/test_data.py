@@ -18,6 +18,7 @@ from PIL import Image
 import tuneclip_ds  # noqa: F401  (before open_clip: makes torchvision importable on CPU torch)
 import open_clip
 from tuneclip_ds.data import pipeline, shards, synthetic
+from tuneclip_ds.data.device_images import to_model_input
 from tuneclip_ds.data.pipeline import build_train_loader, resolve_shards
 from tuneclip_ds.data.shards import ImageTextSample, write_shards
 from tuneclip_ds.data.stream import BatchStream
@@ -200,8 +201,13 @@ def test_batches_with_open_clip_preprocess_and_tokenizer(tmp_path, preprocess):
     loader = build_train_loader(str(tmp_path), preprocess, open_clip.get_tokenizer("ViT-B-32"), batch_size=16,
                                 num_workers=0, rank=0, world_size=1, seed=0)
     batch = next(iter(loader))
-    assert set(batch) == {"image", "text", "sample_id", "num_skipped", "position"}
-    assert batch["image"].shape == (16, 3, IMAGE_SIZE, IMAGE_SIZE) and batch["image"].dtype == torch.float32
+    assert set(batch) == {"image", "text", "sample_id", "num_skipped", "position", "normalization"}
+    # the workers' uint8 pixels, normalised where the model is, equal open_clip's transform bit for bit
+    assert batch["image"].shape == (16, 3, IMAGE_SIZE, IMAGE_SIZE) and batch["image"].dtype == torch.uint8
+    stored = read_shards(paths)
+    expected = torch.stack([preprocess(Image.open(io.BytesIO(stored[i]["png"]))) for i in batch["sample_id"].tolist()])
+    assert torch.equal(to_model_input(batch, torch.device("cpu"), torch.float32), expected)
+    assert to_model_input(batch, torch.device("cpu"), torch.bfloat16).dtype == torch.bfloat16
     assert batch["text"].shape == (16, 77) and batch["text"].dtype == torch.int64
     assert batch["sample_id"].dtype == torch.int64 and batch["num_skipped"] == 0
     assert resolve_shards(str(tmp_path)) == paths

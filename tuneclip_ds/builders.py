@@ -76,6 +76,7 @@ def build_batches(config: Config, bundle: ClipBundle, rank: int, world_size: int
         resampled=data.resampled,
         captions=CaptionAugmenter(text, bundle.tokenizer, config.seed) if text.active else None,
         shard_weights=weights,
+        pin_memory=torch.cuda.is_available(),
     )
     return BatchStream(loader)
 

@@ -13,6 +13,7 @@ import torch
 
 from tuneclip_ds import checkpoint, preemption
 from tuneclip_ds.config import Config, OSRConfig, corpus_size
+from tuneclip_ds.data.device_images import to_model_input
 from tuneclip_ds.losses import gamma_schedule
 from tuneclip_ds.optim import StageClock, StatisticsRecovery
 
@@ -233,7 +234,7 @@ class Trainer:
         while len(losses) < self.config.train.grad_accum:
             batch = next(self.batches)
             data_skipped += batch.get("num_skipped", 0)
-            image = batch["image"].to(device, self.input_dtype)
+            image = to_model_input(batch, device, self.input_dtype)
             outputs = self.engine(image, batch["text"].to(device))
             loss = self._loss(outputs, batch["sample_id"].to(device))
             if not torch.isfinite(loss):

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys
 
 from tuneclip_ds.data.augment import CaptionAugmenter, seeded
+from tuneclip_ds.data.device_images import Normalization, split_normalization
 from tuneclip_ds.data.shards import DataError
 from tuneclip_ds.data.tar_members import read_tar_members
 
@@ -87,10 +88,14 @@ def _is_remote(path: str) -> bool:
 
 def build_train_loader(shards, preprocess, tokenizer, batch_size: int, num_workers: int, rank: int,
                        world_size: int, seed: int, shuffle_buffer: int = 1000, resampled: bool = False,
-                       captions: CaptionAugmenter | None = None, shard_weights: list[float] | None = None):
+                       captions: CaptionAugmenter | None = None, shard_weights: list[float] | None = None,
+                       pin_memory: bool = False):
     """Batches ``{"image", "text", "sample_id", "num_skipped"}`` for this rank; see :class:`TrainLoader`.
 
-    ``shards``: a spec for :func:`resolve_shards` or a list of paths. ``preprocess``: PIL image -> tensor.
+    ``shards``: a spec for :func:`resolve_shards` or a list of paths. ``preprocess``: PIL image -> tensor; one
+    that ends in open_clip's tensor conversion and normalisation gives uint8 images and the batch's
+    ``normalization`` to apply on the device (``device_images.to_model_input``). ``pin_memory``: for
+    asynchronous copies to a GPU.
     ``tokenizer``: list of str -> LongTensor [n, ctx]. ``captions``: caption augmentation (none: the
     ``txt`` as it is). ``shard_weights``: with ``resampled``, how likely each shard is drawn. Partial last
     batches are dropped.
@@ -108,9 +113,10 @@ def build_train_loader(shards, preprocess, tokenizer, batch_size: int, num_worke
             f"{readers} readers needs at least one shard. Write more, smaller shards (--samples-per-shard), "
             "use fewer data workers, or sample shards with replacement (resampled=True)"
         )
-    batches = RankBatches(shards, preprocess, tokenizer, batch_size, rank, world_size, seed, shuffle_buffer, resampled)
-    batches.captions, batches.shard_weights = captions, shard_weights
-    return TrainLoader(batches, num_workers)
+    pixels, normalization = split_normalization(preprocess)
+    batches = RankBatches(shards, pixels, tokenizer, batch_size, rank, world_size, seed, shuffle_buffer, resampled)
+    batches.captions, batches.shard_weights, batches.normalization = captions, shard_weights, normalization
+    return TrainLoader(batches, num_workers, pin_memory)
 
 
 @dataclass
@@ -148,10 +154,10 @@ class TrainLoader:
     changes it (e.g. on resume), optionally with the position to resume that epoch from.
     """
 
-    def __init__(self, batches: "RankBatches", num_workers: int):
+    def __init__(self, batches: "RankBatches", num_workers: int, pin_memory: bool = False):
         self.batches = batches
         # Batching happens inside the stream, so the DataLoader only moves batches out of the workers.
-        self.loader = DataLoader(batches, batch_size=None, num_workers=num_workers)
+        self.loader = DataLoader(batches, batch_size=None, num_workers=num_workers, pin_memory=pin_memory)
         self.readers = max(1, num_workers)
         self.epoch = 0
         self.position: ReadPosition | None = None  # where the next iter() starts; None: the epoch's start
@@ -199,6 +205,7 @@ class RankBatches(IterableDataset):
         self.start = ReadPosition.start(1)  # where the epoch resumes (set by TrainLoader)
         self.captions: CaptionAugmenter | None = None
         self.shard_weights: list[float] | None = None
+        self.normalization: Normalization | None = None  # set: the preprocess gives uint8 pixels
 
     def __iter__(self):
         reader = self._reader()
@@ -277,13 +284,16 @@ class RankBatches(IterableDataset):
         tokens = self.tokenizer(list(captions))
         if self.captions is not None:
             tokens = self.captions.tokens(tokens, self.epoch, ids)
-        return {
+        batch = {
             "image": torch.stack(images),
             "text": tokens,
             "sample_id": torch.tensor(ids, dtype=torch.int64),
             "num_skipped": num_skipped,
             "position": position,
         }
+        if self.normalization is not None:
+            batch["normalization"] = self.normalization
+        return batch
 
 
 def sample_id_of(sample: dict, metadata: dict) -> int:
