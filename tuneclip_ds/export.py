@@ -34,6 +34,7 @@ import torch
 
 from tuneclip_ds import checkpoint
 from tuneclip_ds.checkpoint import CheckpointError, find_checkpoint
+from tuneclip_ds.config import OptimConfig
 from tuneclip_ds.errors import InputError, command
 from tuneclip_ds.tokenizer import tokenizer_files
 
@@ -84,7 +85,7 @@ def _name_masters(parameters: dict[str, torch.Tensor], optimizer: dict) -> dict:
 
     stand_in = _CheckpointParameters(parameters)
     names = {id(param): name for name, param in stand_in.named_parameters()}
-    groups = [group["params"] for group in param_groups(stand_in, weight_decay=0.0)]
+    groups = [group["params"] for group in param_groups(stand_in, OptimConfig())]  # the defaults' groups
     shapes = [[p.shape for p in group] for group in groups]
     if "fp32_groups" in optimizer:
         masters = optimizer["fp32_groups"]
