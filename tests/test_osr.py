@@ -5,7 +5,7 @@ import torch
 
 from test_checkpoint import assert_bit_identical, make_gradients_nonfinite, train_and_snapshot
 from test_global_batch import GLOBAL_BATCH, fixed_global_batch
-from test_param_groups import BLOCKS, OPTIONS, OVERRIDES, reference_groups
+from test_param_groups import BLOCKS, OPTIONS, OVERRIDES, expected_mean_rates, reference_groups
 from test_training import TINY_RUN
 
 STAGE1_STEPS = 3
@@ -408,11 +408,15 @@ def test_stage_diagnostics_in_tensorboard(pool, synthetic_shards, tmp_path):
 
     overrides = TINY_RUN + [f"data.train_shards={synthetic_shards}", "train.batch_size=8", "osr.steps=3",
                             "train.steps=2", f"output_dir={tmp_path}", "run_name=osr", "log.every=1",
-                            "loss.name=hgcl", "data.num_samples=1024"]
+                            "loss.name=hgcl", "data.num_samples=1024"] + OVERRIDES
     pool.run(train_and_snapshot, overrides)
     logged = scalars(tmp_path / "osr")
     assert logged["train/stage"] == [1, 1, 1, 2, 2]
-    assert logged["train/lr"][:3] == [0, 0, 0] and min(logged["train/lr"][3:]) > 0
+    # the base rate (optim.lr) and each tower's mean, frozen in stage I, then through the 2 steps of warm-up
+    factors = [0, 0, 0, 1 / 2, 1]
+    assert logged["train/lr"] == pytest.approx([factor * OPTIONS["lr"] for factor in factors], rel=1e-6)
+    for tower, rate in expected_mean_rates(OPTIONS).items():
+        assert logged[f"train/lr_{tower}"] == pytest.approx([factor * rate for factor in factors], rel=1e-6)
     assert logged["osr/adam_step"] == [1, 2, 3]
     assert all(value > 0 for value in logged["osr/exp_avg_norm"] + logged["osr/exp_avg_sq_norm"])
     assert len(logged["osr/exp_avg_norm_change"]) == 2  # from the second step on
