@@ -23,6 +23,7 @@ casts the values to the model's precision on load.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import os
@@ -64,7 +65,9 @@ def _stage0_weights(folder: Path) -> dict[str, torch.Tensor]:
     if "fp32_groups" not in optimizer and "fp32_groups_flat" not in optimizer:
         return module  # fp32 training: the module's parameters are the masters
     parameters = {name: tensor for name, tensor in module.items() if name not in states["buffer_names"]}
-    return {**module, **_name_masters(parameters, optimizer)}
+    # The options that made the param groups (older checkpoints record none: theirs were the defaults' groups)
+    options = checkpoint.read_metadata(folder).get("param_group_options", {})
+    return {**module, **_name_masters(parameters, optimizer, dataclasses.replace(OptimConfig(), **options))}
 
 
 class _CheckpointParameters:
@@ -77,15 +80,15 @@ class _CheckpointParameters:
         return iter(self.parameters.items())
 
 
-def _name_masters(parameters: dict[str, torch.Tensor], optimizer: dict) -> dict:
+def _name_masters(parameters: dict[str, torch.Tensor], optimizer: dict, optim: OptimConfig) -> dict:
     """Names for the fp32 masters of DeepSpeed's ZeRO-0 bf16/fp16 wrapper (its ``optimizer`` state), which it
-    keeps per param group in ``engine.param_groups`` order: one per parameter (``fp32_groups``), or with its
-    FusedAdam one flat tensor per group (``fp32_groups_flat``)."""
+    keeps per param group in the order of the groups ``optim`` made: one per parameter (``fp32_groups``), or
+    with its FusedAdam one flat tensor per group (``fp32_groups_flat``)."""
     from tuneclip_ds.optim import param_groups
 
     stand_in = _CheckpointParameters(parameters)
     names = {id(param): name for name, param in stand_in.named_parameters()}
-    groups = [group["params"] for group in param_groups(stand_in, OptimConfig())]  # the defaults' groups
+    groups = [group["params"] for group in param_groups(stand_in, optim)]
     shapes = [[p.shape for p in group] for group in groups]
     if "fp32_groups" in optimizer:
         masters = optimizer["fp32_groups"]

@@ -14,7 +14,7 @@ import torch
 from tuneclip_ds import checkpoint, preemption
 from tuneclip_ds.config import Config, OSRConfig, corpus_size
 from tuneclip_ds.losses import gamma_schedule
-from tuneclip_ds.optim import StageClock, StatisticsRecovery, param_groups, tower_mean_rates
+from tuneclip_ds.optim import StageClock, StatisticsRecovery, group_options, param_groups, tower_mean_rates
 
 logger = logging.getLogger(__name__)
 
@@ -199,7 +199,8 @@ class Trainer:
             "osr": self.osr.state_dict(),
             "eval": self.evaluator.state_dict() if self.evaluator is not None else {},
         }
-        metadata = {**self.checkpoint_metadata(), **self.export_record}
+        metadata = {**self.checkpoint_metadata(), **self.export_record,
+                    "param_group_options": group_options(self.config.optim)}
         checkpoint.save(self.engine, self.checkpoint_root, self.step, metadata, rank_state,
                         keep_last=self.config.checkpoint.keep_last)
         self.save_requested = False

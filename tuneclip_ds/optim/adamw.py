@@ -29,6 +29,9 @@ _EMBEDDINGS = {"conv1", "class_embedding", "positional_embedding", "ln_pre", "to
 _TOP = {"ln_post", "proj", "attn_pool", "attn_pool_contrastive", "ln_final", "text_projection", "head",
         "trunk.norm", "trunk.fc_norm", "trunk.attn_pool", "trunk.head"}
 _UNPLACED_SHOWN = 20  # names a message lists
+# What param_groups reads of the optim section: a checkpoint records them, for its export to rebuild the groups.
+GROUP_OPTIONS = ("lr", "weight_decay", "layer_decay", "image_layer_decay", "text_layer_decay", "image_lr", "text_lr",
+                 "image_weight_decay", "text_weight_decay")
 
 
 @dataclass(frozen=True)
@@ -157,6 +160,10 @@ def param_groups(model: torch.nn.Module, optim: OptimConfig) -> list[dict]:
         groups[key]["params"].append(param)
         labels.setdefault(key, {})[setting.label] = setting.rank
     return [{"name": "+".join(sorted(labels[key], key=labels[key].get)), **groups[key]} for key in sorted(groups)]
+
+
+def group_options(optim: OptimConfig) -> dict[str, float | None]:
+    return {key: getattr(optim, key) for key in GROUP_OPTIONS}
 
 
 def tower_mean_rates(model: torch.nn.Module, optim: OptimConfig) -> dict[str, float]:
