@@ -377,6 +377,7 @@ def test_a_parameter_changed_in_stage1_is_an_error(pool):
 
 @pytest.mark.parametrize("interrupt_after, overrides, nonfinite_at", [
     (2, [], ()), (4, [], ()),
+    (4, OVERRIDES, ()),  # many param groups (layer decay, per-tower rates)
     # after stage II's first step, its schedule (a cosine from there) an update behind its steps: a stage-I step
     # was skipped
     (6, ["train.precision=bf16", "optim.warmup_steps=0"], (2,)),
