@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tuneclip_ds.config import ConfigError, load_config, save_config
+from tuneclip_ds.config import ConfigError, OptimConfig, load_config, save_config
 from tuneclip_ds.engine import build_ds_config
 from tuneclip_ds.optim import param_groups
 
@@ -97,6 +97,14 @@ def test_bad_override_names_the_override(tmp_path, overrides, message):
         ("optim.eps=-1e-8", "optim.eps must be at least 0, got -1e-08"),
         ("optim.warmup_steps=-1", "optim.warmup_steps must be at least 0, got -1"),
         ("optim.min_lr_ratio=1.5", "optim.min_lr_ratio must be in [0, 1], got 1.5"),
+        ("optim.layer_decay=0", "optim.layer_decay must be in (0, 1], got 0.0"),
+        ("optim.layer_decay=1.5", "optim.layer_decay must be in (0, 1], got 1.5"),
+        ("optim.image_layer_decay=0", "optim.image_layer_decay must be in (0, 1], got 0.0"),
+        ("optim.text_layer_decay=1.01", "optim.text_layer_decay must be in (0, 1], got 1.01"),
+        ("optim.image_lr=-1e-5", "optim.image_lr must be at least 0, got -1e-05"),
+        ("optim.text_lr=-1", "optim.text_lr must be at least 0, got -1.0"),
+        ("optim.image_weight_decay=-0.1", "optim.image_weight_decay must be at least 0, got -0.1"),
+        ("optim.text_weight_decay=.nan", "optim.text_weight_decay must be at least 0, got nan"),
         ("loss.gamma_min=-0.2", "loss.gamma_min must be in [0, 1], got -0.2"),
         ("loss.label_smoothing=1", "loss.label_smoothing must be in [0, 1), got 1.0"),
         ("train.grad_clip=-1", "train.grad_clip must be at least 0, got -1.0"),
@@ -126,8 +134,10 @@ def test_label_smoothing_reaches_the_infonce_loss_only():
 def test_numbers_at_the_edges_of_their_ranges_load():
     config = load_config(None, ["train.steps=0", "optim.lr=0", "optim.weight_decay=0", "optim.betas=[0, 0.999]",
                                 "optim.eps=0", "optim.min_lr_ratio=1", "train.grad_clip=0", "osr.steps=0",
-                                "train.wait_timeout_minutes=0.05"])
+                                "train.wait_timeout_minutes=0.05", "optim.layer_decay=1", "optim.text_layer_decay=1e-6",
+                                "optim.image_lr=0", "optim.text_weight_decay=0"])
     assert config.optim.betas == (0.0, 0.999) and config.optim.lr == 0.0
+    assert config.optim.text_layer_decay == 1e-6 and config.optim.image_lr == 0.0
     assert config.train.wait_timeout_minutes == 0.05
 
 
@@ -221,7 +231,7 @@ def test_param_groups_exempt_gains_biases_and_temperature():
     import tuneclip_ds.models  # noqa: F401  (registers the tiny model configs)
 
     model = open_clip.create_model("tiny-ViT-sigmoid", nonscalar_logit_scale=True)
-    decay, no_decay = param_groups(model, weight_decay=0.2)
+    decay, no_decay = param_groups(model, OptimConfig(weight_decay=0.2))
     names = {id(p): n for n, p in model.named_parameters()}
     exempt = {names[id(p)] for p in no_decay["params"]}
     assert {"logit_scale", "logit_bias", "visual.class_embedding", "ln_final.weight", "ln_final.bias"} <= exempt

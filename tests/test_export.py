@@ -110,8 +110,21 @@ def precision_combinations() -> list:
 @pytest.mark.parametrize("stage, precision, implementation", precision_combinations())
 def test_export_and_optimizer_states_read_the_fp32_masters(pool, synthetic_shards, tmp_path, stage, precision,
                                                           implementation):
-    output = tmp_path / "model.pt"
     overrides = train_overrides(synthetic_shards, tmp_path, stage, precision)
+    assert_export_and_optimizer_states_read_the_masters(pool, tmp_path, overrides, implementation, stage)
+
+
+@pytest.mark.parametrize("implementation", ["torch", "deepspeed"])
+def test_export_finds_the_masters_of_many_param_groups(pool, synthetic_shards, tmp_path, implementation):
+    """ZeRO-0 in bf16 keeps its masters by param group, in the order the checkpoint's options made the groups."""
+    from test_param_groups import OVERRIDES
+
+    overrides = train_overrides(synthetic_shards, tmp_path, 0, "bf16") + OVERRIDES
+    assert_export_and_optimizer_states_read_the_masters(pool, tmp_path, overrides, implementation, stage=0)
+
+
+def assert_export_and_optimizer_states_read_the_masters(pool, tmp_path, overrides, implementation, stage):
+    output = tmp_path / "model.pt"
     (engine, exported), _ = pool.run(train_and_export, overrides + [f"optim.implementation={implementation}"],
                                      [(tmp_path / "run", output)])
     masters, tensors = engine["params"], exported[output]["tensors"]

@@ -41,6 +41,8 @@ def test_torchrun_two_ranks_writes_tensorboard_and_config(tmp_path, synthetic_sh
     assert "loss:" in result.stdout and "-> " in result.stdout
     assert "step 6/6" in result.stderr  # the rank-0 progress line
     assert result.stderr.count("step 6/6") == 1  # ... from rank 0 only
+    assert result.stderr.count("parameter groups at step 1:") == 1  # rank 0's table of the rates
+    assert "\nimage/decay+text/decay " in result.stderr and "\nimage/no_decay+text/no_decay " in result.stderr
 
     logged = scalars(run_dir)
     for tag in ["train/loss", "train/lr", "train/grad_norm", "train/logit_scale",
@@ -79,6 +81,7 @@ def test_nonfinite_loss_stops_every_rank_with_one_message_and_its_exit_status(tm
     [
         (["train.stps=3"], "unknown key train.stps"),
         (["optim.lr=-1"], "error: override optim.lr=-1: optim.lr must be at least 0, got -1.0"),  # not torch's error
+        (["optim.layer_decay=1.5"], "error: override optim.layer_decay=1.5: optim.layer_decay must be in (0, 1]"),
         (["model.pretrained=openai"], "reads weights from disk only"),
         (["data.train_shards=/no/such/shards"], "/no/such/shards"),
     ],

@@ -5,6 +5,7 @@ import torch
 
 from test_checkpoint import assert_bit_identical, make_gradients_nonfinite, train_and_snapshot
 from test_global_batch import GLOBAL_BATCH, fixed_global_batch
+from test_param_groups import BLOCKS, OPTIONS, OVERRIDES, expected_mean_rates, reference_groups
 from test_training import TINY_RUN
 
 STAGE1_STEPS = 3
@@ -61,28 +62,32 @@ def run_with_snapshots(trainer) -> dict:
     return snapshots
 
 
-def reference_adamw(steps: int, lr: float, weight_decay: float, grad_clip: float, betas=(0.9, 0.98)):
+def reference_adamw(steps: int, lr: float, weight_decay: float, grad_clip: float, betas=(0.9, 0.98),
+                    stage2_steps: int = 1, groups=None):
     """Plain torch AdamW on one process, open_clip's ClipLoss on the whole global batch: ``steps`` updates
-    at lr 0 (stage I), then one at ``lr``. Returns (after stage I, after stage II) snapshots by name."""
+    at lr 0 (stage I), then ``stage2_steps`` at each group's rate. ``groups(model)`` gives the groups with
+    their rates; by default the trainer's groups at ``lr`` and ``weight_decay``. Returns (after stage I,
+    after stage II) snapshots by name."""
     import open_clip
     from open_clip.loss import ClipLoss
 
     from tuneclip_ds.models import build_model
-    from tuneclip_ds.config import ModelConfig
+    from tuneclip_ds.config import ModelConfig, OptimConfig
     from tuneclip_ds.optim import param_groups
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(name="tiny-ViT")).model
     names = {param: name for name, param in model.named_parameters()}
-    optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=0.0, betas=betas, eps=1e-6,
-                                  weight_decay=weight_decay)
+    groups = groups(model) if groups else param_groups(model, OptimConfig(lr=lr, weight_decay=weight_decay))
+    rates = [group["lr"] for group in groups]
+    optimizer = torch.optim.AdamW([{**group, "lr": 0.0} for group in groups], betas=betas, eps=1e-6)
     loss_fn = ClipLoss()
     snapshots = []
-    for step in range(steps + 1):
+    for step in range(steps + stage2_steps):
         if step == steps:
             snapshots.append(_reference_snapshot(model, optimizer, names))
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            for group, rate in zip(optimizer.param_groups, rates):
+                group["lr"] = rate
         batch = fixed_global_batch(step)
         image_features, text_features, logit_scale = model(batch["image"], batch["text"])
         optimizer.zero_grad()
@@ -112,9 +117,27 @@ def reference():
     return reference_adamw(STAGE1_STEPS, lr=1e-3, weight_decay=0.1, grad_clip=0.5)
 
 
+@pytest.fixture(scope="module")
+def layered_reference():
+    """With layer decay and per-tower rates and weight decays (test_param_groups.OPTIONS)."""
+    return reference_adamw(STAGE1_STEPS, lr=1e-3, weight_decay=0.1, grad_clip=0.5,
+                           groups=reference_groups(OPTIONS, BLOCKS["tiny-ViT"]))
+
+
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_stage1_recovers_adam_moments_and_leaves_parameters_bit_identical(pool, reference, stage):
     ours, _ = pool.run(stage1_then_one_step, [f"train.zero_stage={stage}"])
+    assert_stage1_then_one_step_like(ours, reference)
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_stage1_freezes_every_group_with_layer_decay_and_per_tower_rates(pool, layered_reference, stage):
+    ours, _ = pool.run(stage1_then_one_step, [f"train.zero_stage={stage}"] + OVERRIDES)
+    assert_stage1_then_one_step_like(ours, layered_reference)
+
+
+def assert_stage1_then_one_step_like(ours: dict, reference: tuple[dict, dict]):
+    """Parameters bit-identical through stage I, the moments and the step after it those of ``reference``."""
     after_stage1, after_stage2 = reference
     assert_bit_identical(ours["boundary"]["params"], ours["start"]["params"], "parameters after stage I")
     assert_bit_identical(ours["start"]["params"], after_stage1["params"], "the reference's unchanged parameters")
@@ -152,6 +175,23 @@ def test_stage1_with_offload_bf16_deepspeed_adam_and_accumulation(pool, referenc
     assert moved
 
 
+def trained(rank, world_size, overrides):
+    """The parameters and Adam's moments after a run on fixed global batches."""
+    trainer = build_fixed_run(rank, world_size, overrides)
+    trainer.run()
+    return snapshot(trainer.engine)
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_layer_decay_and_per_tower_rates_train_like_adamw_with_the_reference_groups(pool, stage):
+    ours, _ = pool.run(trained, [f"train.zero_stage={stage}", "train.steps=3"] + OVERRIDES)
+    _, expected = reference_adamw(0, lr=1e-3, weight_decay=0.1, grad_clip=0.5, stage2_steps=3,
+                                  groups=reference_groups(OPTIONS, BLOCKS["tiny-ViT"]))
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert_close_by_name(ours[key], expected[key], key, rtol=1e-5)
+    assert_close_by_name(ours["params"], expected["params"], "parameters after 3 steps", rtol=1e-4)
+
+
 def test_recovering_only_u_starts_stage2_from_fresh_adam(pool):
     ours, _ = pool.run(stage1_then_one_step, ["train.zero_stage=2", "osr.recover=[u]"])
     assert ours["boundary"]["norms"]["exp_avg_norm"] > 0
@@ -166,7 +206,7 @@ def reference_stage2_step(boundary: dict, exp_avg: dict, step: int, lr: float, w
     first step. Returns the parameters after it, by name."""
     from open_clip.loss import ClipLoss
 
-    from tuneclip_ds.config import ModelConfig
+    from tuneclip_ds.config import ModelConfig, OptimConfig
     from tuneclip_ds.models import build_model
     from tuneclip_ds.optim import param_groups
 
@@ -174,8 +214,8 @@ def reference_stage2_step(boundary: dict, exp_avg: dict, step: int, lr: float, w
     with torch.no_grad():
         for name, param in model.named_parameters():
             param.copy_(boundary["params"][name])
-    optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=1e-6,
-                                  weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(model, OptimConfig(lr=lr, weight_decay=weight_decay)), betas=betas,
+                                  eps=1e-6)
     for name, param in model.named_parameters():
         optimizer.state[param] = {"step": torch.tensor(float(step)), "exp_avg": exp_avg[name].clone(),
                                   "exp_avg_sq": boundary["exp_avg_sq"][name].clone()}
@@ -337,6 +377,7 @@ def test_a_parameter_changed_in_stage1_is_an_error(pool):
 
 @pytest.mark.parametrize("interrupt_after, overrides, nonfinite_at", [
     (2, [], ()), (4, [], ()),
+    (4, OVERRIDES, ()),  # many param groups (layer decay, per-tower rates)
     # after stage II's first step, its schedule (a cosine from there) an update behind its steps: a stage-I step
     # was skipped
     (6, ["train.precision=bf16", "optim.warmup_steps=0"], (2,)),
@@ -368,11 +409,15 @@ def test_stage_diagnostics_in_tensorboard(pool, synthetic_shards, tmp_path):
 
     overrides = TINY_RUN + [f"data.train_shards={synthetic_shards}", "train.batch_size=8", "osr.steps=3",
                             "train.steps=2", f"output_dir={tmp_path}", "run_name=osr", "log.every=1",
-                            "loss.name=hgcl", "data.num_samples=1024"]
+                            "loss.name=hgcl", "data.num_samples=1024"] + OVERRIDES
     pool.run(train_and_snapshot, overrides)
     logged = scalars(tmp_path / "osr")
     assert logged["train/stage"] == [1, 1, 1, 2, 2]
-    assert logged["train/lr"][:3] == [0, 0, 0] and min(logged["train/lr"][3:]) > 0
+    # the base rate (optim.lr) and each tower's mean, frozen in stage I, then through the 2 steps of warm-up
+    factors = [0, 0, 0, 1 / 2, 1]
+    assert logged["train/lr"] == pytest.approx([factor * OPTIONS["lr"] for factor in factors], rel=1e-6)
+    for tower, rate in expected_mean_rates(OPTIONS).items():
+        assert logged[f"train/lr_{tower}"] == pytest.approx([factor * rate for factor in factors], rel=1e-6)
     assert logged["osr/adam_step"] == [1, 2, 3]
     assert all(value > 0 for value in logged["osr/exp_avg_norm"] + logged["osr/exp_avg_sq_norm"])
     assert len(logged["osr/exp_avg_norm_change"]) == 2  # from the second step on

@@ -125,6 +125,17 @@ class OptimConfig:
     schedule: Literal["cosine", "constant"] = "cosine"
     min_lr_ratio: float = 0.0  # the cosine ends at lr * min_lr_ratio
     implementation: Literal["torch", "deepspeed"] = "torch"  # torch.optim.AdamW or DeepSpeed's FusedAdam
+    # Layer-wise rate decay (BEiT, FT-CLIP): in a tower of N blocks, the embeddings are layer 0, block k is
+    # layer k + 1, the final norms and projections layer N + 1, and layer l trains at rate * decay^(N + 1 - l).
+    layer_decay: float = 1.0  # 1: off
+    image_layer_decay: Optional[float] = None  # one tower's own decay (default: layer_decay)
+    text_layer_decay: Optional[float] = None
+    # One tower's own base rate and weight decay (default: lr, weight_decay); the logit scale and bias
+    # always train at lr without weight decay.
+    image_lr: Optional[float] = None
+    text_lr: Optional[float] = None
+    image_weight_decay: Optional[float] = None
+    text_weight_decay: Optional[float] = None
 
 
 RECOVERABLE = ("m", "v", "u")  # osr.recover's choices
@@ -384,6 +395,7 @@ AT_LEAST_0, AT_LEAST_1 = Range(0), Range(1)
 POSITIVE = Range(0, low_open=True)
 FRACTION = Range(0, 1)
 BETA = Range(0, 1, high_open=True)  # Adam's moving-average rates
+LAYER_DECAY = Range(0, 1, low_open=True)  # 0 would leave the lower layers untrained; above 1 they outrun the top
 
 
 def _ranged_values(config: Config) -> dict[str, tuple[float | None, Range]]:
@@ -398,6 +410,13 @@ def _ranged_values(config: Config) -> dict[str, tuple[float | None, Range]]:
         "optim.eps": (optim.eps, AT_LEAST_0),
         "optim.warmup_steps": (optim.warmup_steps, AT_LEAST_0),
         "optim.min_lr_ratio": (optim.min_lr_ratio, FRACTION),
+        "optim.layer_decay": (optim.layer_decay, LAYER_DECAY),
+        "optim.image_layer_decay": (optim.image_layer_decay, LAYER_DECAY),
+        "optim.text_layer_decay": (optim.text_layer_decay, LAYER_DECAY),
+        "optim.image_lr": (optim.image_lr, AT_LEAST_0),
+        "optim.text_lr": (optim.text_lr, AT_LEAST_0),
+        "optim.image_weight_decay": (optim.image_weight_decay, AT_LEAST_0),
+        "optim.text_weight_decay": (optim.text_weight_decay, AT_LEAST_0),
         "loss.gamma_min": (config.loss.gamma_min, FRACTION),
         "loss.label_smoothing": (config.loss.label_smoothing, Range(0, 1, high_open=True)),
         **_augmentation_ranges(config.data),

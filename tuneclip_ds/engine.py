@@ -115,13 +115,12 @@ def build_engine(config: Config, model: torch.nn.Module, total_steps: int, clock
     _check_precision_supported(config.train.precision)
     world_size = torch.distributed.get_world_size()
     ds_config = build_ds_config(config, world_size)
-    optimizer = build_optimizer(
-        param_groups(model, config.optim.weight_decay), config.optim, config.train.offload_optimizer
-    )
+    optimizer = build_optimizer(param_groups(model, config.optim), config.optim, config.train.offload_optimizer)
     schedule = lr_lambda(config.optim, total_steps, clock)
+    # The schedule multiplies each group's own base rate ("initial_lr").
     # DeepSpeed's ZeRO-0 bf16/fp16 wrapper takes one optimizer step with zero gradients when it is built:
-    # at rate 0 (the scheduler starts from "initial_lr") it applies no weight decay, and the step it
-    # counted is forgotten below, so that training starts exactly where a fresh AdamW would.
+    # at rate 0 it applies no weight decay, and the step it counted is forgotten below, so that training
+    # starts exactly where a fresh AdamW would.
     for group in optimizer.param_groups:
         group["initial_lr"], group["lr"] = group["lr"], 0.0
     engine, _, _, _ = deepspeed.initialize(

@@ -26,6 +26,7 @@ start being the run's ``model.pretrained`` (see tuneclip_ds/wise_ft.py).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import os
@@ -37,6 +38,7 @@ import torch
 
 from tuneclip_ds import checkpoint, wise_ft
 from tuneclip_ds.checkpoint import CheckpointError, find_checkpoint
+from tuneclip_ds.config import OptimConfig
 from tuneclip_ds.errors import InputError, command
 from tuneclip_ds.tokenizer import tokenizer_files
 
@@ -66,7 +68,9 @@ def _stage0_weights(folder: Path) -> dict[str, torch.Tensor]:
     if "fp32_groups" not in optimizer and "fp32_groups_flat" not in optimizer:
         return module  # fp32 training: the module's parameters are the masters
     parameters = {name: tensor for name, tensor in module.items() if name not in states["buffer_names"]}
-    return {**module, **_name_masters(parameters, optimizer)}
+    # The options that made the param groups (older checkpoints record none: theirs were the defaults' groups)
+    options = checkpoint.read_metadata(folder).get("param_group_options", {})
+    return {**module, **_name_masters(parameters, optimizer, dataclasses.replace(OptimConfig(), **options))}
 
 
 class _CheckpointParameters:
@@ -79,15 +83,15 @@ class _CheckpointParameters:
         return iter(self.parameters.items())
 
 
-def _name_masters(parameters: dict[str, torch.Tensor], optimizer: dict) -> dict:
+def _name_masters(parameters: dict[str, torch.Tensor], optimizer: dict, optim: OptimConfig) -> dict:
     """Names for the fp32 masters of DeepSpeed's ZeRO-0 bf16/fp16 wrapper (its ``optimizer`` state), which it
-    keeps per param group in ``engine.param_groups`` order: one per parameter (``fp32_groups``), or with its
-    FusedAdam one flat tensor per group (``fp32_groups_flat``)."""
+    keeps per param group in the order of the groups ``optim`` made: one per parameter (``fp32_groups``), or
+    with its FusedAdam one flat tensor per group (``fp32_groups_flat``)."""
     from tuneclip_ds.optim import param_groups
 
     stand_in = _CheckpointParameters(parameters)
     names = {id(param): name for name, param in stand_in.named_parameters()}
-    groups = [group["params"] for group in param_groups(stand_in, weight_decay=0.0)]
+    groups = [group["params"] for group in param_groups(stand_in, optim)]
     shapes = [[p.shape for p in group] for group in groups]
     if "fp32_groups" in optimizer:
         masters = optimizer["fp32_groups"]

@@ -15,7 +15,7 @@ from tuneclip_ds import checkpoint, preemption
 from tuneclip_ds.config import Config, OSRConfig, corpus_size
 from tuneclip_ds.data.device_images import to_model_input
 from tuneclip_ds.losses import gamma_schedule
-from tuneclip_ds.optim import StageClock, StatisticsRecovery
+from tuneclip_ds.optim import StageClock, StatisticsRecovery, group_options, param_groups, tower_mean_rates
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ class NonFiniteLossError(RuntimeError):
 @dataclass
 class StepResult:
     loss: float
-    lr: float
+    lr_factor: float  # the schedule's multiplier of every group's base rate at this update (0 in stage I)
     grad_norm: float | None
     logit_scale: float
     step_time: float
@@ -80,6 +80,9 @@ class Trainer:
         self.global_batch = config.train.batch_size * config.train.grad_accum * engine.dp_world_size
         self.history = History()
         self.input_dtype = _engine_dtype(engine)
+        # For the logs: each group's and each tower's base rate, which the schedule's factor multiplies.
+        self.param_groups = param_groups(engine.module, config.optim)
+        self.tower_rates = tower_mean_rates(engine.module, config.optim)
         self.checkpoint_root = config.run_dir / "checkpoints"
         # Save after the step in flight, and maybe stop there: set by callers, and agreed over the ranks with
         # the preemption signals noted by tuneclip_ds.preemption (see _agree_to_save).
@@ -197,7 +200,8 @@ class Trainer:
             "osr": self.osr.state_dict(),
             "eval": self.evaluator.state_dict() if self.evaluator is not None else {},
         }
-        metadata = {**self.checkpoint_metadata(), **self.export_record}
+        metadata = {**self.checkpoint_metadata(), **self.export_record,
+                    "param_group_options": group_options(self.config.optim)}
         checkpoint.save(self.engine, self.checkpoint_root, self.step, metadata, rank_state,
                         keep_last=self.config.checkpoint.keep_last)
         self.save_requested = False
@@ -243,7 +247,7 @@ class Trainer:
                 continue
             self.engine.backward(loss)
             if self.engine.is_gradient_accumulation_boundary():
-                lr = 0.0 if self.osr.active else self.engine.get_lr()[0]  # the rate this update uses
+                lr_factor = 0.0 if self.osr.active else _schedule_factor(self.engine)  # of this update's rates
                 if self.engine.zero_optimization_stage() == 0:
                     grad_norm = _local_grad_norm(self.engine.module)  # stage 0 does not report it
             self.engine.step()
@@ -252,7 +256,7 @@ class Trainer:
         engine_norm = self.engine.get_global_grad_norm()
         return StepResult(
             loss=sum(losses) / len(losses),
-            lr=lr,
+            lr_factor=lr_factor,
             grad_norm=_as_float(engine_norm) if engine_norm is not None else grad_norm,
             logit_scale=outputs[2].detach().float().mean().item(),
             step_time=time.perf_counter() - began,
@@ -289,10 +293,11 @@ class Trainer:
         if not self.is_main:
             return
         step = self.step
+        rates = self._rates(result.lr_factor)
         scalars = {
             "train/stage": 1 if self.osr.active else 2,
             "train/loss": result.loss,
-            "train/lr": result.lr,
+            **rates,
             "train/logit_scale": result.logit_scale,
             "train/samples_per_second": result.samples / result.step_time,
             "train/step_time": result.step_time,
@@ -312,9 +317,17 @@ class Trainer:
         if self.writer is not None:
             for name, value in scalars.items():
                 self.writer.add_scalar(name, value, step)
+        if step == 1:
+            logger.info("parameter groups at step 1:\n%s", _group_table(self.param_groups, result.lr_factor))
         if step % self.config.log.every == 0 or step == self.end_step or step == 1:
             stage = "stage I (lr frozen)" if self.osr.active else "stage II" if self.osr.max_steps else ""
-            logger.info(_progress_line(step, self.end_step, result, elapsed / steps_done, stage))
+            logger.info(_progress_line(step, self.end_step, result, rates["train/lr"], elapsed / steps_done, stage))
+
+    def _rates(self, lr_factor: float) -> dict[str, float]:
+        """``train/lr``: the schedule's base rate, ``optim.lr`` times its factor (the logit scale's rate, and
+        every parameter's without per-tower options); ``train/lr_<tower>``: the mean rate of a tower's weights."""
+        return {"train/lr": lr_factor * self.config.optim.lr,
+                **{f"train/lr_{tower}": lr_factor * rate for tower, rate in self.tower_rates.items()}}
 
     def _agree_to_save(self) -> bool:
         """Whether to save after this step (and stop, with ``stop_requested``): the same answer on every rank.
@@ -330,14 +343,30 @@ class Trainer:
         return self.save_requested or self.stop_requested
 
 
-def _progress_line(step: int, total: int, result: StepResult, seconds_per_step: float, stage: str) -> str:
+def _progress_line(step: int, total: int, result: StepResult, lr: float, seconds_per_step: float, stage: str) -> str:
     eta = seconds_per_step * (total - step)
     grad = f" | grad {result.grad_norm:.3f}" if result.grad_norm is not None else ""
     return (
-        f"{stage + ' | ' if stage else ''}step {step}/{total} | loss {result.loss:.4f} | lr {result.lr:.3g}{grad} | "
+        f"{stage + ' | ' if stage else ''}step {step}/{total} | loss {result.loss:.4f} | lr {lr:.3g}{grad} | "
         f"scale {result.logit_scale:.2f} | {result.samples / result.step_time:.0f} samples/s | "
         f"{result.step_time:.2f} s/step | eta {_duration(eta)}"
     )
+
+
+def _group_table(groups: list[dict], lr_factor: float) -> str:
+    """One line per AdamW group: its name, number of parameters, rate at this step, base rate, weight decay."""
+    width = max(len(group["name"]) for group in groups)
+    lines = [f"{'group':<{width}} {'params':>6} {'lr':>9} {'base lr':>9} {'wd':>6}"]
+    lines += [f"{group['name']:<{width}} {len(group['params']):>6} {lr_factor * group['lr']:>9.3g} "
+              f"{group['lr']:>9.3g} {group['weight_decay']:>6.3g}" for group in groups]
+    return "\n".join(lines)
+
+
+def _schedule_factor(engine) -> float:
+    """The schedule's multiplier of every group's base rate at the coming update: the factor that DeepSpeed's
+    scheduler (a LambdaLR, see ``build_engine``) applied last."""
+    scheduler = engine.lr_scheduler
+    return scheduler.lr_lambdas[0](scheduler.last_epoch)
 
 
 def _duration(seconds: float) -> str:
