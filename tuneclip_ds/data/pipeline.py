@@ -27,7 +27,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys
 
-from tuneclip_ds.data.shards import DataError
+from tuneclip_ds.data.shards import DataError, ShardFormatError
 from tuneclip_ds.data.tar_members import read_tar_members
 
 logger = logging.getLogger("tuneclip_ds.data")
@@ -42,7 +42,7 @@ _HOW_TO_MAKE_SHARDS = (
 _MAX_FAILURES_IN_A_ROW = 1000
 
 
-class MissingSampleIdError(DataError):
+class MissingSampleIdError(ShardFormatError):
     """A sample has neither a json ``id`` nor an integer ``__key__``."""
 
 
@@ -223,7 +223,7 @@ class RankBatches(IterableDataset):
         for samples_read, sample in enumerate(samples, start=already_read + 1):
             try:
                 image, caption, sample_id = self._decode(sample)
-            except MissingSampleIdError:
+            except ShardFormatError:
                 raise  # the shards' format, not one corrupt sample: skipping would skip them all
             except Exception as exn:  # any corrupt sample is skipped, whatever the decoder raises
                 skipped += 1

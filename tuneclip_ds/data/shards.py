@@ -46,6 +46,11 @@ class DataError(InputError):
     """Data that cannot be used as it is: the message names the file and what to do."""
 
 
+class ShardFormatError(DataError):
+    """Shards without something every sample must have (an integer id, a class label): every sample would fail,
+    so the pipeline stops instead of skipping them as corrupt one by one."""
+
+
 class BadInputError(DataError):
     """An input image or caption that cannot be used; the message names the file."""
 
