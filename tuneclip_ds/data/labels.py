@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import Callable, Union
 
 from tuneclip_ds.config import ConfigError
-from tuneclip_ds.data.shards import DataError, ShardFormatError
+from tuneclip_ds.data.shards import ShardFormatError, class_folder_names
 
 Template = Union[str, Callable[[str], str]]
-FOLDER_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")  # images of a class folder
 
 
 class LabelError(ShardFormatError):
@@ -114,26 +113,3 @@ def read_label(members: dict, field: str, where: str) -> int:
     if isinstance(value, bool) or not str(value).lstrip("-").isdigit():  # not 2.5, true, "cat"
         raise LabelError(f"{where} has label {value!r} in its '{field}', not an integer class index")
     return int(value)
-
-
-def class_folder_names(root: Path, owner: str) -> list[str]:
-    """The sorted sub-folder names of an image folder: class ``i`` is the ``i``-th."""
-    names = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
-    if not names:
-        raise DataError(f"{owner}: {root} has no class sub-folders (an image folder has one per class)")
-    return names
-
-
-def class_folder_items(root: str | Path, owner: str) -> tuple[list[str], list[tuple[str, int]]]:
-    """Class names and ``(image path, label)`` of an image folder (a sub-folder per class, images at any
-    depth under it), in sample order: sorted class folders, then each one's sorted image paths. A sample's
-    position in this order is its index (the converter's sample id)."""
-    class_names = class_folder_names(Path(root), owner)
-    items = []
-    for label, name in enumerate(class_names):
-        images = sorted(str(p) for p in Path(root, name).rglob("*") if p.suffix.lower() in FOLDER_IMAGE_SUFFIXES)
-        if not images:
-            raise DataError(f"{owner}: class folder {os.path.join(root, name)} has no images "
-                            f"({', '.join(FOLDER_IMAGE_SUFFIXES)}); remove it or add its images")
-        items.extend((image, label) for image in images)
-    return class_names, items

@@ -75,11 +75,13 @@ def _is_remote(path: str) -> bool:
 
 
 def build_train_loader(shards, preprocess, tokenizer, batch_size: int, num_workers: int, rank: int,
-                       world_size: int, seed: int, shuffle_buffer: int = 1000, resampled: bool = False):
+                       world_size: int, seed: int, shuffle_buffer: int = 1000, resampled: bool = False,
+                       make_batches=None):
     """Batches ``{"image", "text", "sample_id", "num_skipped"}`` for this rank; see :class:`TrainLoader`.
 
     ``shards``: a spec for :func:`resolve_shards` or a list of paths. ``preprocess``: PIL image -> tensor.
-    ``tokenizer``: list of str -> LongTensor [n, ctx]. Partial last batches are dropped.
+    ``tokenizer``: list of str -> LongTensor [n, ctx]. Partial last batches are dropped. ``make_batches``:
+    a :class:`RankBatches` subclass (or a partial of one) for another kind of samples (labelled data).
     """
     if isinstance(shards, (str, os.PathLike)):
         shards = resolve_shards(shards)
@@ -94,7 +96,8 @@ def build_train_loader(shards, preprocess, tokenizer, batch_size: int, num_worke
             f"{readers} readers needs at least one shard. Write more, smaller shards (--samples-per-shard), "
             "use fewer data workers, or sample shards with replacement (resampled=True)"
         )
-    batches = RankBatches(shards, preprocess, tokenizer, batch_size, rank, world_size, seed, shuffle_buffer, resampled)
+    make_batches = make_batches or RankBatches
+    batches = make_batches(shards, preprocess, tokenizer, batch_size, rank, world_size, seed, shuffle_buffer, resampled)
     return TrainLoader(batches, num_workers)
 
 
@@ -222,7 +225,7 @@ class RankBatches(IterableDataset):
         batch, skipped, failures_in_a_row = [], 0, 0
         for samples_read, sample in enumerate(samples, start=already_read + 1):
             try:
-                image, caption, sample_id = self._decode(sample)
+                decoded = self._decode(sample)
             except ShardFormatError:
                 raise  # the shards' format, not one corrupt sample: skipping would skip them all
             except Exception as exn:  # any corrupt sample is skipped, whatever the decoder raises
@@ -234,7 +237,7 @@ class RankBatches(IterableDataset):
                                     "check the shard format (image as jpg/png/webp, caption as txt)")
                 continue
             failures_in_a_row = 0
-            batch.append((image, caption, sample_id))
+            batch.append(decoded)
             if len(batch) == self.batch_size:
                 yield self._collate(batch, skipped, (reader, samples_read))
                 batch, skipped = [], 0

@@ -21,9 +21,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from tuneclip_ds.data.labels import class_folder_items, read_label
+from tuneclip_ds.data.labels import read_label
 from tuneclip_ds.data.pipeline import resolve_shards
-from tuneclip_ds.data.shards import DataError
+from tuneclip_ds.data.shards import DataError, class_folder_items
 from tuneclip_ds.eval.tasks import EvalTask
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # tar members holding the image
