@@ -2,7 +2,7 @@
 
 Each sample in a shard is three tar members sharing one key:
 ``{key}.{jpg|png|webp}`` (the encoded image), ``{key}.txt`` (the caption) and
-``{key}.json`` (``{"id": int, ...}``), and ``{key}.cls`` (its class label) for labelled data.
+``{key}.json`` (``{"id": int, ...}``); labelled data adds ``{key}.cls`` (the class label as text).
 Ids are dense, 0..n-1 in write order, so the training loss can keep per-sample tables indexed by id.
 
     python -m tuneclip_ds.data.shards --csv captions.tsv --out shards/

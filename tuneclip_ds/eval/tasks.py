@@ -7,7 +7,8 @@ A suite file lists tasks, optional defaults shared by them, and named averages::
       - name: imagenet
         kind: classification
         data: ${EVAL_DATA}/imagenet/val   # image folder (a sub-folder per class) or WebDataset shards
-        classnames: imagenet              # imagenet | synthetic | a text file | omitted: the folder names
+        classnames: imagenet              # imagenet | synthetic | a text file | a class folder | omitted: the
+                                          # data's folder names
         templates: openai                 # openai | simple | synthetic | a text file
       - name: mscoco
         kind: retrieval
@@ -31,9 +32,8 @@ from typing import Literal, Optional
 import yaml
 
 from tuneclip_ds.config import ConfigError, Origins, _build
-from tuneclip_ds.data.labels import Template, fill_template, read_classnames, read_templates
-
-__all__ = ["EvalTask", "Suite", "Template", "load_suite", "classnames_of", "templates_of", "fill_template"]
+# Template and fill_template are used from here too (the runner): evaluation's names for them.
+from tuneclip_ds.data.labels import Template, fill_template, read_classnames, read_templates  # noqa: F401
 
 # The main metric of each task kind: the one suite averages use.
 MAIN_METRIC = {"classification": "top1", "retrieval": "mean_R@1"}
