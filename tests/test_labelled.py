@@ -4,6 +4,7 @@
 import functools
 import json
 import os
+import pickle
 
 import pytest
 import torch
@@ -128,6 +129,13 @@ def test_bad_labels_stop_the_pipeline_with_the_sample_named(tmp_path, preprocess
     labels = LabelsConfig(classnames="synthetic", templates="synthetic")
     with pytest.raises(LabelError, match=f"sample 000000000 of .*a.tar {message}"):
         captions_and_labels(labelled_loader(tmp_path, preprocess, labels, batch_size=1))
+
+
+def test_imagenet_prompts_are_filled_strings_that_data_workers_can_unpickle():
+    prompts = ClassPrompts.from_config(LabelsConfig(classnames="imagenet", templates="openai"))
+    assert len(prompts.captions) == 1000 and all(len(captions) == 80 for captions in prompts.captions)
+    assert pickle.loads(pickle.dumps(prompts)) == prompts  # open_clip's templates themselves are lambdas
+    assert prompts.captions[0][0] == "a bad photo of a tench."
 
 
 def test_bad_class_names_and_templates_are_config_errors(tmp_path):

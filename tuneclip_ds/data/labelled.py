@@ -17,38 +17,41 @@ from dataclasses import dataclass
 import torch
 
 from tuneclip_ds.config import LabelsConfig
-from tuneclip_ds.data.labels import LabelError, Template, fill_template, read_classnames, read_label, read_templates
+from tuneclip_ds.data.labels import LabelError, fill_template, read_classnames, read_label, read_templates
 from tuneclip_ds.data.pipeline import RankBatches, resolve_shards, sample_id_of
 from tuneclip_ds.data.shards import DataError
 
 
 @dataclass(frozen=True)
 class ClassPrompts:
-    """Class names (label ``i`` is the ``i``-th), the templates a caption is drawn from, and where labels are."""
+    """The captions of each class (every template filled with its name; label ``i`` is the ``i``-th class)
+    and where a sample's label is."""
 
-    classnames: list[str]
-    templates: list[Template]
+    captions: list[list[str]]
     label_field: str = "cls"
 
     @classmethod
     def from_config(cls, labels: LabelsConfig) -> "ClassPrompts":
         """Read (and check) the class names and templates that ``data.labels`` names."""
         owner = "data.labels"
-        return cls(read_classnames(labels.classnames, owner), read_templates(labels.templates, owner),
-                   labels.label_field)
+        templates = read_templates(labels.templates, owner)
+        # Filled once, as strings: open_clip's templates are lambdas, which data-loader workers could not unpickle.
+        captions = [[fill_template(t, name) for t in templates] for name in read_classnames(labels.classnames, owner)]
+        return cls(captions, labels.label_field)
 
     def label_of(self, sample: dict, where: str) -> int:
         """The sample's label, checked against the class names."""
         label = read_label(sample, self.label_field, where)
-        if not 0 <= label < len(self.classnames):
-            raise LabelError(f"{where} has label {label}, outside the {len(self.classnames)} class names of "
+        if not 0 <= label < len(self.captions):
+            raise LabelError(f"{where} has label {label}, outside the {len(self.captions)} class names of "
                              "data.labels.classnames (labels 0..n-1): the class names do not match the labels")
         return label
 
     def caption(self, label: int, seed: int, epoch: int, sample_id: int) -> str:
-        """The class name of ``label`` in the template drawn for (seed, epoch, sample id)."""
+        """The caption of ``label`` in the template drawn for (seed, epoch, sample id)."""
         draw = random.Random(f"template/{seed}/{epoch}/{sample_id}")  # a string seed: the same in every process
-        return fill_template(self.templates[draw.randrange(len(self.templates))], self.classnames[label])
+        options = self.captions[label]
+        return options[draw.randrange(len(options))]
 
 
 class LabelledBatches(RankBatches):
