@@ -28,9 +28,10 @@ WORLD_SIZES = [1, 2, 3, 4]
 
 
 def make_batch(global_batch, dim=8, dtype=torch.float64, seed=0, scale=10.0, bias=None, pull=1.5, id_range=None,
-               nan_rows=()):
+               nan_rows=(), num_classes=None):
     """Deterministic global batch: normalised features, logit scale [1], optional bias [1], distinct
-    ids drawn from ``range(id_range)``, NaN image features in the rows ``nan_rows``."""
+    ids drawn from ``range(id_range)``, NaN image features in the rows ``nan_rows``, and with
+    ``num_classes`` labels, each class about as frequent (so no batch of 2 classes or more is of one)."""
     generator = torch.Generator().manual_seed(seed)
     image = F.normalize(torch.randn(global_batch, dim, generator=generator, dtype=torch.float64), dim=-1)
     text = F.normalize(torch.randn(global_batch, dim, generator=generator, dtype=torch.float64), dim=-1)
@@ -45,6 +46,8 @@ def make_batch(global_batch, dim=8, dtype=torch.float64, seed=0, scale=10.0, bia
     }
     if bias is not None:
         batch["bias"] = torch.tensor([bias], dtype=dtype)
+    if num_classes is not None:
+        batch["labels"] = torch.randperm(global_batch, generator=generator) % num_classes
     return batch
 
 
@@ -64,7 +67,8 @@ def loss_and_grads(loss_fn, batch, rank=0, world_size=1):
         bias = batch["bias"].clone().requires_grad_()
         inputs.append(bias)
     ids = rows(batch["ids"], rank, world_size)
-    loss = loss_fn(image, text, scale, bias, sample_ids=ids)
+    labels = {"labels": rows(batch["labels"], rank, world_size)} if "labels" in batch else {}
+    loss = loss_fn(image, text, scale, bias, sample_ids=ids, **labels)
     grads = torch.autograd.grad(loss, inputs)
     return {"loss": loss.detach(), "image": grads[0], "text": grads[1], "scale": grads[2],
             "bias": grads[3] if bias is not None else None}
@@ -285,39 +289,39 @@ class ReferenceGCL:
         self.gamma = 1.0
         self.u = {}
 
-    def g(self, similarity, tau):
-        """g_i = 1/(B-1) sum_{j != i} exp(h(s_ij - s_ii) / tau) for the rows of ``similarity``."""
-        size = similarity.shape[0]
+    def g(self, similarity, tau, negative):
+        """g_i = mean over the negatives j of i of exp(h(s_ij - s_ii) / tau), for the rows of ``similarity``."""
         terms = torch.exp(self.pairwise(similarity - similarity.diag()[:, None]) / tau)
-        return (terms * (1 - torch.eye(size, dtype=terms.dtype))).sum(dim=1) / (size - 1)
+        return (terms * negative).sum(dim=1) / negative.sum(dim=1)
 
-    def __call__(self, image, text, scale, bias=None, sample_ids=None):
+    def __call__(self, image, text, scale, bias=None, sample_ids=None, labels=None):
+        """Negatives: every j != i, or with ``labels`` every j of another class (a symmetric mask)."""
         tau = 1 / scale.reshape(())
         similarity = image @ text.T
-        g = torch.stack([self.g(similarity, tau), self.g(similarity.T, tau)], dim=1)  # [B, 2]
+        size = similarity.shape[0]
+        negative = ~torch.eye(size, dtype=torch.bool) if labels is None else labels[:, None] != labels[None, :]
+        g = torch.stack([self.g(similarity, tau, negative), self.g(similarity.T, tau, negative)], dim=1)  # [B, 2]
         for row, sample in enumerate(sample_ids.tolist()):
             old = self.u.get(sample)
             fresh = g[row].detach()
             self.u[sample] = fresh if old is None else (1 - self.gamma) * old + self.gamma * fresh
         u = torch.stack([self.u[sample] for sample in sample_ids.tolist()])
-        size = image.shape[0]
         surrogate = tau * (g / (self.eps + u)).mean(dim=1).sum() / size
         reported = tau * torch.log(self.eps + u).mean(dim=1).sum() / size
         self.last_metrics = {
             "batch_log_u_mean": torch.log(u).mean().item(),
             "batch_log_u_min": torch.log(u).min().item(),
             "batch_log_u_max": torch.log(u).max().item(),
-            "inside_margin_fraction": self.inside_margin_fraction(similarity),
+            "inside_margin_fraction": self.inside_margin_fraction(similarity, negative),
         }
         return reported.detach() + surrogate - surrogate.detach()
 
-    def inside_margin_fraction(self, similarity):
-        size = similarity.shape[0]
+    def inside_margin_fraction(self, similarity, negative):
         active = 0
         for s in (similarity, similarity.T):
             h = self.pairwise(s - s.diag()[:, None])
-            active += ((h > 0) & ~torch.eye(size, dtype=torch.bool)).sum().item()
-        return active / (2 * size * (size - 1))
+            active += ((h > 0) & negative).sum().item()
+        return active / (2 * negative.sum().item())
 
 
 GCL_STEPS = [(1.0, 0), (0.9, 1), (0.8, 2)]  # (gamma, seed): ids overlap across steps
@@ -532,6 +536,95 @@ def test_build_loss_names_and_errors():
         build_loss("gcl")(torch.eye(2), torch.eye(2), torch.tensor(10.0))
 
 
+# ---------------------------------------------------------------- same-label positives (labelled data)
+
+
+def same_label_mask(labels):
+    return labels[:, None] == labels[None, :]
+
+
+def multi_positive_infonce(smoothing):
+    """Cross-entropy on the full matrix against targets spread evenly over each anchor's class, both directions."""
+    def loss(image, text, scale, bias, sample_ids=None, labels=None):
+        logits = scale * image @ text.T
+        mask = same_label_mask(labels).to(logits.dtype)
+        targets = mask / mask.sum(dim=1, keepdim=True)  # symmetric: the same for text anchors
+        return (F.cross_entropy(logits, targets, label_smoothing=smoothing)
+                + F.cross_entropy(logits.T, targets, label_smoothing=smoothing)) / 2
+    return loss
+
+
+def multi_positive_siglip(image, text, scale, bias, sample_ids=None, labels=None):
+    """Sigmoid loss on the full matrix, label +1 for every pair of one class."""
+    signs = 2 * same_label_mask(labels).to(image.dtype) - 1
+    return -F.logsigmoid(signs * (scale * image @ text.T + bias)).sum() / len(image)
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_same_label_infonce_matches_multi_positive_cross_entropy(pool, world_size, smoothing):
+    dim = 8
+    batch_kwargs = dict(global_batch=5 * world_size, dim=dim, seed=world_size, num_classes=3)
+    reference = loss_and_grads(multi_positive_infonce(smoothing), make_batch(**batch_kwargs))
+    loss_kwargs = dict(tile_size=3, label_smoothing=smoothing, same_label_positives=True)
+    results = run_on_ranks(pool, world_size, _loss_worker, "infonce", loss_kwargs, batch_kwargs,
+                           all_reduce_sizes=(2 * dim,))
+    assert_matches_reference(results, reference, world_size, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_same_label_siglip_matches_the_full_matrix(pool, world_size):
+    batch_kwargs = dict(global_batch=5 * world_size, seed=world_size, bias=-4.0, num_classes=3)
+    reference = loss_and_grads(multi_positive_siglip, make_batch(**batch_kwargs))
+    results = run_on_ranks(pool, world_size, _loss_worker, "siglip", dict(tile_size=3, same_label_positives=True),
+                           batch_kwargs)
+    assert_matches_reference(results, reference, world_size, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+@pytest.mark.parametrize("name", ["gcl", "hgcl"])
+def test_same_label_gcl_excludes_the_class_from_the_negatives(pool, world_size, name):
+    reference = ReferenceGCL("linear" if name == "gcl" else "hinge_sq")
+    steps = [(gamma, kwargs | dict(num_classes=3)) for gamma, kwargs in gcl_step_batches(world_size)]
+    reference_steps = reference_gcl_steps(reference, steps)
+    loss_kwargs = dict(name=name, tile_size=3, same_label_positives=True)
+    assert_steps_match(run_on_ranks(pool, world_size, _gcl_steps_worker, loss_kwargs, steps), reference_steps,
+                       world_size)
+
+
+@pytest.mark.parametrize("name", ["infonce", "siglip", "gcl", "hgcl"])
+def test_same_label_positives_with_distinct_labels_is_the_plain_loss(name):
+    batch = make_batch(global_batch=7, bias=-4.0)
+    plain = loss_and_grads(build_loss(name, tile_size=3), batch)
+    labelled = loss_and_grads(build_loss(name, tile_size=3, same_label_positives=True),
+                              batch | {"labels": torch.arange(7) * 5})
+    for key in ("loss", "image", "text", "scale", "bias"):
+        assert_close(labelled[key], plain[key], rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match="same_label_positives needs the labels"):
+        loss_and_grads(build_loss(name, same_label_positives=True), batch)
+
+
+def test_labels_count_only_with_same_label_positives():
+    batch = make_batch(global_batch=6, num_classes=2)
+    plain = loss_and_grads(build_loss("hgcl", tile_size=4), batch)
+    unlabelled = loss_and_grads(build_loss("hgcl", tile_size=4), {k: v for k, v in batch.items() if k != "labels"})
+    assert all(torch.equal(plain[key], unlabelled[key]) for key in ("loss", "image", "text", "scale"))
+
+
+def test_a_one_class_batch_has_no_negatives_for_gcl(caplog):
+    """Its loss is NaN (the trainer skips or stops on it) and the estimators stay as they were."""
+    loss_fn = build_loss("hgcl", tile_size=4, same_label_positives=True)
+    loss_and_grads(loss_fn, make_batch(global_batch=6, num_classes=2))
+    before = loss_fn.state_dict()
+    with caplog.at_level("WARNING"):
+        one_class = make_batch(global_batch=6, seed=1) | {"labels": torch.full((6,), 4)}
+        loss = loss_fn(one_class["image"], one_class["text"], one_class["scale"], sample_ids=one_class["ids"],
+                       labels=one_class["labels"])
+    assert torch.isnan(loss) and "6 samples of one class" in caplog.text
+    after = loss_fn.state_dict()
+    assert torch.equal(after["ids"], before["ids"]) and torch.equal(after["log_u"], before["log_u"])
+
+
 # ---------------------------------------------------------------- numerics
 
 
@@ -625,9 +718,9 @@ class LargestTensor(TorchDispatchMode):
         return out
 
 
-def _largest_tensor_worker(rank, world_size, group, name, tile_size):
-    batch = make_batch(12, dim=4, bias=-5.0) | {"ids": torch.arange(12)}
-    loss_fn = build_loss(name, group=group, tile_size=tile_size)
+def _largest_tensor_worker(rank, world_size, group, name, tile_size, same_label_positives):
+    batch = make_batch(12, dim=4, bias=-5.0, num_classes=3) | {"ids": torch.arange(12)}
+    loss_fn = build_loss(name, group=group, tile_size=tile_size, same_label_positives=same_label_positives)
     with LargestTensor() as largest:
         loss_and_grads(loss_fn, batch, rank, world_size)
     return largest.numel
@@ -635,10 +728,11 @@ def _largest_tensor_worker(rank, world_size, group, name, tile_size):
 
 @pytest.mark.parametrize("world_size", [1, 2])
 @pytest.mark.parametrize("name", ["infonce", "siglip", "gcl", "hgcl"])
-def test_no_tensor_is_larger_than_a_tile_or_the_features(pool, world_size, name):
+@pytest.mark.parametrize("same_label_positives", [False, True])
+def test_no_tensor_is_larger_than_a_tile_or_the_features(pool, world_size, name, same_label_positives):
     """Global batch 12, dim 4, tile 3: nothing larger than b x max(d, tile) (never b x B)."""
     local_batch = 12 // world_size
-    for largest in run_on_ranks(pool, world_size, _largest_tensor_worker, name, 3):
+    for largest in run_on_ranks(pool, world_size, _largest_tensor_worker, name, 3, same_label_positives):
         assert largest <= local_batch * 4
 
 

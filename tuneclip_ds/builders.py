@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from functools import partial
 from pathlib import Path
 import torch
 
@@ -54,12 +55,16 @@ def _write_split_once(folder: Path, spec: SyntheticConfig, num_samples: int, spl
 def build_batches(config: Config, bundle: ClipBundle, rank: int, world_size: int) -> BatchStream:
     """This rank's endless stream of training batches, one epoch of its shards after another."""
     from tuneclip_ds.data.augment import CaptionAugmenter, image_train_transform
+    from tuneclip_ds.data.labelled import ClassPrompts, LabelledBatches, resolve_labelled_shards
     from tuneclip_ds.data.pipeline import build_train_loader, resolve_shards, weighted_shards
 
     data = config.data
     if data.synthetic is not None:
         ensure_synthetic_corpus(data)
-    shards, weights = resolve_shards(data.train_shards), None
+    make_batches = None
+    if data.labels is not None:  # captions made from class names and templates
+        make_batches = partial(LabelledBatches, ClassPrompts.from_config(data.labels))
+    shards, weights = (resolve_shards if make_batches is None else resolve_labelled_shards)(data.train_shards), None
     if data.upsampling_factors:
         shards, weights = weighted_shards(data.train_shards, data.upsampling_factors)
     text = data.text_augmentation
@@ -77,6 +82,7 @@ def build_batches(config: Config, bundle: ClipBundle, rank: int, world_size: int
         captions=CaptionAugmenter(text, bundle.tokenizer, config.seed) if text.active else None,
         shard_weights=weights,
         pin_memory=torch.cuda.is_available(),
+        make_batches=make_batches,
     )
     return BatchStream(loader)
 
@@ -87,6 +93,8 @@ def build_loss_from_config(loss: LossConfig):
         kwargs.update(margin=loss.margin, eps=loss.eps)
     if loss.label_smoothing:
         kwargs.update(label_smoothing=loss.label_smoothing)
+    if loss.same_label_positives:
+        kwargs.update(same_label_positives=True)
     return build_loss(loss.name, **kwargs)
 
 

@@ -72,9 +72,20 @@ class TextAugmentationConfig:
 
 
 @dataclass
+class LabelsConfig:
+    """Labelled training data (FLYP): each sample's caption is one of ``templates`` filled with the name of
+    its class, drawn anew every epoch; the shards' own captions are not read."""
+
+    classnames: str = ""  # "imagenet", "synthetic", a text file (a name per line, in label order) or a class folder
+    templates: str = "openai"  # "openai", "simple", "synthetic", or a text file (a template per line, {} or {c})
+    label_field: str = "cls"  # a tar member holding the label as text, else this key of the sample's json
+
+
+@dataclass
 class DataConfig:
     train_shards: str = "data/synthetic/train"  # a folder, a brace pattern, or '::'-joined list
     synthetic: Optional[SyntheticConfig] = None  # generate into train_shards when it is empty
+    labels: Optional[LabelsConfig] = None  # labelled shards: captions from class names and templates
     num_samples: Optional[int] = None  # corpus size, for epoch-based schedules (default: synthetic.num_samples)
     num_workers: int = 2
     shuffle_buffer: int = 1000
@@ -113,6 +124,7 @@ class LossConfig:
     gamma_min: float = 0.8
     gamma_decay_epochs: float = 1.0
     label_smoothing: float = 0.0  # infonce: cross-entropy targets (1 - e) on the pair, e spread over the batch
+    same_label_positives: bool = False  # labelled data: pairs of one class are positives, not negatives
 
 
 @dataclass
@@ -486,6 +498,7 @@ def _check(config: Config, origins: Origins) -> None:
     if config.loss.label_smoothing and config.loss.name != "infonce":
         raise origins.error(f"loss.label_smoothing applies to loss.name=infonce, not {config.loss.name}",
                             "loss.label_smoothing", "loss.name")
+    _check_labels(config, origins)
     if config.eval.select and not config.eval.tasks:
         raise origins.error(f"eval.select={config.eval.select!r} needs eval.tasks (a suite YAML)", "eval.select")
     if corpus_size(config) is None:
@@ -501,6 +514,16 @@ def _check(config: Config, origins: Origins) -> None:
     if train.offload_optimizer and train.zero_stage == 0:
         raise origins.error("train.offload_optimizer needs train.zero_stage 1, 2 or 3",
                             "train.offload_optimizer", "train.zero_stage")
+
+
+def _check_labels(config: Config, origins: Origins) -> None:
+    labels = config.data.labels
+    if labels is not None and not labels.classnames:
+        raise origins.error("data.labels.classnames is missing: imagenet, synthetic, a text file with a class name "
+                            "per line in label order, or a class folder (its sub-folder names)", "data.labels")
+    if config.loss.same_label_positives and labels is None:
+        raise origins.error("loss.same_label_positives needs labelled data: set data.labels (class names, templates)",
+                            "loss.same_label_positives", "data.labels")
 
 
 def corpus_size(config: Config) -> int | None:

@@ -240,7 +240,7 @@ class Trainer:
             data_skipped += batch.get("num_skipped", 0)
             image = to_model_input(batch, device, self.input_dtype)
             outputs = self.engine(image, batch["text"].to(device))
-            loss = self._loss(outputs, batch["sample_id"].to(device))
+            loss = self._loss(outputs, batch, device)
             if not torch.isfinite(loss):
                 skipped += 1
                 self._on_nonfinite(loss, skipped)
@@ -272,10 +272,12 @@ class Trainer:
             loss = self.config.loss
             self.loss_fn.gamma = gamma_schedule(epoch, loss.gamma_min, loss.gamma_decay_epochs)
 
-    def _loss(self, outputs, sample_ids: torch.Tensor) -> torch.Tensor:
+    def _loss(self, outputs, batch: dict, device) -> torch.Tensor:
         image_features, text_features, logit_scale = outputs[:3]
         logit_bias = outputs[3] if len(outputs) > 3 else None
-        return self.loss_fn(image_features, text_features, logit_scale, logit_bias=logit_bias, sample_ids=sample_ids)
+        labels = batch["label"].to(device) if "label" in batch else None  # labelled data
+        return self.loss_fn(image_features, text_features, logit_scale, logit_bias=logit_bias,
+                            sample_ids=batch["sample_id"].to(device), labels=labels)
 
     def _on_nonfinite(self, loss: torch.Tensor, skipped_in_a_row: int) -> None:
         where = f"step {self.step + 1}: loss is {loss.item()}"

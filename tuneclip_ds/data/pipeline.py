@@ -29,7 +29,7 @@ from webdataset.tariterators import group_by_keys
 
 from tuneclip_ds.data.augment import CaptionAugmenter, seeded
 from tuneclip_ds.data.device_images import Normalization, split_normalization
-from tuneclip_ds.data.shards import DataError
+from tuneclip_ds.data.shards import DataError, ShardFormatError
 from tuneclip_ds.data.tar_members import read_tar_members
 
 logger = logging.getLogger("tuneclip_ds.data")
@@ -44,7 +44,7 @@ _HOW_TO_MAKE_SHARDS = (
 _MAX_FAILURES_IN_A_ROW = 1000
 
 
-class MissingSampleIdError(DataError):
+class MissingSampleIdError(ShardFormatError):
     """A sample has neither a json ``id`` nor an integer ``__key__``."""
 
 
@@ -89,7 +89,7 @@ def _is_remote(path: str) -> bool:
 def build_train_loader(shards, preprocess, tokenizer, batch_size: int, num_workers: int, rank: int,
                        world_size: int, seed: int, shuffle_buffer: int = 1000, resampled: bool = False,
                        captions: CaptionAugmenter | None = None, shard_weights: list[float] | None = None,
-                       pin_memory: bool = False):
+                       pin_memory: bool = False, make_batches=None):
     """Batches ``{"image", "text", "sample_id", "num_skipped"}`` for this rank; see :class:`TrainLoader`.
 
     ``shards``: a spec for :func:`resolve_shards` or a list of paths. ``preprocess``: PIL image -> tensor; one
@@ -98,7 +98,8 @@ def build_train_loader(shards, preprocess, tokenizer, batch_size: int, num_worke
     asynchronous copies to a GPU.
     ``tokenizer``: list of str -> LongTensor [n, ctx]. ``captions``: caption augmentation (none: the
     ``txt`` as it is). ``shard_weights``: with ``resampled``, how likely each shard is drawn. Partial last
-    batches are dropped.
+    batches are dropped. ``make_batches``: a :class:`RankBatches` subclass (or a partial of one) for another
+    kind of samples (labelled data).
     """
     if isinstance(shards, (str, os.PathLike)):
         shards = resolve_shards(shards)
@@ -114,7 +115,8 @@ def build_train_loader(shards, preprocess, tokenizer, batch_size: int, num_worke
             "use fewer data workers, or sample shards with replacement (resampled=True)"
         )
     pixels, normalization = split_normalization(preprocess)
-    batches = RankBatches(shards, pixels, tokenizer, batch_size, rank, world_size, seed, shuffle_buffer, resampled)
+    make_batches = make_batches or RankBatches
+    batches = make_batches(shards, pixels, tokenizer, batch_size, rank, world_size, seed, shuffle_buffer, resampled)
     batches.captions, batches.shard_weights, batches.normalization = captions, shard_weights, normalization
     return TrainLoader(batches, num_workers, pin_memory)
 
@@ -246,8 +248,8 @@ class RankBatches(IterableDataset):
         batch, skipped, failures_in_a_row = [], 0, 0
         for samples_read, sample in enumerate(samples, start=already_read + 1):
             try:
-                image, caption, sample_id = self._decode(sample)
-            except MissingSampleIdError:
+                decoded = self._decode(sample)
+            except ShardFormatError:
                 raise  # the shards' format, not one corrupt sample: skipping would skip them all
             except Exception as exn:  # any corrupt sample is skipped, whatever the decoder raises
                 skipped += 1
@@ -258,7 +260,7 @@ class RankBatches(IterableDataset):
                                     "check the shard format (image as jpg/png/webp, caption as txt)")
                 continue
             failures_in_a_row = 0
-            batch.append((image, caption, sample_id))
+            batch.append(decoded)
             if len(batch) == self.batch_size:
                 yield self._collate(batch, skipped, (reader, samples_read))
                 batch, skipped = [], 0

@@ -2,11 +2,12 @@
 
 Each sample in a shard is three tar members sharing one key:
 ``{key}.{jpg|png|webp}`` (the encoded image), ``{key}.txt`` (the caption) and
-``{key}.json`` (``{"id": int, ...}``). Ids are dense, 0..n-1 in write order, so
-the training loss can keep per-sample tables indexed by id.
+``{key}.json`` (``{"id": int, ...}``); labelled data adds ``{key}.cls`` (the class label as text).
+Ids are dense, 0..n-1 in write order, so the training loss can keep per-sample tables indexed by id.
 
     python -m tuneclip_ds.data.shards --csv captions.tsv --out shards/
     python -m tuneclip_ds.data.shards --image-folder photos/ --out shards/   # foo.jpg + foo.txt
+    python -m tuneclip_ds.data.shards --class-folder imagenet/train --out shards/   # imagenet/train/CLASS/*.jpg
 """
 
 import argparse
@@ -32,6 +33,8 @@ logger = logging.getLogger("tuneclip_ds.data")
 # PIL format -> tar extension; images in these formats are stored as they are, others re-encoded as PNG.
 _STORED_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+CLASS_FOLDER_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")  # the images of a class folder (evaluation too)
+CLASSNAMES_FILE = "classnames.txt"  # written beside labelled shards: a class name per line, in label order
 
 
 @dataclass
@@ -40,10 +43,16 @@ class ImageTextSample:
     image_format: str  # tar extension: "jpg", "png" or "webp"
     caption: str
     metadata: dict = field(default_factory=dict)  # extra fields for the sample's json
+    label: Optional[int] = None  # a class label, written as the ``cls`` member (WebDataset's convention)
 
 
 class DataError(InputError):
     """Data that cannot be used as it is: the message names the file and what to do."""
+
+
+class ShardFormatError(DataError):
+    """Shards without something every sample must have (an integer id, a class label): every sample would fail,
+    so the pipeline stops instead of skipping them as corrupt one by one."""
 
 
 class BadInputError(DataError):
@@ -105,12 +114,15 @@ def write_shards(
 
 
 def _tar_record(sample_id: int, sample: ImageTextSample) -> dict:
-    return {
+    record = {
         "__key__": f"{sample_id:09d}",
         sample.image_format: sample.image,
         "txt": sample.caption.encode("utf-8"),
         "json": json.dumps({**sample.metadata, "id": sample_id}, sort_keys=True).encode("utf-8"),
     }
+    if sample.label is not None:
+        record["cls"] = str(sample.label).encode("utf-8")
+    return record
 
 
 def read_image_text(image_path: str, caption: Optional[str], caption_source: str) -> ImageTextSample:
@@ -167,14 +179,17 @@ def folder_pairs(folder: str) -> list:
     return pairs
 
 
-def convert_pairs(pairs: list, out_dir: str, samples_per_shard: int, prefix: str, skip_bad: bool) -> ConversionResult:
-    """Write (image path, caption, caption source) pairs as shards; bad pairs raise, or are counted with skip_bad."""
+def convert_pairs(pairs: list, out_dir: str, samples_per_shard: int, prefix: str, skip_bad: bool,
+                  labels: Optional[list] = None) -> ConversionResult:
+    """Write (image path, caption, caption source) pairs as shards, with a class label each if ``labels``;
+    bad pairs raise, or are counted with skip_bad."""
     counts = {"written": 0, "skipped": 0}
 
     def readable_samples():
-        for pair in pairs:
+        for index, pair in enumerate(pairs):
             try:
                 sample = read_image_text(*pair)
+                sample.label = None if labels is None else labels[index]
             except BadInputError as exn:
                 if not skip_bad:
                     raise
@@ -198,11 +213,48 @@ def image_folder_to_shards(folder, out_dir, samples_per_shard=1000, prefix="trai
     return convert_pairs(folder_pairs(folder), out_dir, samples_per_shard, prefix, skip_bad)
 
 
+def class_folder_names(root: Path, owner: str) -> list[str]:
+    """The sorted sub-folder names of an image folder: class ``i`` is the ``i``-th."""
+    names = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    if not names:
+        raise DataError(f"{owner}: {root} has no class sub-folders (an image folder has one per class)")
+    return names
+
+
+def class_folder_items(root, owner: str) -> tuple[list[str], list[tuple[str, int]]]:
+    """Class names and ``(image path, label)`` of an image folder (a sub-folder per class, images at any
+    depth under it), in sample order: sorted class folders, then each one's sorted image paths. ``owner``
+    starts error messages."""
+    if not os.path.isdir(root):
+        raise DataError(f"{owner}: {root} is not a directory")
+    class_names = class_folder_names(Path(root), owner)
+    items = []
+    for label, name in enumerate(class_names):
+        images = sorted(str(p) for p in Path(root, name).rglob("*") if p.suffix.lower() in CLASS_FOLDER_SUFFIXES)
+        if not images:
+            raise DataError(f"{owner}: class folder {os.path.join(root, name)} has no images "
+                            f"({', '.join(CLASS_FOLDER_SUFFIXES)}); remove it or add its images")
+        items.extend((image, label) for image in images)
+    return class_names, items
+
+
+def class_folder_to_shards(folder, out_dir, samples_per_shard=1000, prefix="train", skip_bad=False) -> ConversionResult:
+    """Labelled shards from an image folder: each sample's label as the ``cls`` member and its class name as
+    caption, and ``classnames.txt`` (the sub-folder names, in label order) beside the shards. Ids follow
+    ``class_folder_items``'s order: sorted class folders, then sorted image paths."""
+    class_names, items = class_folder_items(folder, f"--class-folder {folder}")
+    pairs = [(path, class_names[label], folder) for path, label in items]
+    result = convert_pairs(pairs, out_dir, samples_per_shard, prefix, skip_bad, labels=[label for _, label in items])
+    Path(out_dir, CLASSNAMES_FILE).write_text("".join(f"{name}\n" for name in class_names), encoding="utf-8")
+    return result
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--csv", help="CSV/TSV file of image path + caption (.tsv means tab-separated)")
     source.add_argument("--image-folder", help="folder of images, each with a same-named .txt caption")
+    source.add_argument("--class-folder", help="folder with a sub-folder of images per class: labelled shards")
     parser.add_argument("--out", required=True, help="output directory for the shards")
     parser.add_argument("--samples-per-shard", type=int, default=1000)
     parser.add_argument("--prefix", default="train", help="shard names: {prefix}-000000.tar, ...")
@@ -216,13 +268,18 @@ def main(argv=None) -> None:
         if args.csv:
             result = csv_to_shards(args.csv, args.out, args.samples_per_shard, args.prefix,
                                    args.image_column, args.caption_column, args.delimiter, args.skip_bad)
-        else:
+        elif args.image_folder:
             result = image_folder_to_shards(args.image_folder, args.out, args.samples_per_shard, args.prefix,
+                                            args.skip_bad)
+        else:
+            result = class_folder_to_shards(args.class_folder, args.out, args.samples_per_shard, args.prefix,
                                             args.skip_bad)
     except (ValueError, OSError) as exn:  # bad input, missing file, existing shards
         sys.exit(f"error: {exn}")
     print(f"wrote {result.num_written} samples in {len(result.shards)} shards to {args.out}"
           f" (skipped {result.num_skipped} bad)")
+    if args.class_folder:
+        print(f"class names in label order: {os.path.join(args.out, CLASSNAMES_FILE)} (for data.labels.classnames)")
 
 
 if __name__ == "__main__":

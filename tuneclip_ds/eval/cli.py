@@ -20,28 +20,23 @@ with .png), see tuneclip_ds/eval/sweep.py.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import logging
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
-import torch
-
 from tuneclip_ds.config import ConfigError
-from tuneclip_ds.distributed import init_distributed, local_rank, once_per_node, shutdown
+from tuneclip_ds.distributed import init_distributed, shutdown
 from tuneclip_ds.errors import InputError
-from tuneclip_ds.eval.runner import check_suite, evaluate
+from tuneclip_ds.eval import sweep
+from tuneclip_ds.eval.loading import (AUTOCAST_DTYPES, evaluate_model, exported_weights, load_model, resolve_device,
+                                     training_checkpoint)
+from tuneclip_ds.eval.runner import check_suite
 from tuneclip_ds.eval.tasks import Suite, load_suite
 
 logger = logging.getLogger("tuneclip_ds.eval")
-
-AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m tuneclip_ds.eval", description=__doc__,
@@ -63,8 +58,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tuneclip_ds.eval import sweep  # (built on this module)
-
     args = parse_args(argv)
     try:
         suite = suite_from_args(args)
@@ -112,49 +105,6 @@ def suite_from_args(args: argparse.Namespace) -> Suite:
     return Suite([dataclasses.replace(task, **overrides) for task in suite.tasks], suite.averages)
 
 
-def training_checkpoint(pretrained: str) -> Path | None:
-    """The checkpoint folder of the training run or checkpoint ``pretrained`` names; None for weights."""
-    from tuneclip_ds import checkpoint
-
-    path = Path(pretrained)
-    if not pretrained or not path.is_dir() or (path / "open_clip_config.json").is_file():
-        return None
-    markers = [path / "checkpoints", path / checkpoint.LATEST, path / checkpoint.COMPLETE]
-    if not any(marker.exists() for marker in markers) and not any(path.glob("*model_states.pt")):
-        return None  # an open_clip folder with one weights file
-    return checkpoint.find_checkpoint(path)
-
-
-@contextlib.contextmanager
-def exported_weights(pretrained: str):
-    """The weights to load: ``pretrained`` itself, or the open_clip folder exported from the training run or
-    checkpoint it names. That conversion (to full fp32 weights: the size of the model in CPU memory) runs once
-    per node, by its local rank 0, into a temporary folder that it removes afterwards."""
-    source = training_checkpoint(pretrained)
-    if source is None:
-        yield pretrained
-        return
-    workdir = once_per_node(lambda: _export_to_temporary_folder(source))
-    try:
-        yield str(workdir / "model")
-    finally:
-        # The node's other ranks have built their models by now: evaluation's collectives need every rank.
-        if local_rank() == 0:
-            shutil.rmtree(workdir, ignore_errors=True)
-
-
-def _export_to_temporary_folder(source: Path) -> Path:
-    from tuneclip_ds import export
-
-    workdir = Path(tempfile.mkdtemp(prefix="tuneclip_eval_"))
-    try:
-        logger.info("%s", export.export_folder(source, workdir / "model"))
-    except BaseException:
-        shutil.rmtree(workdir, ignore_errors=True)
-        raise
-    return workdir
-
-
 def start_distributed() -> tuple[int, int]:
     """(rank, world size): a process group when a launcher (torchrun, deepspeed) started several ranks."""
     if int(os.environ.get("WORLD_SIZE", 1)) == 1:
@@ -171,31 +121,6 @@ def evaluate_pretrained(args: argparse.Namespace, suite: Suite, rank: int, world
 def run(args: argparse.Namespace, weights: str, suite: Suite, rank: int, world_size: int) -> dict[str, float]:
     device = resolve_device(args.device)
     return evaluate_model(args, load_model(args, weights, device, rank), suite, device, rank, world_size)
-
-
-def load_model(args: argparse.Namespace, weights: str, device: torch.device, rank: int):
-    """The ClipBundle of --model with ``weights``, its model on ``device``."""
-    from tuneclip_ds.config import ModelConfig
-    from tuneclip_ds.models import build_model
-
-    bundle = build_model(ModelConfig(name=args.model, pretrained=weights, tokenizer=args.tokenizer))
-    if not args.pretrained and rank == 0:
-        logger.warning("no --pretrained weights: evaluating a randomly initialised %s", args.model)
-    bundle.model.to(device)
-    return bundle
-
-
-def evaluate_model(args: argparse.Namespace, bundle, suite: Suite, device: torch.device, rank: int,
-                   world_size: int) -> dict[str, float]:
-    return evaluate(bundle.model, suite, bundle.preprocess_val, bundle.tokenizer, device, rank, world_size,
-                    autocast_dtype=AUTOCAST_DTYPES[args.precision])
-
-
-def resolve_device(name: str | None) -> torch.device:
-    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank())
-    return device
 
 
 def format_table(results: dict[str, float]) -> str:

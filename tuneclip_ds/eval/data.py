@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import itertools
-import json
 import os
 import tarfile
 from dataclasses import dataclass
@@ -22,12 +21,12 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from tuneclip_ds.data.labels import read_label
 from tuneclip_ds.data.pipeline import resolve_shards
-from tuneclip_ds.data.shards import DataError
+from tuneclip_ds.data.shards import DataError, class_folder_items
 from tuneclip_ds.eval.tasks import EvalTask
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # tar members holding the image
-FOLDER_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 Target = Union[int, list]  # a label (classification) or the captions of an image (retrieval)
 Wanted = Callable[[int], bool]
@@ -85,17 +84,7 @@ class Shards:
             if not captions:
                 raise DataError(f"task {self.task.name}: {where} has no caption (txt member, one caption per line)")
             return image, captions
-        return image, self._label(fields, where)
-
-    def _label(self, fields: dict, where: str) -> int:
-        field = self.task.label_field
-        if field in fields:
-            return int(fields[field].decode())
-        metadata = json.loads(fields["json"]) if "json" in fields else {}
-        if field not in metadata:
-            raise DataError(f"task {self.task.name}: {where} has no label: no '{field}' member and no '{field}' "
-                            "field in its json (set label_field to where the label is)")
-        return int(metadata[field])
+        return image, read_label(fields, self.task.label_field, f"task {self.task.name}: {where}")
 
 
 def _sample_key(member: tarfile.TarInfo) -> str:
@@ -116,7 +105,7 @@ def open_data(task: EvalTask) -> ImageFolder | Shards:
     if "{" not in path and "::" not in path and not os.path.exists(path):  # a plain path, not a pattern or a list
         raise DataError(f"task {task.name}: data path {path} does not exist")
     if task.kind == "classification" and os.path.isdir(path) and not any(Path(path).glob("*.tar")):
-        return _image_folder(path, task.name)
+        return ImageFolder(*class_folder_items(path, f"task {task.name}"))
     try:
         shards = resolve_shards(path)
     except DataError as error:
@@ -125,20 +114,6 @@ def open_data(task: EvalTask) -> ImageFolder | Shards:
     if remote:
         raise DataError(f"task {task.name}: evaluation reads local shards only, {remote[0]} is not a local file")
     return Shards(shards, task)
-
-
-def _image_folder(root: str, task_name: str) -> ImageFolder:
-    class_names = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
-    if not class_names:
-        raise DataError(f"task {task_name}: {root} has neither class sub-folders (an image folder) nor *.tar shards")
-    items = []
-    for label, name in enumerate(class_names):
-        images = sorted(str(p) for p in Path(root, name).rglob("*") if p.suffix.lower() in FOLDER_IMAGE_SUFFIXES)
-        if not images:
-            raise DataError(f"task {task_name}: class folder {os.path.join(root, name)} has no images "
-                            f"({', '.join(FOLDER_IMAGE_SUFFIXES)}); remove it or add its images")
-        items.extend((image, label) for image in images)
-    return ImageFolder(class_names, items)
 
 
 class RankSamples(IterableDataset):

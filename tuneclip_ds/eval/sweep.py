@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from tuneclip_ds.errors import InputError
-from tuneclip_ds.eval import cli
+from tuneclip_ds.eval import loading
 from tuneclip_ds.eval.tasks import Suite
 from tuneclip_ds.wise_ft import parse_sweep, run_model_config, run_start_weights, wise_ft
 
@@ -31,7 +31,7 @@ Sweep = dict[float, dict[str, float]]  # alpha -> metrics
 def alphas_to_evaluate(args: argparse.Namespace) -> list[float]:
     """--wise-ft's alphas, once --pretrained is known to be a run that started from pretrained weights."""
     alphas = parse_sweep(args.wise_ft)
-    checkpoint = cli.training_checkpoint(args.pretrained)
+    checkpoint = loading.training_checkpoint(args.pretrained)
     if checkpoint is None:
         raise InputError(f"--wise-ft interpolates a training run toward its starting weights, but --pretrained "
                          f"{args.pretrained or '(empty)'} is not a run: give a run directory or one of its "
@@ -42,18 +42,18 @@ def alphas_to_evaluate(args: argparse.Namespace) -> list[float]:
 
 def evaluate_sweep(args: argparse.Namespace, suite: Suite, alphas: list[float], rank: int,
                    world_size: int) -> Sweep:
-    """The metrics at each alpha (collective, like :func:`cli.evaluate_pretrained`)."""
-    device = cli.resolve_device(args.device)
-    start = _on(device, run_start_weights(cli.training_checkpoint(args.pretrained)))
-    with cli.exported_weights(args.pretrained) as weights:
-        bundle = cli.load_model(args, weights, device, rank)
+    """The metrics at each alpha (collective, like ``cli.evaluate_pretrained``)."""
+    device = loading.resolve_device(args.device)
+    start = _on(device, run_start_weights(loading.training_checkpoint(args.pretrained)))
+    with loading.exported_weights(args.pretrained) as weights:
+        bundle = loading.load_model(args, weights, device, rank)
         finetuned = {name: tensor.clone() for name, tensor in bundle.model.state_dict().items()}
         sweep = {}
         for alpha in alphas:
             if rank == 0:
                 logger.info("WiSE-FT alpha %g", alpha)
             bundle.model.load_state_dict(wise_ft(start, finetuned, alpha))
-            sweep[alpha] = cli.evaluate_model(args, bundle, suite, device, rank, world_size)
+            sweep[alpha] = loading.evaluate_model(args, bundle, suite, device, rank, world_size)
     return sweep
 
 
@@ -65,7 +65,7 @@ def write_report(args: argparse.Namespace, suite: Suite, sweep: Sweep, world_siz
     """The table on stdout, every metric in --output (JSON) and the table's columns plotted beside it."""
     print(format_table(sweep, task_metrics(suite) + list(suite.averages)))
     output = Path(args.output)
-    start = run_model_config(cli.training_checkpoint(args.pretrained)).pretrained
+    start = run_model_config(loading.training_checkpoint(args.pretrained)).pretrained
     report = {"model": args.model, "pretrained": args.pretrained, "start": start, "tasks": args.tasks,
               "world_size": world_size, "wise_ft": [{"alpha": alpha, "metrics": m} for alpha, m in sweep.items()]}
     output.write_text(json.dumps(report, indent=2) + "\n")

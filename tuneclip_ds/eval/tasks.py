@@ -7,7 +7,8 @@ A suite file lists tasks, optional defaults shared by them, and named averages::
       - name: imagenet
         kind: classification
         data: ${EVAL_DATA}/imagenet/val   # image folder (a sub-folder per class) or WebDataset shards
-        classnames: imagenet              # imagenet | synthetic | a text file | omitted: the folder names
+        classnames: imagenet              # imagenet | synthetic | a text file | a class folder | omitted: the
+                                          # data's folder names
         templates: openai                 # openai | simple | synthetic | a text file
       - name: mscoco
         kind: retrieval
@@ -26,13 +27,13 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal, Optional, Union
+from typing import Literal, Optional
 
 import yaml
 
 from tuneclip_ds.config import ConfigError, Origins, _build
-
-Template = Union[str, Callable[[str], str]]
+# Template and fill_template are used from here too (the runner): evaluation's names for them.
+from tuneclip_ds.data.labels import Template, fill_template, read_classnames, read_templates  # noqa: F401
 
 # The main metric of each task kind: the one suite averages use.
 MAIN_METRIC = {"classification": "top1", "retrieval": "mean_R@1"}
@@ -43,7 +44,8 @@ class EvalTask:
     name: str  # results are keyed "{name}/{metric}"
     kind: Literal["classification", "retrieval"]
     data: str  # classification: image folder or shards; retrieval: shards (one caption per line of txt)
-    # class names: "imagenet", "synthetic", a text file (a name per line, in label order); None: the folder names
+    # class names: "imagenet", "synthetic", a text file (a name per line, in label order) or a class folder (its
+    # sub-folder names); None: the folder names of the data
     classnames: Optional[str] = None
     templates: str = "openai"  # "openai", "simple", "synthetic", or a text file (a template per line, {} or {c})
     label_field: str = "cls"  # shards: a tar member holding the label as text, else this key of the sample's json
@@ -138,69 +140,10 @@ def _averages(raw, task_names: list[str], source: str) -> dict[str, list[str]]:
 # ---------------------------------------------------------------- class names and templates
 
 
-def _imagenet_classnames() -> list[str]:
-    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
-
-    return list(IMAGENET_CLASSNAMES)
-
-
-def _synthetic_classnames() -> list[str]:
-    from tuneclip_ds.data.synthetic import CLASS_NAMES
-
-    return list(CLASS_NAMES)
-
-
-def _openai_templates() -> list[Template]:
-    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
-
-    return list(OPENAI_IMAGENET_TEMPLATES)
-
-
-def _simple_templates() -> list[Template]:
-    from open_clip.zero_shot_metadata import SIMPLE_IMAGENET_TEMPLATES
-
-    return list(SIMPLE_IMAGENET_TEMPLATES)
-
-
-def _synthetic_templates() -> list[Template]:
-    from tuneclip_ds.data.synthetic import ZEROSHOT_TEMPLATES
-
-    return list(ZEROSHOT_TEMPLATES)
-
-
-BUILTIN_CLASSNAMES = {"imagenet": _imagenet_classnames, "synthetic": _synthetic_classnames}
-BUILTIN_TEMPLATES = {"openai": _openai_templates, "simple": _simple_templates, "synthetic": _synthetic_templates}
-
-
 def classnames_of(task: EvalTask) -> list[str]:
-    """The task's class names from a built-in list or a text file (``classnames: None`` is the data reader's job)."""
-    if task.classnames in BUILTIN_CLASSNAMES:
-        return BUILTIN_CLASSNAMES[task.classnames]()
-    return _lines(task.classnames, task, "classnames", list(BUILTIN_CLASSNAMES))
+    """The task's class names (see ``tuneclip_ds.data.labels``; ``classnames: None`` is the data reader's job)."""
+    return read_classnames(task.classnames, f"task {task.name}")
 
 
 def templates_of(task: EvalTask) -> list[Template]:
-    if task.templates in BUILTIN_TEMPLATES:
-        return BUILTIN_TEMPLATES[task.templates]()
-    templates = _lines(task.templates, task, "templates", list(BUILTIN_TEMPLATES))
-    without_slot = [t for t in templates if "{}" not in t and "{c}" not in t]
-    if without_slot:
-        raise ConfigError(f"task {task.name}: template {without_slot[0]!r} in {task.templates} has no {{}} or {{c}} "
-                          "where the class name goes")
-    return templates
-
-
-def fill_template(template: Template, classname: str) -> str:
-    """open_clip templates are callables; text-file templates use {} or clip_benchmark's {c}."""
-    return template(classname) if callable(template) else template.format(classname, c=classname)
-
-
-def _lines(path: str, task: EvalTask, key: str, builtins: list[str]) -> list[str]:
-    file = Path(os.path.expanduser(os.path.expandvars(path)))
-    if not file.is_file():
-        raise ConfigError(f"task {task.name}: {key}={path!r} is neither a built-in ({', '.join(builtins)}) "
-                          "nor an existing text file")
-    lines = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not lines:
-        raise ConfigError(f"task {task.name}: {key} file {path} is empty")
-    return lines
+    return read_templates(task.templates, f"task {task.name}")

@@ -10,10 +10,12 @@ from tuneclip_ds.losses.ring import TOPOLOGIES, GroupInfo, resolve_group
 class RingLoss(nn.Module):
     """Base of the gather-free contrastive losses.
 
-    ``forward(image_features, text_features, logit_scale, logit_bias=None, sample_ids=None)`` takes
-    this rank's L2-normalised ``[b, d]`` features (every rank the same ``b``), the exponentiated
-    logit scale (shape ``[]`` or ``[1]``) and, for the losses with per-sample state, the dataset ids
-    of this rank's samples. It returns a scalar whose
+    ``forward(image_features, text_features, logit_scale, logit_bias=None, sample_ids=None, labels=None)``
+    takes this rank's L2-normalised ``[b, d]`` features (every rank the same ``b``), the exponentiated
+    logit scale (shape ``[]`` or ``[1]``), for the losses with per-sample state the dataset ids of
+    this rank's samples, and their class labels, which count when the loss is built with
+    ``same_label_positives`` (then pairs of one class are not negatives: each loss says how it treats
+    them). It returns a scalar whose
 
     * value is the loss of the global batch (all ranks' samples), identical on every rank;
     * gradient with respect to this rank's features is ``W`` times the gradient of the global-batch
@@ -26,7 +28,8 @@ class RingLoss(nn.Module):
     around a ring (see ``ring.py`` and ``pairs.py``); only scalars are all-reduced.
     """
 
-    def __init__(self, tile_size: int = 1024, group: dist.ProcessGroup | None = None, topology: str = "ring"):
+    def __init__(self, tile_size: int = 1024, group: dist.ProcessGroup | None = None, topology: str = "ring",
+                 same_label_positives: bool = False):
         super().__init__()
         if tile_size < 1:
             raise ValueError(f"tile_size must be positive, got {tile_size}")
@@ -35,6 +38,16 @@ class RingLoss(nn.Module):
         self.tile_size = tile_size
         self.group = group
         self.topology = topology  # "ring", or "hierarchical": gathered in each node, a ring across nodes
+        self.same_label_positives = same_label_positives
+
+    def pair_labels(self, labels: torch.Tensor | None) -> torch.Tensor | None:
+        """The labels that decide which pairs share a class: ``labels`` with ``same_label_positives``
+        (then required), else None (every pair but a sample's own is a negative)."""
+        if not self.same_label_positives:
+            return None
+        if labels is None:
+            raise ValueError(f"{type(self).__name__} with same_label_positives needs the labels of the batch")
+        return torch.as_tensor(labels, dtype=torch.int64)
 
     def group_info(self) -> GroupInfo:
         # Resolved per call: the loss may be built before torch.distributed is initialised.

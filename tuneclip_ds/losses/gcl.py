@@ -5,6 +5,10 @@ For each anchor ``i`` (image anchors against texts and text anchors against imag
     g_i = 1/(B-1) * sum_{j != i} exp(h(s_ij - s_ii) / tau),   tau = 1 / logit_scale,
 
 with the pairwise function ``h``: ``linear`` (GCL) or ``hinge_sq``, ``[x + margin]_+^2`` (HGCL).
+With ``same_label_positives`` the pairs of one class are no negatives: the sum runs over the
+samples of other classes and ``B - 1`` becomes their number (the mean over the anchor's negatives,
+as SogCLR defines ``g``). A global batch of one class has none: its loss is NaN, and it is
+skipped like any non-finite batch.
 ``u_i`` tracks ``g_i`` across steps (``estimators.py``); everything is kept in log space so that
 ``exp(h / tau)`` never overflows. Reported loss: ``tau/B * sum_i log(eps + u_i)``; gradient: that
 of the surrogate ``tau/B * sum_i g_i / stopgrad(eps + u_i)``, with ``u`` already updated with this
@@ -12,6 +16,7 @@ step's ``g``; both averaged over the two directions. The table keeps the new ``u
 whole global batch is finite; otherwise the loss is NaN and the table is left as it was.
 """
 
+import logging
 import math
 from collections.abc import Callable, Iterable, Mapping
 from functools import partial
@@ -20,8 +25,10 @@ import torch
 
 from tuneclip_ds.losses.base import RingLoss, global_value_with_local_gradient, with_zero_bias_gradient
 from tuneclip_ds.losses.estimators import EstimatorTable
-from tuneclip_ds.losses.pairs import LossInputs, PairReduction, pair_statistics
+from tuneclip_ds.losses.pairs import LossInputs, PairReduction, pair_statistics, same_label_counts
 from tuneclip_ds.losses.ring import all_reduce_max, all_reduce_sum
+
+logger = logging.getLogger(__name__)
 
 Pairwise = Callable[[torch.Tensor], torch.Tensor]
 
@@ -69,8 +76,9 @@ def gamma_schedule(epoch: float, gamma_min: float = 0.8, decay_epochs: float = 1
     return gamma_min + (1.0 - gamma_min) * 0.5 * (1.0 + math.cos(math.pi * epoch / decay_epochs))
 
 
-def _scaled_pairwise(pairwise, similarity, positive, scale, bias):
-    return scale * pairwise(similarity - positive)
+def _scaled_pairwise(pairwise, similarity, positive, scale, bias, same_label):
+    values = scale * pairwise(similarity - positive)
+    return values if same_label is None else values.masked_fill(same_label, -math.inf)  # not a negative
 
 
 class GlobalContrastiveLoss(RingLoss):
@@ -100,8 +108,9 @@ class GlobalContrastiveLoss(RingLoss):
         tile_size: int = 1024,
         group=None,
         topology: str = "ring",
+        same_label_positives: bool = False,
     ):
-        super().__init__(tile_size, group, topology)
+        super().__init__(tile_size, group, topology, same_label_positives)
         pairwise_fn = make_pairwise(pairwise, margin) if isinstance(pairwise, str) else pairwise
         self.reduction = PairReduction(
             pair_value=partial(_scaled_pairwise, pairwise_fn),
@@ -115,16 +124,18 @@ class GlobalContrastiveLoss(RingLoss):
         self.estimators = EstimatorTable(num_directions=2)
         self._last_statistics = None
 
-    def forward(self, image_features, text_features, logit_scale, logit_bias=None, sample_ids=None):
+    def forward(self, image_features, text_features, logit_scale, logit_bias=None, sample_ids=None, labels=None):
         if sample_ids is None:
             raise ValueError("GlobalContrastiveLoss needs the sample_ids of the batch")
         info = self.group_info()
+        labels = self.pair_labels(labels)
         inputs = LossInputs.prepare(image_features, text_features, logit_scale)
-        log_sum, active_pairs = pair_statistics(self.reduction, inputs, self.tile_size, info)
+        log_sum, active_pairs = pair_statistics(self.reduction, inputs, self.tile_size, info, labels)
         global_batch = inputs.local_batch * info.world_size  # the same on every rank: pair_statistics checked
         if global_batch < 2:
             raise ValueError("GlobalContrastiveLoss needs a global batch of at least 2 samples")
-        log_g = log_sum - math.log(global_batch - 1)  # [2, b]
+        negatives = self._negatives_per_anchor(labels, inputs, global_batch, info)
+        log_g = log_sum - (math.log(global_batch - 1) if labels is None else negatives.to(log_sum).log())  # [2, b]
         ids = torch.as_tensor(sample_ids, dtype=torch.int64, device=image_features.device)
         with torch.no_grad():
             log_u, pending = self.estimators.update(ids, log_g.detach().T, self.gamma, info)
@@ -134,17 +145,31 @@ class GlobalContrastiveLoss(RingLoss):
         surrogate = tau * torch.exp(log_g - log_denominator).mean(dim=0).sum() / global_batch
         surrogate = with_zero_bias_gradient(surrogate, logit_bias)
         reported = tau.detach() * log_denominator.mean(dim=0).sum() / global_batch
-        global_value, finite = self._reduce_statistics(reported, log_u, log_g, active_pairs, global_batch, info)
+        global_value, finite = self._reduce_statistics(reported, log_u, log_g, active_pairs, negatives, global_batch,
+                                                       info)
         self.estimators.commit(pending, finite)
         return global_value_with_local_gradient(global_value.to(reported.dtype), surrogate, info.world_size)
 
-    def _reduce_statistics(self, reported, log_u, log_g, active_pairs, global_batch, info):
+    def _negatives_per_anchor(self, labels, inputs: LossInputs, global_batch: int, info) -> torch.Tensor:
+        """How many negatives each of this rank's anchors has in the global batch: ``B - 1``, or with labels
+        the samples of other classes."""
+        if labels is None:
+            return torch.full((inputs.local_batch,), global_batch - 1, dtype=torch.int64, device=inputs.image.device)
+        negatives = global_batch - same_label_counts(labels, info)
+        if not negatives.all():  # then every label is the same, on every rank
+            logger.warning("a global batch of %d samples of one class: with same_label_positives, %s has no "
+                           "negatives and its loss is NaN", global_batch, type(self).__name__)
+        return negatives
+
+    def _reduce_statistics(self, reported, log_u, log_g, active_pairs, negatives, global_batch, info):
         """Global reported loss, kept with the metrics' statistics: two small all_reduces, in float64
         so that pair counts stay exact. The sums also tell every rank whether the whole global batch
         is finite (the loss, every ``g`` and ``u``); if not, the loss is NaN, so the trainer's finite
         check and the estimators' commit always agree."""
+        negative_pairs = 2 * negatives.sum()  # both directions
         sums = all_reduce_sum(
-            torch.stack([x.double() for x in (reported, log_u.sum(), active_pairs.sum(), log_g.detach().sum())]), info
+            torch.stack([x.double() for x in (reported, log_u.sum(), active_pairs.sum(), log_g.detach().sum(),
+                                              negative_pairs)]), info
         )
         extremes = all_reduce_max(torch.stack([-log_u.min(), log_u.max()]).double(), info)
         self._last_statistics = (sums, extremes, global_batch)
@@ -157,10 +182,10 @@ class GlobalContrastiveLoss(RingLoss):
 
         * ``batch_log_u_mean/min/max``: of the batch samples' ``log u`` after this step's update,
           both directions;
-        * ``inside_margin_fraction``: the fraction of the batch's negative pairs (``j != i``, both
-          directions) with ``h(s_ij - s_ii) > 0``; for ``hinge_sq`` the negatives inside the margin,
-          ``s_ij > s_ii - margin``, the only ones that get a gradient; for ``linear`` those more
-          similar to the anchor than its positive.
+        * ``inside_margin_fraction``: the fraction of the batch's negative pairs (``j != i``, of another
+          class with ``same_label_positives``; both directions) with ``h(s_ij - s_ii) > 0``; for
+          ``hinge_sq`` the negatives inside the margin, ``s_ij > s_ii - margin``, the only ones that get
+          a gradient; for ``linear`` those more similar to the anchor than its positive.
         """
         if self._last_statistics is None:
             return {}
@@ -169,7 +194,7 @@ class GlobalContrastiveLoss(RingLoss):
             "batch_log_u_mean": sums[1].item() / (2 * global_batch),
             "batch_log_u_min": -extremes[0].item(),
             "batch_log_u_max": extremes[1].item(),
-            "inside_margin_fraction": sums[2].item() / (2 * global_batch * (global_batch - 1)),
+            "inside_margin_fraction": sums[2].item() / sums[4].item(),
         }
 
     def state_dict(self) -> dict[str, torch.Tensor]:

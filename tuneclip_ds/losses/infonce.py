@@ -3,16 +3,23 @@
 import torch
 
 from tuneclip_ds.losses.base import RingLoss, global_value_with_local_gradient, with_zero_bias_gradient
-from tuneclip_ds.losses.pairs import LossInputs, PairReduction, pair_statistics
+from tuneclip_ds.losses.pairs import LossInputs, PairReduction, pair_statistics, same_label_counts
 from tuneclip_ds.losses.ring import all_reduce_sum
 
 
-def _logits(similarity, positive, scale, bias):
+def _logits(similarity, positive, scale, bias, same_label):
     return scale * similarity
+
+
+def _same_label_similarity(similarity, positive, scale, bias, same_label):
+    return similarity * same_label
 
 
 # R_i = logsumexp_j(t * s_ij) over all columns, the positive included.
 _INFONCE = PairReduction(pair_value=_logits, logsumexp=True, exclude_positive=False, both_directions=True)
+# S_i = sum_{j: y_j = y_i} s_ij, image anchors: over the global batch, text anchors give the same sum (below).
+_SAME_LABEL = PairReduction(pair_value=_same_label_similarity, logsumexp=False, exclude_positive=False,
+                            both_directions=False)
 
 
 class InfoNCELoss(RingLoss):
@@ -22,29 +29,46 @@ class InfoNCELoss(RingLoss):
     over the N columns of the global batch, as ``torch.nn.functional.cross_entropy(label_smoothing=e)``:
     ``logsumexp_j(t s_ij) - (1 - e) t s_ii - e/N sum_j t s_ij``.
 
+    With ``same_label_positives``, the target of an anchor is spread evenly over the columns of its
+    class P(i) (its own pair included): ``logsumexp_j(t s_ij) - 1/|P(i)| sum_{p in P(i)} t s_ip``, the
+    cross-entropy against soft targets of UniCL (image-text-label contrast) and SupCon's L_out; every
+    column stays in the softmax. So an anchor is pulled towards the mean of its class's captions
+    rather than pushed away from all but one of them. (With ``label_smoothing`` too, the targets are
+    (1 - e) of that plus e/N each.) The sum over same-label pairs takes a second pass of the ring (over
+    image anchors only: text anchors give the same total, since same-label pairs and their weights
+    1/|P| are symmetric), and the class sizes |P(i)| a pass of the labels alone.
+
     ``logit_bias`` cancels in the softmax; it is accepted (and gets a zero gradient) so that models
     with a bias can be trained with this loss. See ``RingLoss`` for the value/gradient contract.
     """
 
-    def __init__(self, tile_size: int = 1024, group=None, label_smoothing: float = 0.0, topology: str = "ring"):
-        super().__init__(tile_size, group, topology)
+    def __init__(self, tile_size: int = 1024, group=None, label_smoothing: float = 0.0, topology: str = "ring",
+                 same_label_positives: bool = False):
+        super().__init__(tile_size, group, topology, same_label_positives)
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         self.label_smoothing = label_smoothing
 
-    def forward(self, image_features, text_features, logit_scale, logit_bias=None, sample_ids=None):
+    def forward(self, image_features, text_features, logit_scale, logit_bias=None, sample_ids=None, labels=None):
         info = self.group_info()
+        labels = self.pair_labels(labels)
         inputs = LossInputs.prepare(image_features, text_features, logit_scale)
         stats, _ = pair_statistics(_INFONCE, inputs, self.tile_size, info)
         global_batch = inputs.local_batch * info.world_size
         smoothing = self.label_smoothing
-        targets = (1 - smoothing) * 2 * inputs.positive.sum()  # both directions
+        matched = inputs.positive.sum() if labels is None else self._class_mean_similarities(inputs, labels, info)
+        targets = (1 - smoothing) * 2 * matched  # both directions
         if smoothing:
             targets = targets + smoothing * _mean_similarity_share(inputs, info, global_batch)
         local_share = (stats.sum() - inputs.scale * targets) / (2 * global_batch)
         local_share = with_zero_bias_gradient(local_share, logit_bias)
         global_value = all_reduce_sum(local_share.detach().clone(), info)
         return global_value_with_local_gradient(global_value, local_share, info.world_size)
+
+    def _class_mean_similarities(self, inputs: LossInputs, labels, info):
+        """This rank's image anchors' mean similarity to the texts of their class, summed."""
+        class_sums, _ = pair_statistics(_SAME_LABEL, inputs, self.tile_size, info, labels)
+        return (class_sums[0] / same_label_counts(labels, info)).sum()
 
 
 def _mean_similarity_share(inputs: LossInputs, info, global_batch: int):

@@ -6,7 +6,9 @@ Every loss of this package is a function of one statistic per anchor,
 
 where ``reduce`` is a log-sum-exp (InfoNCE, GCL, HGCL) or a sum (SigLIP), ``s_ij = <A_i, C_j>``
 and ``s_ii`` is the anchor's positive similarity. Direction 0 takes image anchors and text
-columns, direction 1 text anchors and image columns.
+columns, direction 1 text anchors and image columns. With class labels, ``v`` also knows which
+pairs share a label (``loss.same_label_positives``): the labels travel around the ring with the
+features, so no rank gathers them either.
 
 Forward: the column blocks travel around the ring; each visiting block is compared with the
 local anchors in tiles of at most ``tile_size`` x ``tile_size`` pairs, accumulating R online.
@@ -29,8 +31,10 @@ import torch
 
 from tuneclip_ds.losses.ring import GroupInfo, check_equal_local_batch, ring_blocks
 
-# v(similarity [a, c], positive [a, 1] or [1, c], scale [], bias [] or None) -> pair values [a, c]
-PairValue = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+# v(similarity [a, c], positive [a, 1] or [1, c], scale [], bias [] or None,
+#   same_label [a, c] bool or None without labels) -> pair values [a, c]
+PairValue = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None],
+                     torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -95,26 +99,38 @@ class LossInputs:
 
 
 def pair_statistics(
-    reduction: PairReduction, inputs: LossInputs, tile_size: int, info: GroupInfo
+    reduction: PairReduction, inputs: LossInputs, tile_size: int, info: GroupInfo, labels: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Row statistics ``R`` [directions, b] of this rank's anchors, differentiable w.r.t. the
     features, positives, scale and bias of ``inputs``, and the number of pairs per direction with
     ``v_ij > 0`` among this rank's anchors (not differentiable; zero unless
-    ``reduction.count_positive_values``).
+    ``reduction.count_positive_values``). ``labels`` ([b] integers, or None): the class of each of
+    this rank's samples, for pair values that depend on which pairs share a class.
 
-    All ranks must call it, with the same ``b`` (checked: ``ValueError`` otherwise) and, in
-    backward, call backward together.
+    All ranks must call it, with the same ``b`` (checked: ``ValueError`` otherwise), all with
+    labels or all without, and, in backward, call backward together.
     """
     check_equal_local_batch(inputs.local_batch, info, inputs.image.device)
     return _PairStatistics.apply(
         reduction, tile_size, info, inputs.wire_dtype,
-        inputs.image, inputs.text, inputs.positive, inputs.scale, inputs.bias,
+        inputs.image, inputs.text, inputs.positive, inputs.scale, inputs.bias, labels,
     )
+
+
+def same_label_counts(labels: torch.Tensor, info: GroupInfo) -> torch.Tensor:
+    """For each of this rank's samples, how many samples of the global batch share its label (itself
+    included). The label blocks travel around the ring; each is sorted once and searched, so nothing
+    larger than a block is made."""
+    counts = torch.zeros_like(labels)
+    for _, (visiting,) in ring_blocks((labels,), info):
+        ordered = visiting.sort().values
+        counts += torch.searchsorted(ordered, labels, right=True) - torch.searchsorted(ordered, labels)
+    return counts
 
 
 class _PairStatistics(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, reduction, tile_size, info, wire_dtype, image, text, positive, scale, bias):
+    def forward(ctx, reduction, tile_size, info, wire_dtype, image, text, positive, scale, bias, labels):
         scalars = _Scalars(positive, scale, bias)
         directions = range(reduction.num_directions)
         stats = image.new_full((len(directions), image.shape[0]), reduction.empty_value)
@@ -122,19 +138,20 @@ class _PairStatistics(torch.autograd.Function):
         features = (image, text)
         anchor_grads = _AnchorGrads.zeros(image, scalars) if reduction.anchor_grads_in_forward else None
         column_blocks = tuple(features[1 - d].to(wire_dtype) for d in directions)
-        for source, visiting in ring_blocks(column_blocks, info):
+        for source, visiting in ring_blocks(_with_labels(column_blocks, labels), info):
+            layout = _BlockLayout(source == info.rank, labels, _labels_of(visiting, labels))
             for d in directions:
                 _add_block_statistics(reduction, features[d], visiting[d].to(image.dtype), scalars,
-                                      source == info.rank, tile_size, stats[d], active[d], anchor_grads)
+                                      layout, tile_size, stats[d], active[d], anchor_grads)
         ctx.reduction, ctx.tile_size, ctx.info, ctx.wire_dtype = reduction, tile_size, info, wire_dtype
         ctx.anchor_grads = anchor_grads
-        ctx.save_for_backward(image, text, positive, scale, bias, stats)
+        ctx.save_for_backward(image, text, positive, scale, bias, stats, labels)
         ctx.mark_non_differentiable(active)
         return stats, active
 
     @staticmethod
     def backward(ctx, grad_stats, _grad_active):
-        image, text, positive, scale, bias, stats = ctx.saved_tensors
+        image, text, positive, scale, bias, stats, labels = ctx.saved_tensors
         # Detached for the visiting anchors, whose scalars are not differentiated here: autograd then
         # keeps no tile for their gradient. Leaves for this rank's anchors.
         scalars = _Scalars(*(None if t is None else t.detach() for t in (positive, scale, bias)))
@@ -148,29 +165,39 @@ class _PairStatistics(torch.autograd.Function):
             ctx.anchor_grads.apply(grad_stats[0], grad_features[0], grad_scalars)
             sides = (1,)
         payload = (image.to(ctx.wire_dtype), text.to(ctx.wire_dtype), positive, stats, grad_stats.contiguous())
-        for source, (v_image, v_text, v_positive, v_stats, v_grad_stats) in ring_blocks(payload, ctx.info):
+        for source, block in ring_blocks(_with_labels(payload, labels), ctx.info):
+            v_image, v_text, v_positive, v_stats, v_grad_stats = block[:5]
             pair = _BlockPair(ctx.reduction, local, _AnchorRows(v_positive, v_stats, v_grad_stats), scalars, leaves,
-                              source == ctx.info.rank)
+                              _BlockLayout(source == ctx.info.rank, labels, _labels_of(block, labels)))
             visiting_features = (v_image.detach().to(image.dtype), v_text.detach().to(image.dtype))
             for side in sides:
                 _add_block_grads(pair, side, features[side], visiting_features[1 - side], ctx.tile_size,
                                  grad_features[side], grad_scalars)
         grad_positive, grad_scale, *grad_bias = grad_scalars
-        return (None, None, None, None, *grad_features, grad_positive, grad_scale, *(grad_bias or [None]))
+        return (None, None, None, None, *grad_features, grad_positive, grad_scale, *(grad_bias or [None]), None)
 
 
-def _add_block_statistics(reduction, anchors, columns, scalars, is_local_block, tile_size, stats, active,
-                          anchor_grads):
+def _with_labels(block: tuple, labels: torch.Tensor | None) -> tuple:
+    """A ring block with this rank's labels, if any, as its last tensor: they travel with the features."""
+    return block if labels is None else (*block, labels)
+
+
+def _labels_of(block: tuple, labels: torch.Tensor | None) -> torch.Tensor | None:
+    """The labels of a visiting block made by ``_with_labels``."""
+    return None if labels is None else block[-1]
+
+
+def _add_block_statistics(reduction, anchors, columns, scalars, layout, tile_size, stats, active, anchor_grads):
     """Combine the tiles of ``anchors`` against one visiting block's ``columns`` into the row
     statistics ``stats`` [b] and the count ``active`` (in place), and into ``anchor_grads`` if any."""
     for rows, tile in _tiles(len(anchors), len(columns), tile_size):
-        diagonal = _diagonal(rows, tile, is_local_block)
+        pairs = layout.tile_pairs(rows, tile)
         if anchor_grads is None:
             tile_stats, tile_active = _tile_statistics(
-                reduction, anchors[rows], columns[tile], scalars.positive[rows, None], scalars, diagonal
+                reduction, anchors[rows], columns[tile], scalars.positive[rows, None], scalars, pairs
             )
         else:
-            tile_stats, tile_active = anchor_grads.add_tile(reduction, anchors, columns[tile], rows, scalars, diagonal)
+            tile_stats, tile_active = anchor_grads.add_tile(reduction, anchors, columns[tile], rows, scalars, pairs)
         stats[rows] = _combine(reduction, stats[rows], tile_stats)
         active += tile_active
 
@@ -198,6 +225,31 @@ def _diagonal(rows: slice, columns: slice, is_local_block: bool) -> tuple[int, i
     if is_local_block and max(rows.start, columns.start) < min(rows.stop, columns.stop):
         return rows.start, columns.start
     return None
+
+
+@dataclass(frozen=True)
+class _TilePairs:
+    """The pairs of a tile that a loss treats apart: its positive pairs (``diagonal``, see ``_diagonal``)
+    and those whose samples share a label (``same_label`` [a, c] bool; None without labels)."""
+
+    diagonal: tuple[int, int] | None
+    same_label: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class _BlockLayout:
+    """How this rank's samples (a tile's rows) meet a block's samples (its columns): whether the block is
+    this rank's own, and the labels of both (None without labels)."""
+
+    is_local_block: bool
+    row_labels: torch.Tensor | None
+    column_labels: torch.Tensor | None
+
+    def tile_pairs(self, rows: slice, columns: slice) -> _TilePairs:
+        same_label = None
+        if self.row_labels is not None:
+            same_label = self.row_labels[rows, None] == self.column_labels[None, columns]
+        return _TilePairs(_diagonal(rows, columns, self.is_local_block), same_label)
 
 
 @dataclass
@@ -236,14 +288,14 @@ class _AnchorGrads:
     def zeros(cls, anchors: torch.Tensor, scalars: _Scalars) -> "_AnchorGrads":
         return cls(torch.zeros_like(anchors), [anchors.new_zeros(len(anchors)) for _ in scalars.tensors()])
 
-    def add_tile(self, reduction, anchors, columns, rows, scalars, diagonal):
+    def add_tile(self, reduction, anchors, columns, rows, scalars, pairs):
         """``_reduce_tile`` of the tile ``anchors[rows]`` x ``columns``, adding the tile's part of the
         anchors' gradients."""
         leaves = scalars.row_leaves(rows)
         similarity = (anchors[rows] @ columns.T).requires_grad_()
         with torch.enable_grad():
             values, (grad, *scalar_grads) = _role_grads(
-                reduction, similarity, diagonal, leaves, (leaves.positive, None, similarity.new_ones(1, 1)),
+                reduction, similarity, pairs, leaves, (leaves.positive, None, similarity.new_ones(1, 1)),
                 leaves.tensors(),
             )
         self.features[rows].addmm_(grad, columns)
@@ -288,16 +340,18 @@ class _BlockPair:
     visiting: _AnchorRows
     scalars: _Scalars  # the scale and bias as the visiting anchors use them
     leaves: _Scalars  # the scale and bias to differentiate, for this rank's anchors
-    is_local_block: bool
+    layout: _BlockLayout
 
 
-def _pair_values(reduction, similarity, positive, scalars, diagonal):
+def _pair_values(reduction, similarity, positive, scalars, pairs):
     """Pair values of a similarity tile; ``positive`` broadcasts over the tile (a column [a, 1] for
-    row anchors, a row [1, c] for column anchors). The tile's positive pairs (``diagonal``: see
-    ``_diagonal``) are set to the reduction's empty value when the loss excludes them."""
-    values = reduction.pair_value(similarity, positive, scalars.scale, scalars.bias)
-    if reduction.exclude_positive and diagonal is not None:
-        values = values.masked_fill(_positive_mask(values.shape, *diagonal, values.device), reduction.empty_value)
+    row anchors, a row [1, c] for column anchors). The tile's positive pairs (``pairs.diagonal``)
+    are set to the reduction's empty value when the loss excludes them. Same-label pairs are the
+    pair value's business (a symmetric mask: the same for both roles of a tile)."""
+    values = reduction.pair_value(similarity, positive, scalars.scale, scalars.bias, pairs.same_label)
+    if reduction.exclude_positive and pairs.diagonal is not None:
+        values = values.masked_fill(_positive_mask(values.shape, *pairs.diagonal, values.device),
+                                    reduction.empty_value)
     return values
 
 
@@ -308,10 +362,10 @@ def _positive_mask(shape, row_start, column_start, device):
     return rows == columns
 
 
-def _tile_statistics(reduction, anchors, columns, positive, scalars, diagonal):
+def _tile_statistics(reduction, anchors, columns, positive, scalars, pairs):
     """``_reduce_tile`` of the tile ``anchors`` x ``columns``; a function of its own so that the
     tile is freed before the next one is allocated."""
-    return _reduce_tile(reduction, _pair_values(reduction, anchors @ columns.T, positive, scalars, diagonal))
+    return _reduce_tile(reduction, _pair_values(reduction, anchors @ columns.T, positive, scalars, pairs))
 
 
 def _reduce_tile(reduction, values):
@@ -333,29 +387,29 @@ def _tile_grad(pair, side, similarity, rows, columns, grad_scalars):
     direction ``1 - side``. Each role is differentiated with respect to the tile alone, one after
     the other, so that only a few tiles are alive at a time."""
     reduction = pair.reduction
-    diagonal = _diagonal(rows, columns, pair.is_local_block)
+    pairs = pair.layout.tile_pairs(rows, columns)
     similarity.requires_grad_()
     grad = None
     with torch.enable_grad():  # backward runs without grad mode
         if side < reduction.num_directions:  # the scale and bias of these pairs are this rank's share
-            _, (grad, *scalar_grads) = _role_grads(reduction, similarity, diagonal, pair.leaves,
+            _, (grad, *scalar_grads) = _role_grads(reduction, similarity, pairs, pair.leaves,
                                                    pair.local.as_rows(side, rows), pair.leaves.tensors())
             for total, scalar_grad in zip(grad_scalars, scalar_grads):
                 if scalar_grad is not None:  # a loss whose pair values ignore the positive (InfoNCE) or the bias
                     total += scalar_grad
         if 1 - side < reduction.num_directions:  # the visiting anchors' scalars are another rank's share
-            _, (column_grad,) = _role_grads(reduction, similarity, diagonal, pair.scalars,
+            _, (column_grad,) = _role_grads(reduction, similarity, pairs, pair.scalars,
                                             pair.visiting.as_columns(1 - side, columns), [])
             grad = column_grad if grad is None else grad.add_(column_grad)
     return grad
 
 
-def _role_grads(reduction, similarity, diagonal, scalars, anchors, scalar_leaves):
+def _role_grads(reduction, similarity, pairs, scalars, anchors, scalar_leaves):
     """One role's pair values of the tile (detached) and the gradients of the loss through them
     with respect to ``similarity`` and ``scalar_leaves`` (None for one the values ignore).
     ``anchors``: positives, R and dLoss/dR of the role's anchors, broadcasting over the tile."""
     positive, stats, grads = anchors
-    values = _pair_values(reduction, similarity, positive, scalars, diagonal)
+    values = _pair_values(reduction, similarity, positive, scalars, pairs)
     weights = _pair_weights(reduction, values.detach(), stats, grads)
     return values.detach(), torch.autograd.grad(values, [similarity, *scalar_leaves], weights, allow_unused=True)
 
