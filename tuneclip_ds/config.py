@@ -150,6 +150,19 @@ class EvalConfig:
 
 
 @dataclass
+class EMAConfig:
+    """An exponential moving average of the weights over stage II, kept in fp32 and sharded like the optimizer
+    (tuneclip_ds/optim/ema.py). It equals the weights until stage-II step ``start_step``; from there, after
+    every ``every``-th step: ema <- decay_t * ema + (1 - decay_t) * weights."""
+
+    decay: Optional[float] = None  # in [0, 1), e.g. 0.999; null: no EMA
+    every: int = 1  # stage-II steps between updates
+    start_step: int = 0  # the stage-II step of the first update; the EMA copies the weights until then
+    warmup: bool = False  # decay_t = min(decay, (1 + t) / (10 + t)), t = updates so far: early weights fade fast
+    device: Literal["same", "cpu"] = "same"  # "same": where the fp32 masters are; "cpu": in CPU memory
+
+
+@dataclass
 class LogConfig:
     every: int = 10  # steps between progress lines and TensorBoard scalars
 
@@ -167,6 +180,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
     @property
@@ -370,12 +384,15 @@ def _ranged_values(config: Config) -> dict[str, tuple[float | None, Range]]:
         "osr.min_steps": (osr.min_steps, AT_LEAST_0),
         "checkpoint.every": (config.checkpoint.every, AT_LEAST_0),  # 0: only at the end
         "eval.every": (config.eval.every, AT_LEAST_0),  # 0: at the start of stage II and the end only
+        "ema.decay": (config.ema.decay, BETA),  # 1 would never move from the starting weights
+        "ema.start_step": (config.ema.start_step, AT_LEAST_0),
         "train.batch_size": (train.batch_size, AT_LEAST_1),
         "train.grad_accum": (train.grad_accum, AT_LEAST_1),
         "log.every": (config.log.every, AT_LEAST_1),
         "loss.tile_size": (config.loss.tile_size, AT_LEAST_1),
         "checkpoint.keep_last": (config.checkpoint.keep_last, AT_LEAST_1),
         "osr.patience": (osr.patience, AT_LEAST_1),
+        "ema.every": (config.ema.every, AT_LEAST_1),
     }
 
 
