@@ -61,9 +61,11 @@ def run_with_snapshots(trainer) -> dict:
     return snapshots
 
 
-def reference_adamw(steps: int, lr: float, weight_decay: float, grad_clip: float, betas=(0.9, 0.98)):
+def reference_adamw(steps: int, lr: float, weight_decay: float, grad_clip: float, betas=(0.9, 0.98),
+                    stage2_steps: int = 1):
     """Plain torch AdamW on one process, open_clip's ClipLoss on the whole global batch: ``steps`` updates
-    at lr 0 (stage I), then one at ``lr``. Returns (after stage I, after stage II) snapshots by name."""
+    at lr 0 (stage I), then ``stage2_steps`` at ``lr``. Returns snapshots by name: after stage I, then after
+    each step of stage II."""
     import open_clip
     from open_clip.loss import ClipLoss
 
@@ -78,7 +80,7 @@ def reference_adamw(steps: int, lr: float, weight_decay: float, grad_clip: float
                                   weight_decay=weight_decay)
     loss_fn = ClipLoss()
     snapshots = []
-    for step in range(steps + 1):
+    for step in range(steps + stage2_steps):
         if step == steps:
             snapshots.append(_reference_snapshot(model, optimizer, names))
             for group in optimizer.param_groups:
@@ -89,7 +91,8 @@ def reference_adamw(steps: int, lr: float, weight_decay: float, grad_clip: float
         loss_fn(image_features, text_features, logit_scale).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
-    snapshots.append(_reference_snapshot(model, optimizer, names))
+        if step >= steps:
+            snapshots.append(_reference_snapshot(model, optimizer, names))
     assert open_clip  # the reference is open_clip's own loss
     return snapshots
 
