@@ -91,11 +91,14 @@ def test_stage1_leaves_the_ema_at_the_weights_stage2_starts_from(pool):
 
 
 @pytest.mark.slow
-def test_zero0_bf16_averages_the_fp32_masters(pool):
-    overrides = ["train.zero_stage=0", "train.precision=bf16", "train.steps=4", f"ema.decay={DECAY}"]
-    ours, _ = pool.run(train_with_ema, overrides, True)
+@pytest.mark.parametrize("setting", [
+    ["train.zero_stage=0", "train.precision=bf16"], ["train.zero_stage=3", "train.precision=bf16"],
+    ["train.zero_stage=2", "train.offload_optimizer=true"], ["train.zero_stage=3", "train.offload_optimizer=true"],
+])
+def test_ema_averages_the_fp32_masters_in_bf16_and_with_offload(pool, setting):
+    ours, _ = pool.run(train_with_ema, [*setting, "train.steps=4", f"ema.decay={DECAY}"], True)
     expected, _ = reference_ema([ours["start"], *ours["steps"]], DECAY)
-    # Of the fp32 masters, not of the bf16 weights (rounded by about 4e-3).
+    # The masters themselves (not the bf16 weights, rounded by about 4e-3), wherever the optimizer keeps them.
     assert_close_by_name(ours["ema"], expected, "EMA", rtol=1e-6)
 
 
