@@ -148,6 +148,66 @@ def test_export_of_the_ema_loads_in_open_clip(pool, synthetic_shards, tmp_path):
     assert all(torch.equal(folder[name], tensors[name]) for name in tensors)
 
 
+def module_weights(engine) -> dict[str, torch.Tensor]:
+    """The module's trained parameters whole in fp32, as the forward sees them (gathered at ZeRO-3)."""
+    import deepspeed
+
+    params = {name: param for name, param in engine.module.named_parameters() if param.requires_grad}
+    with deepspeed.zero.GatheredParameters(list(params.values()), enabled=hasattr(next(iter(params.values())), "ds_id")):
+        return {name: param.detach().float().clone() for name, param in params.items()}
+
+
+def swap_in_the_ema(rank, world_size, overrides):
+    """Train; the module's weights and the masters before, inside and after ``ema.swapped_in()``."""
+    from tuneclip_ds.optim.state import full_parameters
+
+    trainer = build_fixed_run(rank, world_size, overrides)
+    trainer.run()
+    engine = trainer.engine
+    before = {"module": module_weights(engine), "masters": full_parameters(engine)}
+    with trainer.ema.swapped_in():
+        inside = module_weights(engine)
+    after = {"module": module_weights(engine), "masters": full_parameters(engine)}
+    return {"before": before, "inside": inside, "after": after, "ema": trainer.ema.full_averages()}
+
+
+@pytest.mark.parametrize("setting", [
+    ["train.zero_stage=3"], pytest.param(["train.zero_stage=2"], marks=pytest.mark.slow),
+    pytest.param(["train.zero_stage=0", "train.precision=bf16"], marks=pytest.mark.slow),
+    pytest.param(["train.zero_stage=3", "train.precision=bf16"], marks=pytest.mark.slow),
+])
+def test_the_ema_swapped_into_the_module_and_back_exactly(pool, setting):
+    results = pool.run(swap_in_the_ema, [*setting, "train.steps=3", f"ema.decay={DECAY}"])
+    dtype = torch.bfloat16 if "train.precision=bf16" in setting else torch.float32
+    for ours in results:
+        in_precision = {name: value.to(dtype).float() for name, value in ours["ema"].items()}
+        assert_bit_identical(ours["inside"], in_precision, "the module's parameters holding the EMA")
+        assert_bit_identical(ours["after"]["module"], ours["before"]["module"], "the module's parameters after")
+        assert_bit_identical(ours["after"]["masters"], ours["before"]["masters"], "the masters after")
+        moved = [name for name in ours["ema"] if not torch.equal(ours["inside"][name], ours["before"]["module"][name])]
+        assert len(moved) > len(ours["ema"]) // 2  # in bf16 some parameters round to their weights
+
+
+def test_evaluation_of_both_weights_selects_the_best_ema(pools, tmp_path):
+    from test_eval_training import train_with_evaluation, write_suite
+    from test_launch import scalars
+
+    data = tmp_path / "data"
+    overrides = TINY_RUN + [
+        f"data.train_shards={data / 'train'}", "data.synthetic.num_samples=256", "data.synthetic.image_size=32",
+        "data.synthetic.samples_per_shard=32", f"data.synthetic.val_shards={data / 'val'}",
+        "data.synthetic.val_samples=48", "train.batch_size=8", "train.steps=4", "train.zero_stage=2",
+        f"output_dir={tmp_path}", "run_name=run", f"eval.tasks={write_suite(tmp_path, data / 'val')}",
+        "eval.every=2", "eval.weights=both", "eval.select=ema/ret/mean_R@1", f"ema.decay={DECAY}",
+    ]
+    best, _ = pools[2].run(train_with_evaluation, overrides)
+    logged = scalars(tmp_path / "run")
+    model, ema = logged["eval/ret/mean_R@1"], logged["eval/ema/ret/mean_R@1"]
+    assert len(model) == len(ema) == 3 and model[0] == ema[0]  # stage II starts with the EMA at the weights
+    assert model[1:] != ema[1:]
+    assert best["metric"] == "ema/ret/mean_R@1" and best["best"] == pytest.approx(max(ema))
+
+
 def write_ema_files(folder, fragments_by_rank: list[dict]) -> None:
     from tuneclip_ds import checkpoint
 
@@ -180,6 +240,22 @@ def test_bad_ema_settings_are_refused(override, message):
     with pytest.raises(ConfigError) as error:
         load_config(None, ["train.steps=1", override])
     assert str(error.value) == f"override {override}: {message}"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["eval.weights=ema"], "eval.weights=ema evaluates the EMA of the weights: set ema.decay (e.g. 0.999)"),
+    (["ema.decay=0.9", "eval.weights=ema", "eval.select=average"],
+     "eval.select='average' names a result of the model, which eval.weights=ema does not evaluate: select "
+     "ema/average (the EMA's result) or set eval.weights=both"),
+    (["ema.decay=0.9", "eval.select=ema/average"],
+     "eval.select='ema/average' names a result of the EMA, which eval.weights=model does not evaluate: set "
+     "eval.weights=ema or both"),
+])
+def test_evaluating_the_ema_needs_one_and_a_matching_selection(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config(None, ["train.steps=1", "eval.tasks=suite.yaml", *overrides])
+    load_config(None, ["train.steps=1", "eval.tasks=suite.yaml", "ema.decay=0.9", "eval.weights=both",
+                       "eval.select=ema/average"])
 
 
 def test_exporting_the_ema_of_a_run_without_one_is_a_clear_error(tmp_path, capsys):

@@ -147,6 +147,8 @@ class EvalConfig:
     at_steps: list[int] = field(default_factory=list)  # also after these steps of stage II (e.g. [1, 2, 5])
     select: str = ""  # the result that picks the best checkpoint, e.g. imagenet/top1 or average; empty: none
     mode: Literal["max", "min"] = "max"
+    # The weights evaluated: the model's, their EMA (ema.decay; results named ema/...), or both.
+    weights: Literal["model", "ema", "both"] = "model"
 
 
 @dataclass
@@ -412,6 +414,7 @@ def _check(config: Config, origins: Origins) -> None:
                             "osr.recover")
     if config.eval.select and not config.eval.tasks:
         raise origins.error(f"eval.select={config.eval.select!r} needs eval.tasks (a suite YAML)", "eval.select")
+    _check_evaluated_weights(config, origins)
     if corpus_size(config) is None:
         for needs_corpus_size, what, key in [
             (config.loss.name in ("gcl", "hgcl"), f"loss.name={config.loss.name} schedules gamma in epochs",
@@ -425,6 +428,24 @@ def _check(config: Config, origins: Origins) -> None:
     if train.offload_optimizer and train.zero_stage == 0:
         raise origins.error("train.offload_optimizer needs train.zero_stage 1, 2 or 3",
                             "train.offload_optimizer", "train.zero_stage")
+
+
+EMA_RESULTS = "ema/"  # the prefix of the EMA's evaluation results
+
+
+def _check_evaluated_weights(config: Config, origins: Origins) -> None:
+    """Evaluating the EMA (eval.weights ema or both) needs one, and eval.select must name a result of the weights
+    evaluated."""
+    weights, select = config.eval.weights, config.eval.select
+    if weights != "model" and config.ema.decay is None and config.eval.tasks:
+        raise origins.error(f"eval.weights={weights} evaluates the EMA of the weights: set ema.decay (e.g. 0.999)",
+                            "eval.weights", "ema.decay")
+    names_ema = select.startswith(EMA_RESULTS)
+    if select and weights != "both" and names_ema != (weights == "ema"):
+        fix = ("set eval.weights=ema or both" if names_ema
+               else f"select {EMA_RESULTS}{select} (the EMA's result) or set eval.weights=both")
+        raise origins.error(f"eval.select={select!r} names a result of the {'EMA' if names_ema else 'model'}, which "
+                            f"eval.weights={weights} does not evaluate: {fix}", "eval.select", "eval.weights")
 
 
 def corpus_size(config: Config) -> int | None:

@@ -172,7 +172,7 @@ class Trainer:
         """Evaluate (once per step), log to TensorBoard, and keep the checkpoint of the best result."""
         if self.evaluator is None or self.last_eval_step == self.step:
             return
-        results, is_best = self.evaluator(self.engine, self.input_dtype, self.step)
+        results, is_best = self.evaluator(self.engine, self.input_dtype, self.step, self.ema)
         self.last_eval_step = self.step
         if self.writer is not None:
             for name, value in results.items():

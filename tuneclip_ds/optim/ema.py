@@ -18,6 +18,7 @@ size, and the export, copy the ranges of the saved fragments that overlap the fr
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from pathlib import Path
@@ -111,18 +112,70 @@ class ShardedEMA:
 
     def full_averages(self) -> dict[str, torch.Tensor]:
         """Every averaged parameter whole, fp32 on the CPU, on every rank (a collective at ZeRO 1-3)."""
-        full = {}
-        for name, param in self.engine.module.named_parameters():
-            if not param.requires_grad:
-                continue
-            shape = getattr(param, "ds_shape", param.shape)  # ZeRO-3 parameters are empty outside forward
-            buffer = torch.zeros(shape.numel(), device=self.engine.device)
+        return {name: self._gathered(name, param).cpu() for name, param in self._trained()}
+
+    def _trained(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return [(name, param) for name, param in self.engine.module.named_parameters() if param.requires_grad]
+
+    def _gathered(self, name: str, param: torch.nn.Parameter) -> torch.Tensor:
+        """The whole fp32 EMA of ``param`` on the accelerator (a collective at ZeRO 1-3)."""
+        shape = getattr(param, "ds_shape", param.shape)  # ZeRO-3 parameters are empty outside forward
+        buffer = torch.zeros(shape.numel(), device=self.engine.device)
+        if name in self.averages:
+            _copy_overlap(Fragment(0, buffer), self.averages[name])
+        if self.partitioned:
+            torch.distributed.all_reduce(buffer)  # each element is held by one rank, zeros elsewhere
+        return buffer.view(shape)
+
+    @contextlib.contextmanager
+    def swapped_in(self):
+        """Inside the block the module's trained parameters hold the EMA (in their own precision), after it their
+        own values again, bit for bit: to evaluate the EMA through the engine. Collective at ZeRO 1-3.
+
+        Keeps a copy of what it replaces: the trained parameters at ZeRO 0-2 (whole on every rank), the
+        rank's partitions at ZeRO-3 (at ZeRO-3 in fp32 they are the masters themselves)."""
+        trained = self._trained()
+        zero3 = any(hasattr(param, "ds_id") for _, param in trained)
+        with torch.no_grad():
+            replaced = self._swap_into_partitions(trained) if zero3 else self._swap_into_parameters(trained)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for target, original in replaced:
+                    target.copy_(original)
+                if zero3:
+                    _regather(self.engine.module)
+
+    def _swap_into_parameters(self, trained) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        replaced = []
+        for name, param in trained:
+            replaced.append((param.data, param.data.clone()))
+            param.data.copy_(self._gathered(name, param))
+        return replaced
+
+    def _swap_into_partitions(self, trained) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each rank's partition of a parameter takes the rank's fragment of the EMA: the same elements."""
+        replaced = []
+        for name, param in trained:
+            partition = param.ds_tensor.data
+            replaced.append((partition, partition.clone()))
             if name in self.averages:
-                _copy_overlap(Fragment(0, buffer), self.averages[name])
-            if self.partitioned:
-                torch.distributed.all_reduce(buffer)  # each element is held by one rank, zeros elsewhere
-            full[name] = buffer.view(shape).cpu()
-        return full
+                average = self.averages[name].values
+                partition.narrow(0, 0, average.numel()).copy_(average)
+        _regather(self.engine.module)
+        return replaced
+
+
+def _regather(module: torch.nn.Module) -> None:
+    """At ZeRO-3, gather again from their partitions the parameters kept whole between steps (those under
+    DeepSpeed's persistence threshold), as DeepSpeed does after each step (collective)."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    whole = [param for param in module.parameters() if param.ds_status == ZeroParamStatus.AVAILABLE]
+    if whole:
+        whole[0].partition(param_list=whole)  # frees the whole copies; the partitions stay as they are
+        whole[0].all_gather(param_list=whole)
 
 
 def _ema_device(config: EMAConfig, masters: dict[str, Fragment], default: torch.device) -> torch.device:
