@@ -60,7 +60,8 @@ def train_with_ema(rank, world_size, overrides, record_weights=False):
 
     trainer.osr.begin_stage2, trainer.train_step = snapshot_then_begin, step_then_record
     trainer.run()
-    return {**result, **ema_snapshot(trainer)}
+    held = sum(average.values.numel() for average in trainer.ema.averages.values())  # on this rank
+    return {**result, **ema_snapshot(trainer), "held": held}
 
 
 @pytest.mark.parametrize("stage, schedule", [  # ZeRO-2 with SCHEDULE: after stage I, below
@@ -69,8 +70,15 @@ def train_with_ema(rank, world_size, overrides, record_weights=False):
     pytest.param(3, SCHEDULE, marks=pytest.mark.slow),
 ])
 def test_ema_equals_the_ema_of_plain_adamw_weights(pool, stage, schedule):
+    from tuneclip_ds.plan import Setup, model_shape
+    from tuneclip_ds.plan.estimate import ema_bytes
+
     overrides = [f"train.zero_stage={stage}", "train.steps=6", f"ema.decay={DECAY}", *schedule]
-    ours, _ = pool.run(train_with_ema, overrides)
+    ours, other = pool.run(train_with_ema, overrides)
+    # Each rank holds its share of the masters, as the planner counts it: the whole model at ZeRO-0.
+    planned = ema_bytes(model_shape("tiny-ViT"), Setup(gpus_per_node=2, zero_stage=stage, ema="same")) / 4
+    assert ours["held"] + other["held"] == (2 if stage == 0 else 1) * sum(p.numel() for p in ours["ema"].values())
+    assert abs(ours["held"] - planned) < 8 and abs(other["held"] - planned) < 8  # ZeRO's partitions are aligned
     weights = [snapshot["params"] for snapshot in reference_adamw(0, 1e-3, 0.1, 0.5, stage2_steps=6)]
     expected, updates = reference_ema(weights, **schedule_of(overrides))
     assert ours["ema_updates"] == updates == (2 if schedule else 6)
