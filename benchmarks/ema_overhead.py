@@ -38,7 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--block", type=int, default=5, help="steps of one arm before the other")
     parser.add_argument("--rounds", type=int, default=10, help="blocks of each arm")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
-    parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 1) // 2), help="torch threads per rank")
+    parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 1) // 2),
+                        help="torch threads per rank")
     return parser.parse_args(argv)
 
 

@@ -100,7 +100,8 @@ def test_stage1_leaves_the_ema_at_the_weights_stage2_starts_from(pool):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("setting", [
-    ["train.zero_stage=0", "train.precision=bf16"], ["train.zero_stage=3", "train.precision=bf16"],
+    ["train.zero_stage=0", "train.precision=bf16"], ["train.zero_stage=1", "train.precision=bf16"],
+    ["train.zero_stage=3", "train.precision=bf16"],
     ["train.zero_stage=2", "train.offload_optimizer=true"], ["train.zero_stage=3", "train.offload_optimizer=true"],
 ])
 def test_ema_averages_the_fp32_masters_in_bf16_and_with_offload(pool, setting):
@@ -161,7 +162,7 @@ def module_weights(engine) -> dict[str, torch.Tensor]:
     import deepspeed
 
     params = {name: param for name, param in engine.module.named_parameters() if param.requires_grad}
-    with deepspeed.zero.GatheredParameters(list(params.values()), enabled=hasattr(next(iter(params.values())), "ds_id")):
+    with deepspeed.zero.GatheredParameters(list(params.values()), enabled=engine.zero_optimization_stage() == 3):
         return {name: param.detach().float().clone() for name, param in params.items()}
 
 
