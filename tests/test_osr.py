@@ -262,7 +262,7 @@ def stages_with_nonfinite_gradients(rank, world_size, overrides):
         optimizer.register_step_pre_hook(record_rates)  # after stage I's freeze
     evaluated = []
 
-    def record_evaluation(engine, input_dtype, step):
+    def record_evaluation(engine, input_dtype, step, ema=None):
         evaluated.append((step, trainer.stage2_step))
         return {}, False
 
@@ -299,7 +299,7 @@ def evaluated_steps(rank, world_size, overrides):
     trainer = build_fixed_run(rank, world_size, overrides)
     evaluated = []
 
-    def record(engine, input_dtype, step):
+    def record(engine, input_dtype, step, ema=None):
         evaluated.append((step, trainer.stage2_step))
         return {}, False
 
