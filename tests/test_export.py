@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from test_checkpoint import ema_snapshot
 from test_checkpoint_errors import fake_checkpoint
 from test_training import TINY_RUN
 from tuneclip_ds import export
@@ -27,7 +28,7 @@ def encode(model, dtype=torch.float32) -> dict[str, torch.Tensor]:
 
 
 def train_and_export(rank, world_size, overrides, exports):
-    """Train; encode fixed inputs with the engine's model; then rank 0 exports each (source, output) of
+    """Train; encode fixed inputs with the engine's model; then rank 0 exports each (source, output, *flags) of
     ``exports`` (the command's entry point), loads each output with open_clip and encodes the same inputs.
     Runs in the pool, where open_clip and DeepSpeed are imported already."""
     import contextlib
@@ -47,14 +48,15 @@ def train_and_export(rank, world_size, overrides, exports):
     engine = {"features": encode(module.eval(), trainer.input_dtype),
               "model": {name: param.detach().clone() for name, param in module.named_parameters()},
               "params": full_parameters(trainer.engine), "norms": moment_norms(trainer.engine),
-              **{key: full_optimizer_states(trainer.engine, key) for key in ("exp_avg", "exp_avg_sq")}}
+              **{key: full_optimizer_states(trainer.engine, key) for key in ("exp_avg", "exp_avg_sq")},
+              **ema_snapshot(trainer)}
     if rank != 0:
         return engine
     exported = {}
-    for source, output in exports:
+    for source, output, *flags in exports:
         printed = io.StringIO()
         with contextlib.redirect_stdout(printed):
-            assert export.main([str(source), "--output", str(output)]
+            assert export.main([str(source), "--output", str(output), *flags]
                                + ["--safetensors"] * is_safetensors(output)) == 0
         model = open_clip.create_model(config.model.name, pretrained=str(output)).eval()
         exported[output] = {"tensors": read_weights(output), "features": encode(model), "printed": printed.getvalue()}

@@ -66,8 +66,8 @@ def reference_adamw(steps: int, lr: float, weight_decay: float, grad_clip: float
                     stage2_steps: int = 1, groups=None):
     """Plain torch AdamW on one process, open_clip's ClipLoss on the whole global batch: ``steps`` updates
     at lr 0 (stage I), then ``stage2_steps`` at each group's rate. ``groups(model)`` gives the groups with
-    their rates; by default the trainer's groups at ``lr`` and ``weight_decay``. Returns (after stage I,
-    after stage II) snapshots by name."""
+    their rates; by default the trainer's groups at ``lr`` and ``weight_decay``. Returns snapshots by name:
+    after stage I, then after each step of stage II."""
     import open_clip
     from open_clip.loss import ClipLoss
 
@@ -94,7 +94,8 @@ def reference_adamw(steps: int, lr: float, weight_decay: float, grad_clip: float
         loss_fn(image_features, text_features, logit_scale).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
-    snapshots.append(_reference_snapshot(model, optimizer, names))
+        if step >= steps:
+            snapshots.append(_reference_snapshot(model, optimizer, names))
     assert open_clip  # the reference is open_clip's own loss
     return snapshots
 
@@ -185,7 +186,7 @@ def trained(rank, world_size, overrides):
 @pytest.mark.parametrize("stage", [0, 3])
 def test_layer_decay_and_per_tower_rates_train_like_adamw_with_the_reference_groups(pool, stage):
     ours, _ = pool.run(trained, [f"train.zero_stage={stage}", "train.steps=3"] + OVERRIDES)
-    _, expected = reference_adamw(0, lr=1e-3, weight_decay=0.1, grad_clip=0.5, stage2_steps=3,
+    *_, expected = reference_adamw(0, lr=1e-3, weight_decay=0.1, grad_clip=0.5, stage2_steps=3,
                                   groups=reference_groups(OPTIONS, BLOCKS["tiny-ViT"]))
     for key in ("exp_avg", "exp_avg_sq"):
         assert_close_by_name(ours[key], expected[key], key, rtol=1e-5)
@@ -299,7 +300,7 @@ def stages_with_nonfinite_gradients(rank, world_size, overrides):
         optimizer.register_step_pre_hook(record_rates)  # after stage I's freeze
     evaluated = []
 
-    def record_evaluation(engine, input_dtype, step):
+    def record_evaluation(engine, input_dtype, step, ema=None):
         evaluated.append((step, trainer.stage2_step))
         return {}, False
 
@@ -336,7 +337,7 @@ def evaluated_steps(rank, world_size, overrides):
     trainer = build_fixed_run(rank, world_size, overrides)
     evaluated = []
 
-    def record(engine, input_dtype, step):
+    def record(engine, input_dtype, step, ema=None):
         evaluated.append((step, trainer.stage2_step))
         return {}, False
 

@@ -263,6 +263,23 @@ def test_ring_traffic_is_what_the_losses_send(pool, loss, precision):
     assert sent == [sum(ring_traffic(dim, setup).values())] * 2
 
 
+def test_ema_is_one_fp32_copy_of_the_ranks_share_of_the_masters(vit_b_32):
+    share = 4 * vit_b_32.params / 8  # bytes on each of 8 ranks at ZeRO 1-3
+
+    def plan(**settings):
+        return make_plan(vit_b_32, Setup(gpus_per_node=8, **settings))
+
+    assert plan(zero_stage=2, ema="same").held["EMA of the weights"] == share
+    assert plan(zero_stage=2, ema="same").total - plan(zero_stage=2).total == pytest.approx(share)
+    assert plan(zero_stage=0, ema="same").held["EMA of the weights"] == 8 * share  # ZeRO-0: the whole model
+    without = plan(zero_stage=3)
+    assert "EMA of the weights" not in without.held and without.ema_cpu_per_node == 0
+    offloaded = plan(zero_stage=3, offload_optimizer=True, ema="same")  # beside the masters, on the CPU
+    assert "EMA of the weights" not in offloaded.held and offloaded.ema_cpu_per_node == 8 * share
+    on_cpu = plan(zero_stage=3, ema="cpu")  # with the pinned copy each update fills
+    assert "EMA of the weights" not in on_cpu.held and on_cpu.ema_cpu_per_node == 2 * 8 * share
+
+
 # ---------------------------------------------------------------- command line
 
 
@@ -293,6 +310,15 @@ def test_plan_from_an_experiment_config(capsys):
     out = capsys.readouterr().out
     # (DeepSpeed may print its accelerator warning first, depending on what ran before)
     assert "\nViT-B-16-quickgelu: " in "\n" + out and "batch 48 per GPU" in out and "ZeRO-3" in out
+
+
+def test_plan_counts_the_ema_an_experiment_config_keeps(capsys):
+    config = os.path.join(ROOT, "configs", "tuneclip_vitb16.yaml")
+    assert main(["--config", config, "ema.decay=0.999", "ema.device=cpu", "--gpus-per-node", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "EMA of the weights (in CPU memory)" in out and "\nCPU per node for the EMA of the weights: 1.1 GiB" in out
+    assert main(["--config", config, "ema.decay=0.999", "--gpus-per-node", "8"]) == 0
+    assert "\n  EMA of the weights " in capsys.readouterr().out
 
 
 def test_total_is_what_is_held_and_the_larger_peak(vit_b_32):

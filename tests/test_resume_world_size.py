@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_checkpoint import assert_bit_identical
+from test_checkpoint import assert_bit_identical, ema_snapshot
 from test_launch import REPO
 from test_training import TINY_RUN
 
@@ -37,6 +37,7 @@ def snapshot(trainer) -> dict:
         "param_groups": [{k: v for k, v in group.items() if k != "params"} for group in engine.optimizer.param_groups],
         "estimators": trainer.loss_fn.state_dict(),
         "data": trainer.batches.state_dict(),
+        **ema_snapshot(trainer),
     }
 
 
@@ -110,7 +111,8 @@ def estimator_entries(states: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
 
 def check_resume_on_other_world_size(pools, shards, tmp_path, stage, saved_ranks, resumed_ranks, *overrides,
                                      convert_ahead=False):
-    """``convert_ahead``: with ``python -m tuneclip_ds.checkpoint convert`` between the runs."""
+    """``convert_ahead``: with ``python -m tuneclip_ds.checkpoint convert`` between the runs. Returns the saved
+    and the resumed runs' snapshots (see ``train_and_snapshot`` and ``resume_and_finish``)."""
     common = TINY_RUN + [f"data.train_shards={shards}", "data.num_samples=1024", "train.batch_size=8",
                          "data.shuffle_buffer=16", "data.num_workers=0", f"train.zero_stage={stage}",
                          "loss.name=gcl", f"output_dir={tmp_path}", *overrides]
@@ -135,6 +137,7 @@ def check_resume_on_other_world_size(pools, shards, tmp_path, stage, saved_ranks
     assert torch.equal(saved_ids, loaded_ids) and torch.equal(saved_log_u, loaded_log_u)
     converted = tmp_path / "run" / "checkpoints" / "step_00000003"  # ZeRO-0 state is replicated: no conversion
     assert (converted / "universal").is_dir() == (stage > 0) and not (converted / "latest_universal").exists()
+    return saved, resumed
 
 
 @pytest.mark.parametrize("saved_ranks, resumed_ranks", [(2, 1), (1, 2)])

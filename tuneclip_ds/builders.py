@@ -15,6 +15,7 @@ from tuneclip_ds.engine import build_ds_config, build_engine
 from tuneclip_ds.losses import build_loss
 from tuneclip_ds.models import ClipBundle, build_model, build_partitioned_model
 from tuneclip_ds.optim import StageClock, StatisticsRecovery
+from tuneclip_ds.optim.ema import build_ema
 from tuneclip_ds.trainer import Trainer, stage_lengths
 
 logger = logging.getLogger(__name__)
@@ -119,7 +120,7 @@ def build_run(config: Config, rank: int, world_size: int, batches=None) -> Train
     osr = StatisticsRecovery(engine, clock, config.osr, stage1_steps)
     loss_fn = build_loss_from_config(config.loss)
     return Trainer(config, engine, batches, loss_fn, stage2_steps, writer=build_writer(config, rank), osr=osr,
-                   evaluator=evaluator, export_record=bundle.export_record())
+                   evaluator=evaluator, export_record=bundle.export_record(), ema=build_ema(config.ema, engine))
 
 
 def build_training_model(config: Config, world_size: int) -> ClipBundle:

@@ -4,6 +4,7 @@ Layout of ``RUN_DIR/checkpoints``::
 
     step_00000100/            engine.save_checkpoint(...) files (model, ZeRO partitions)
         trainer_rank00000.pt  per-rank state: data position, RNG states, loss estimator shard
+        ema_rank00000.pt      with ema.decay: the rank's part of the EMA of the weights (ZeRO-0: rank 0's only)
         complete.json         written by rank 0 once every rank has finished writing
         universal/            DeepSpeed's universal form, made on the first resume on another world size
                               (or ahead of it: python -m tuneclip_ds.checkpoint convert CHECKPOINT)
@@ -63,12 +64,23 @@ def rank_file(checkpoint: Path, rank: int) -> Path:
     return checkpoint / f"trainer_rank{rank:05d}.pt"
 
 
-def save(engine, root: Path, step: int, metadata: dict, rank_state: dict, keep_last: int) -> Path:
+def ema_file(checkpoint: Path, rank: int) -> Path:
+    return checkpoint / f"ema_rank{rank:05d}.pt"
+
+
+def ema_files(checkpoint: Path) -> list[Path]:
+    return sorted(checkpoint.glob("ema_rank*.pt"))
+
+
+def save(engine, root: Path, step: int, metadata: dict, rank_state: dict, keep_last: int,
+         ema_state: dict | None = None) -> Path:
     """Write a checkpoint from every rank; it becomes ``latest`` only when all ranks have written it."""
     tag = tag_for(step)
     checkpoint = root / tag
     engine.save_checkpoint(str(root), tag=tag, save_latest=False)
     write_atomically(rank_file(checkpoint, engine.global_rank), lambda path: torch.save(rank_state, path))
+    if ema_state is not None:
+        write_atomically(ema_file(checkpoint, engine.global_rank), lambda path: torch.save(ema_state, path))
     torch.distributed.barrier()  # every rank's files are on disk
     record = dict(metadata, step=step, world_size=engine.dp_world_size, saved_at=time.time())
     # Pruning old checkpoints can take long on a shared filesystem: the other ranks wait outside the collectives.

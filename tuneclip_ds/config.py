@@ -211,6 +211,21 @@ class EvalConfig:
     at_steps: list[int] = field(default_factory=list)  # also after these steps of stage II (e.g. [1, 2, 5])
     select: str = ""  # the result that picks the best checkpoint, e.g. imagenet/top1 or average; empty: none
     mode: Literal["max", "min"] = "max"
+    # The weights evaluated: the model's, their EMA (ema.decay; results named ema/...), or both.
+    weights: Literal["model", "ema", "both"] = "model"
+
+
+@dataclass
+class EMAConfig:
+    """An exponential moving average of the weights over stage II, kept in fp32 and sharded like the optimizer
+    (tuneclip_ds/optim/ema.py). It equals the weights until stage-II step ``start_step``; from there, after
+    every ``every``-th step: ema <- decay_t * ema + (1 - decay_t) * weights."""
+
+    decay: Optional[float] = None  # in [0, 1), e.g. 0.999; null: no EMA
+    every: int = 1  # stage-II steps between updates
+    start_step: int = 0  # the stage-II step of the first update; the EMA copies the weights until then
+    warmup: bool = False  # decay_t = min(decay, (1 + t) / (10 + t)), t = updates so far: early weights fade fast
+    device: Literal["same", "cpu"] = "same"  # "same": where the fp32 masters are; "cpu": in CPU memory
 
 
 @dataclass
@@ -231,6 +246,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
     @property
@@ -444,12 +460,15 @@ def _ranged_values(config: Config) -> dict[str, tuple[float | None, Range]]:
         "osr.min_steps": (osr.min_steps, AT_LEAST_0),
         "checkpoint.every": (config.checkpoint.every, AT_LEAST_0),  # 0: only at the end
         "eval.every": (config.eval.every, AT_LEAST_0),  # 0: at the start of stage II and the end only
+        "ema.decay": (config.ema.decay, BETA),  # 1 would never move from the starting weights
+        "ema.start_step": (config.ema.start_step, AT_LEAST_0),
         "train.batch_size": (train.batch_size, AT_LEAST_1),
         "train.grad_accum": (train.grad_accum, AT_LEAST_1),
         "log.every": (config.log.every, AT_LEAST_1),
         "loss.tile_size": (config.loss.tile_size, AT_LEAST_1),
         "checkpoint.keep_last": (config.checkpoint.keep_last, AT_LEAST_1),
         "osr.patience": (osr.patience, AT_LEAST_1),
+        "ema.every": (config.ema.every, AT_LEAST_1),
     }
 
 
@@ -501,6 +520,7 @@ def _check(config: Config, origins: Origins) -> None:
     _check_labels(config, origins)
     if config.eval.select and not config.eval.tasks:
         raise origins.error(f"eval.select={config.eval.select!r} needs eval.tasks (a suite YAML)", "eval.select")
+    _check_evaluated_weights(config, origins)
     if corpus_size(config) is None:
         for needs_corpus_size, what, key in [
             (config.loss.name in ("gcl", "hgcl"), f"loss.name={config.loss.name} schedules gamma in epochs",
@@ -524,6 +544,24 @@ def _check_labels(config: Config, origins: Origins) -> None:
     if config.loss.same_label_positives and labels is None:
         raise origins.error("loss.same_label_positives needs labelled data: set data.labels (class names, templates)",
                             "loss.same_label_positives", "data.labels")
+
+
+EMA_RESULTS = "ema/"  # the prefix of the EMA's evaluation results
+
+
+def _check_evaluated_weights(config: Config, origins: Origins) -> None:
+    """Evaluating the EMA (eval.weights ema or both) needs one, and eval.select must name a result of the weights
+    evaluated."""
+    weights, select = config.eval.weights, config.eval.select
+    if weights != "model" and config.ema.decay is None and config.eval.tasks:
+        raise origins.error(f"eval.weights={weights} evaluates the EMA of the weights: set ema.decay (e.g. 0.999)",
+                            "eval.weights", "ema.decay")
+    names_ema = select.startswith(EMA_RESULTS)
+    if select and weights != "both" and names_ema != (weights == "ema"):
+        fix = ("set eval.weights=ema or both" if names_ema
+               else f"select {EMA_RESULTS}{select} (the EMA's result) or set eval.weights=both")
+        raise origins.error(f"eval.select={select!r} names a result of the {'EMA' if names_ema else 'model'}, which "
+                            f"eval.weights={weights} does not evaluate: {fix}", "eval.select", "eval.weights")
 
 
 def corpus_size(config: Config) -> int | None:

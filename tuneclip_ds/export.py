@@ -2,6 +2,7 @@
 
     python -m tuneclip_ds.export RUN_DIR_OR_CHECKPOINT --folder OUT                 # recommended
     python -m tuneclip_ds.export RUN_DIR_OR_CHECKPOINT --output model.pt [--safetensors]
+    python -m tuneclip_ds.export RUN_DIR_OR_CHECKPOINT --ema --folder OUT             # the EMA of the weights
 
 A run directory means its latest complete checkpoint. ``--folder`` writes an
 open_clip folder: ``open_clip_config.json`` (the model's config as trained,
@@ -17,10 +18,13 @@ pretrained=FILE)`` where open_clip knows MODEL's config (the line to use is
 printed). The weights are fp32 (DeepSpeed's fp32 master copies where training
 kept them) with a 0-dim ``logit_scale``/``logit_bias`` like open_clip's own
 checkpoints; ``--dtype fp16`` (or bf16) halves them, for shipping; open_clip
-casts the values to the model's precision on load.
+casts the values to the model's precision on load. ``--ema`` writes the
+run's EMA of the weights instead (``ema.decay``), with its frozen parameters
+and buffers from the weights, in the same formats.
 
-``--wise-ft ALPHA`` exports WiSE-FT weights instead: ``(1 - ALPHA) * start + ALPHA * fine-tuned``, the
-start being the run's ``model.pretrained`` (see tuneclip_ds/wise_ft.py).
+``--wise-ft ALPHA`` exports WiSE-FT weights: ``(1 - ALPHA) * start + ALPHA * fine-tuned``, the start being
+the run's ``model.pretrained`` (see tuneclip_ds/wise_ft.py) and the fine-tuned weights the model's, or with
+``--ema`` their EMA.
 """
 
 from __future__ import annotations
@@ -126,31 +130,33 @@ def open_clip_state_dict(weights: dict[str, torch.Tensor], dtype: torch.dtype = 
 
 
 def export(source: Path, output: Path, safetensors: bool = False, best: bool = False, dtype: str = "fp32",
-           wise_ft_alpha: float | None = None) -> str:
-    """Write the weights of the checkpoint ``source`` names to ``output``; returns what was written."""
+           wise_ft_alpha: float | None = None, ema: bool = False) -> str:
+    """Write the weights (or with ``ema`` their EMA) of the checkpoint ``source`` names to ``output``; returns
+    what was written."""
     if safetensors != (output.suffix == ".safetensors"):
         raise InputError(f"--output {output}: open_clip picks the format by the suffix, so use a .safetensors "
                          "name with --safetensors and another (e.g. .pt) without it")
     folder = find_checkpoint(source, best)
     metadata = checkpoint.read_metadata(folder)
-    state_dict = _weights(folder, metadata, dtype, wise_ft_alpha)
+    state_dict = _weights(folder, metadata, dtype, wise_ft_alpha, ema)
     output.parent.mkdir(parents=True, exist_ok=True)
     checkpoint.write_atomically(output, lambda path: _save(state_dict, path, safetensors, metadata))
-    return _summary(output, folder, metadata, state_dict, dtype, wise_ft_alpha) + "\n" + _load_hint(metadata, output)
+    return (_summary(output, folder, metadata, state_dict, dtype, wise_ft_alpha, ema) + "\n"
+            + _load_hint(metadata, output))
 
 
 def export_folder(source: Path, output: Path, best: bool = False, dtype: str = "fp32",
-                  wise_ft_alpha: float | None = None) -> str:
-    """Write the checkpoint ``source`` names as an open_clip folder ``output`` (config, weights, tokenizer
-    files) that ``open_clip`` loads as ``local-dir:OUTPUT``; returns what was written."""
+                  wise_ft_alpha: float | None = None, ema: bool = False) -> str:
+    """Write the checkpoint ``source`` names as an open_clip folder ``output`` (config, weights or with ``ema``
+    their EMA, tokenizer files) that ``open_clip`` loads as ``local-dir:OUTPUT``; returns what was written."""
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise InputError(f"--folder {output} exists and is not an empty folder: give a new folder")
     folder = find_checkpoint(source, best)
     metadata = checkpoint.read_metadata(folder)
     config, tokenizer = _folder_contents(folder, metadata)
-    state_dict = _weights(folder, metadata, dtype, wise_ft_alpha)
+    state_dict = _weights(folder, metadata, dtype, wise_ft_alpha, ema)
     _write_folder(output, config, state_dict, tokenizer, metadata)
-    return (_summary(output, folder, metadata, state_dict, dtype, wise_ft_alpha) + "\n"
+    return (_summary(output, folder, metadata, state_dict, dtype, wise_ft_alpha, ema) + "\n"
             f"load it with open_clip.create_model_and_transforms('local-dir:{output}') "
             f"and open_clip.get_tokenizer('local-dir:{output}')")
 
@@ -183,21 +189,31 @@ def _folder_contents(folder: Path, metadata: dict) -> tuple[dict, list[Path]]:
     return metadata["open_clip_config"], files
 
 
-def _weights(folder: Path, metadata: dict, dtype: str, wise_ft_alpha: float | None) -> dict[str, torch.Tensor]:
-    """The checkpoint's weights as open_clip holds them; with ``wise_ft_alpha``, interpolated (in fp32) toward
-    the run's starting weights, which are read first: a run without them fails before the long read."""
+def _weights(folder: Path, metadata: dict, dtype: str, wise_ft_alpha: float | None,
+             ema: bool) -> dict[str, torch.Tensor]:
+    """The fp32 weights, or with ``ema`` their EMA where the run kept one (trained parameters) and the weights
+    elsewhere (frozen parameters, buffers); with ``wise_ft_alpha``, interpolated (in fp32) toward the run's
+    starting weights, which are read first: a run without them fails before the long read. In ``dtype``."""
+    if ema and metadata.get("ema") is None:
+        raise InputError(f"--ema: checkpoint {folder} holds no EMA of the weights (its run did not set ema.decay): "
+                         "export it without --ema")
     start = None if wise_ft_alpha is None else wise_ft.run_start_weights(folder)
     weights = fp32_weights(folder, metadata["zero_stage"])
+    if ema:
+        from tuneclip_ds.optim.ema import read_averages
+
+        weights.update(read_averages(folder, {name: tensor.shape for name, tensor in weights.items()}))
     if start is not None:
         weights = wise_ft.wise_ft(start, weights, wise_ft_alpha)
     return open_clip_state_dict(weights, DTYPES[dtype])
 
 
 def _summary(output: Path, folder: Path, metadata: dict, state_dict: dict, dtype: str,
-             wise_ft_alpha: float | None) -> str:
+             wise_ft_alpha: float | None, ema: bool) -> str:
     count = sum(tensor.numel() for tensor in state_dict.values())
+    what = "the EMA of the weights (decay {decay:g}, {updates} updates) of ".format(**metadata["ema"]) if ema else ""
     mixed = "" if wise_ft_alpha is None else f" mixed with its starting weights by WiSE-FT (alpha {wise_ft_alpha:g})"
-    return (f"wrote {output}: {metadata['model']} at step {metadata['step']} from {folder}{mixed}, "
+    return (f"wrote {output}: {what}{metadata['model']} at step {metadata['step']} from {folder}{mixed}, "
             f"{len(state_dict)} tensors, {count / 1e6:.2f}M values, {dtype}")
 
 
@@ -253,14 +269,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="precision of the written weights")
     parser.add_argument("--wise-ft", metavar="ALPHA", help="WiSE-FT: (1 - ALPHA) * the run's starting weights "
                         "(its model.pretrained) + ALPHA * the fine-tuned ones, ALPHA in [0, 1]")
+    parser.add_argument("--ema", action="store_true", help="the EMA of the weights (a run with ema.decay)")
     args = parser.parse_args(argv)
     alpha = None if args.wise_ft is None else wise_ft.parse_alpha(args.wise_ft)
     if args.folder is None:
-        print(export(args.source, args.output, args.safetensors, args.best, args.dtype, alpha))
+        print(export(args.source, args.output, args.safetensors, args.best, args.dtype, alpha, args.ema))
     elif args.safetensors:
         raise InputError("--safetensors goes with --output: a --folder always holds safetensors weights")
     else:
-        print(export_folder(args.source, args.folder, args.best, args.dtype, alpha))
+        print(export_folder(args.source, args.folder, args.best, args.dtype, alpha, args.ema))
     return 0
 
 

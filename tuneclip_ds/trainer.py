@@ -52,6 +52,7 @@ class Trainer:
     global-batch loss (the same value on every rank). Without ``osr`` the run
     is stage II alone. ``evaluator`` runs when stage II starts, every
     ``eval.every`` steps of stage II and at the end, and picks the best checkpoint.
+    ``ema`` (a ShardedEMA, or None) follows the weights over stage II.
     """
 
     def __init__(
@@ -65,6 +66,7 @@ class Trainer:
         osr: StatisticsRecovery | None = None,
         evaluator=None,
         export_record: dict | None = None,
+        ema=None,
     ):
         self.config = config
         self.engine = engine
@@ -73,6 +75,7 @@ class Trainer:
         self.total_steps = total_steps
         self.osr = osr or StatisticsRecovery(engine, StageClock(), OSRConfig(), max_steps=0)
         self.evaluator = evaluator  # a TrainingEvaluator, or None
+        self.ema = ema
         self.export_record = export_record or {}  # saved with each checkpoint, for `export --folder`
         self.last_eval_step: int | None = None
         self.writer = writer
@@ -130,6 +133,8 @@ class Trainer:
         while condition():
             result = self.train_step()
             self.history.losses.append(result.loss)
+            if self.ema is not None and not self.osr.active:
+                self.ema.after_step(self.stage2_step)
             diagnostics = self.osr.observe(self.loss_fn) if self.osr.active else {}
             self._report(result, diagnostics, elapsed=time.perf_counter() - start, steps_done=self.step - first_step)
             if self._evaluation_due():
@@ -171,7 +176,7 @@ class Trainer:
         """Evaluate (once per step), log to TensorBoard, and keep the checkpoint of the best result."""
         if self.evaluator is None or self.last_eval_step == self.step:
             return
-        results, is_best = self.evaluator(self.engine, self.input_dtype, self.step)
+        results, is_best = self.evaluator(self.engine, self.input_dtype, self.step, self.ema)
         self.last_eval_step = self.step
         if self.writer is not None:
             for name, value in results.items():
@@ -201,9 +206,11 @@ class Trainer:
             "eval": self.evaluator.state_dict() if self.evaluator is not None else {},
         }
         metadata = {**self.checkpoint_metadata(), **self.export_record,
-                    "param_group_options": group_options(self.config.optim)}
+                    "param_group_options": group_options(self.config.optim),
+                    "ema": self.ema.record() if self.ema is not None else None}
         checkpoint.save(self.engine, self.checkpoint_root, self.step, metadata, rank_state,
-                        keep_last=self.config.checkpoint.keep_last)
+                        keep_last=self.config.checkpoint.keep_last,
+                        ema_state=self.ema.state_to_save() if self.ema is not None else None)
         self.save_requested = False
         self.last_saved_step = self.step
 
@@ -225,8 +232,19 @@ class Trainer:
             self.osr.load_state_dict(state["osr"])
         if self.evaluator is not None and "eval" in state:
             self.evaluator.load_state_dict(state["eval"])
+        if self.ema is not None:
+            self._resume_ema(path, metadata)
         self.last_saved_step = self.step
         logger.info("resumed from %s at step %d", path, self.step)
+
+    def _resume_ema(self, path, metadata: dict) -> None:
+        if metadata.get("ema") is not None:
+            self.ema.load(path, metadata["world_size"])
+            return
+        self.ema.reset()  # stage I changes no weight: exact until stage II has begun
+        if self.is_main and not self.osr.active:
+            logger.warning("checkpoint %s holds no EMA of the weights (saved without ema.decay): the EMA starts "
+                           "from the weights at step %d, not from the start of stage II", path, self.step)
 
     def train_step(self) -> StepResult:
         """One optimizer step: ``grad_accum`` micro-batches with finite losses, then ``engine.step()``."""

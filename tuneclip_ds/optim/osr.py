@@ -24,7 +24,7 @@ import torch
 
 from tuneclip_ds.config import OSRConfig
 from tuneclip_ds.optim.schedule import StageClock
-from tuneclip_ds.optim.state import iter_full_parameters, stepped_optimizers
+from tuneclip_ds.optim.state import iter_full_parameters, state_is_partitioned, stepped_optimizers
 
 logger = logging.getLogger(__name__)
 
@@ -40,13 +40,6 @@ def applied_updates(engine) -> int:
     non-finite gradients (an fp16 overflow; bf16 at ZeRO-1/2) changes no moment and advances
     ``engine.global_steps`` alone."""
     return engine.lr_scheduler.last_epoch
-
-
-def _state_is_partitioned(engine) -> bool:
-    """ZeRO 1-3 and DeepSpeed's bf16 optimizer shard the moments over the data-parallel ranks."""
-    from deepspeed.runtime.base_optimizer import ZeROOptimizer
-
-    return isinstance(engine.optimizer, ZeROOptimizer)
 
 
 @dataclass
@@ -198,7 +191,7 @@ def moment_norms(engine) -> dict[str, float]:
             # the norm reduces in place: no float64 copy of the partition at every stage-I step
             squares[i] += torch.linalg.vector_norm(state[key]).double().square().to(engine.device)
         adam_step = max(adam_step, int(state["step"]))
-    if _state_is_partitioned(engine):
+    if state_is_partitioned(engine):
         torch.distributed.all_reduce(squares)
     return {"exp_avg_norm": squares[0].sqrt().item(), "exp_avg_sq_norm": squares[1].sqrt().item(),
             "adam_step": float(adam_step)}

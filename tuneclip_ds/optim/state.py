@@ -20,6 +20,13 @@ def stepped_optimizers(engine) -> list[torch.optim.Optimizer]:
     return [opt for opt in (wrapper.optimizer, getattr(wrapper, "backup_optimizer", None)) if opt is not None]
 
 
+def state_is_partitioned(engine) -> bool:
+    """ZeRO 1-3 and DeepSpeed's bf16 optimizer shard the masters and moments over the data-parallel ranks."""
+    from deepspeed.runtime.base_optimizer import ZeROOptimizer
+
+    return isinstance(engine.optimizer, ZeROOptimizer)
+
+
 def iter_full_parameters(engine):
     """``(name, full fp32 copy on the CPU)`` per parameter, one at a time (a collective under ZeRO).
 
@@ -44,6 +51,49 @@ def iter_full_parameters(engine):
 def full_parameters(engine) -> dict[str, torch.Tensor]:
     """Every full fp32 parameter by name, on every rank (see ``iter_full_parameters``)."""
     return dict(iter_full_parameters(engine))
+
+
+class Fragment(NamedTuple):
+    """Part of a parameter: ``values`` (1-D) are its flattened elements ``start`` to ``start + len(values)``."""
+
+    start: int
+    values: torch.Tensor
+
+
+def local_masters(engine) -> dict[str, Fragment]:
+    """This rank's part of every trained parameter's fp32 master, by name: detached views, no copy (the
+    optimizer changes them in place). A parameter none of whose elements this rank holds is left out.
+
+    ZeRO-3: the rank's partition, at rank x partition size (its padding cut off); ZeRO-1/2 and DeepSpeed's
+    bf16 optimizer: the fragment of the rank's flat partition linked to the parameter (``_hp_mapping``);
+    ZeRO-0: the whole master, or the parameter itself in fp32.
+    """
+    masters = _zero0_masters(engine)
+    fragments = {}
+    for name, param in engine.module.named_parameters():
+        if not param.requires_grad:
+            continue  # frozen: no master
+        if hasattr(param, "ds_id"):
+            fragment = _zero3_master(param)
+        elif hasattr(param, "_hp_mapping"):
+            mapping = param._hp_mapping
+            fragment = None if mapping is None else Fragment(mapping.lp_fragment_address.start, mapping.hp_fragment)
+        else:
+            master = masters[id(param)].value() if id(param) in masters else param
+            fragment = Fragment(0, master.view(-1))
+        if fragment is not None:  # DeepSpeed's masters require gradients: no autograd history for their readers
+            fragments[name] = Fragment(fragment.start, fragment.values.detach())
+    return fragments
+
+
+def _zero3_master(param) -> Fragment | None:
+    """The rank's fp32 partition of a ZeRO-3 parameter, where DeepSpeed keeps it (on the CPU with offload):
+    DeepSpeed's ``safe_get_local_fp32_param`` without its copy to the accelerator."""
+    optimizer = param._z3_optimizer
+    partition, _ = optimizer._get_fp32_opt_state_partition(param, release_swap_buffers=True)
+    start = optimizer._get_param_partition_rank(param) * partition.numel()
+    length = min(partition.numel(), param.ds_numel - start)  # the last partitions hold padding
+    return Fragment(start, partition.narrow(0, 0, length)) if length > 0 else None
 
 
 def full_optimizer_states(engine, key: str) -> dict[str, torch.Tensor]:

@@ -17,7 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from tuneclip_ds.errors import command
-from tuneclip_ds.plan.estimate import (DEVICES, GIB, LOSSES, OPTIMIZERS, PRECISION_BYTES, Plan, Setup,
+from tuneclip_ds.plan.estimate import (DEVICES, EMA_PLACES, GIB, LOSSES, OPTIMIZERS, PRECISION_BYTES, Plan, Setup,
                                        ZeroSettings, make_plan)
 
 MIB = 2**20
@@ -50,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="where torch's AdamW runs: cuda (foreach, default) or cpu (one tensor at a time)")
     parser.add_argument("--pretrained", action="store_true", default=None,
                         help="a pretrained file is read at start-up (default: model.pretrained is set)")
+    parser.add_argument("--ema", choices=EMA_PLACES, help="an EMA of the weights beside the masters (same) or in "
+                        "CPU memory (cpu); default: none, or ema.device when the config sets ema.decay")
     args = parser.parse_args(argv)
     if args.overrides and not args.config:
         parser.error(f"overrides {' '.join(args.overrides)} need --config")
@@ -91,10 +93,18 @@ def resolve(args: argparse.Namespace) -> tuple[str, int | None, Setup]:
         optimizer=pick("optimizer", "optim.implementation", Setup.optimizer),
         device=args.device,
         pretrained=bool(pick("pretrained", "model.pretrained", Setup.pretrained)),
+        ema=args.ema or _ema_place(experiment),
     )
     setup.check()  # before the JSON is looked for: a stage and offload that cannot go together have none
     setup = replace(setup, zero=_zero_settings(pick("deepspeed_config", "train.deepspeed_config"), zero_stage, offload))
     return pick("model", "model.name"), pick("force_image_size", "model.force_image_size"), setup
+
+
+def _ema_place(experiment) -> str:
+    """Where the experiment keeps an EMA of the weights ("none" without one)."""
+    if experiment is None or experiment.ema.decay is None:
+        return Setup.ema
+    return experiment.ema.device
 
 
 def _zero_settings(path: str | None, zero_stage: int, offload: bool) -> ZeroSettings:
@@ -109,6 +119,8 @@ def format_plan(plan: Plan) -> str:
     options = [f"ZeRO-{setup.zero_stage}", setup.precision]
     options += ["optimizer offload"] * setup.offload_optimizer + ["parameter offload"] * setup.offload_params
     options += ["gradient checkpointing"] * setup.grad_checkpointing
+    options += [f"EMA of the weights ({'in CPU memory' if setup.ema == 'cpu' else 'beside the masters'})"] * (
+        setup.ema != "none")
     global_batch = setup.batch_size * setup.grad_accum * setup.world_size
     lines = [
         f"{shape.name}: {shape.params / 1e6:,.1f}M parameters (image {shape.image_params / 1e6:,.1f}M, "
@@ -122,6 +134,8 @@ def format_plan(plan: Plan) -> str:
     lines += [f"  {row:<48}{value / GIB:>9.3f}" for row, value in plan.rows()]
     lines += ["", f"CPU per node for the model states (DeepSpeed's estimate): {plan.cpu_per_node / GIB:,.1f} GiB, "
               f"and while the model is built {plan.startup_cpu_per_node / GIB:,.1f} GiB more"]
+    if plan.ema_cpu_per_node:
+        lines += [f"CPU per node for the EMA of the weights: {plan.ema_cpu_per_node / GIB:,.1f} GiB"]
     lines += [_traffic_line(plan), "", _verdict(plan)]
     return "\n".join(lines)
 

@@ -13,6 +13,11 @@ Adam moments        8          8         1
 ==================  =========  ========  ===============================
 
 plus, at stage 3, the largest layer gathered whole with its gradient (2 x 2 bytes x L in 16 bits).
+An EMA of the weights (``ema.decay``) is one more fp32 copy of the rank's share of the masters, 4
+bytes per parameter, partitioned from stage 1, held beside the masters (on the CPU with optimizer
+offload) or, with ``ema.device: cpu``, in CPU memory with a pinned copy that each update fills from
+the GPU (twice the bytes). Its copy of the parameters swapped out while the EMA is evaluated is not
+counted (the planner leaves evaluation out).
 At stage 3 in 16 bits the gradient partition counts once, as fp32 gradients, as DeepSpeed counts
 it. Optimizer offload moves every partitioned state but the parameters to the CPU; parameter
 offload (stage 3) moves the parameters too. In 16 bits at stages 2 and 3 this is exactly
@@ -71,6 +76,7 @@ PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 LOSSES = ("infonce", "siglip", "gcl", "hgcl")
 OPTIMIZERS = ("torch", "deepspeed")  # optim.implementation: torch's AdamW, DeepSpeed's fused Adam
 DEVICES = ("cuda", "cpu")  # where torch's AdamW runs: foreach on GPUs, one tensor at a time on the CPU
+EMA_PLACES = ("none", "same", "cpu")  # no EMA of the weights, one beside the masters, one in CPU memory
 MODEL_STATE_ROWS = ("parameters", "gradients", "optimizer states", "gathered layer")
 # Similarity tiles alive at once in the ring loss's backward: benchmarks/loss_memory.py measures
 # 6 (InfoNCE) to 9 (SigLIP) at b=2048, d=512, tile 512, fp32, 2 ranks; the most is taken.
@@ -136,6 +142,7 @@ class Setup:
     optimizer: str = "torch"
     device: str = "cuda"
     pretrained: bool = False  # a pretrained file is read at start-up
+    ema: str = "none"  # an EMA of the weights (EMA_PLACES: ema.device, "none" without ema.decay)
 
     @property
     def world_size(self) -> int:
@@ -154,7 +161,7 @@ class Setup:
         if self.gpu_memory_gib <= 0:
             raise InputError(f"gpu memory must be positive, got {self.gpu_memory_gib} GiB")
         choices = {"zero_stage": (0, 1, 2, 3), "precision": tuple(PRECISION_BYTES), "loss": LOSSES,
-                   "optimizer": OPTIMIZERS, "device": DEVICES}
+                   "optimizer": OPTIMIZERS, "device": DEVICES, "ema": EMA_PLACES}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise InputError(f"{key} must be one of {', '.join(map(str, allowed))}, got {getattr(self, key)!r}")
@@ -172,6 +179,7 @@ class Plan:
     forward_backward: dict[str, float]  # what forward and backward add at their peak
     optimizer_step: dict[str, float]  # what the optimizer step adds at its peak
     cpu_per_node: int  # DeepSpeed's estimate of the model states' CPU memory per node
+    ema_cpu_per_node: float  # the EMA of the weights in CPU memory, per node
     startup_cpu_per_node: float  # the full copies the node's ranks build while the model is made
     traffic: dict[str, float]  # bytes one rank sends per micro-step, by part
 
@@ -208,6 +216,8 @@ class Plan:
 def make_plan(shape: ModelShape, setup: Setup) -> Plan:
     setup.check()
     held = model_states(shape, setup)
+    if ema_on_gpu(setup):
+        held["EMA of the weights"] = ema_bytes(shape, setup)
     forward_backward = {
         "activations": activation_bytes(shape, setup.batch_size, setup.precision, setup.grad_checkpointing),
         "loss buffers": loss_buffer_bytes(shape.embed_dim, setup),
@@ -216,7 +226,7 @@ def make_plan(shape: ModelShape, setup: Setup) -> Plan:
     (held if setup.zero_stage == 3 else forward_backward)["gradient buckets"] = bucket_bytes(setup)
     forward_backward.update(stage3_transients(shape, setup))
     return Plan(shape, setup, held, forward_backward, optimizer_step_bytes(shape, setup), cpu_per_node(shape, setup),
-                startup_cpu_bytes(shape, setup), ring_traffic(shape.embed_dim, setup))
+                ema_cpu_per_node(shape, setup), startup_cpu_bytes(shape, setup), ring_traffic(shape.embed_dim, setup))
 
 
 def model_states(shape: ModelShape, setup: Setup) -> dict[str, float]:
@@ -243,6 +253,26 @@ def _state_components(setup: Setup) -> list[tuple[str, int, int]]:
     if mixed or setup.zero_stage > 0:  # ZeRO copies even fp32 weights to a master
         components.append(("optimizer states", 4, 1))
     return components + [("optimizer states", 8, 1)]  # Adam's two moments
+
+
+def ema_bytes(shape: ModelShape, setup: Setup) -> float:
+    """The EMA of the weights on one rank: an fp32 copy of the masters it owns (all of them at stage 0)."""
+    if setup.ema == "none":
+        return 0.0
+    return 4 * shape.params / (setup.world_size if setup.zero_stage > 0 else 1)
+
+
+def ema_on_gpu(setup: Setup) -> bool:
+    return setup.ema == "same" and not setup.offload_optimizer
+
+
+def ema_cpu_per_node(shape: ModelShape, setup: Setup) -> float:
+    """The node's ranks' EMAs in CPU memory: beside offloaded masters, or with ``ema.device: cpu`` (then with
+    the pinned copy of the GPU's masters each update makes)."""
+    if setup.ema == "none" or ema_on_gpu(setup):
+        return 0.0
+    copies = 1 if setup.offload_optimizer else 2
+    return setup.gpus_per_node * copies * ema_bytes(shape, setup)
 
 
 def bucket_bytes(setup: Setup) -> float:
