@@ -62,7 +62,7 @@ def synthetic_shards(folder: Path) -> str:
 def webdataset_samples(batches):
     """Reader 0's raw samples out of its shuffle buffer, read by webdataset's ``tarfile_to_samples``
     (the pipeline before the fast member reader)."""
-    raw = wds.tarfile_to_samples(handler=_skip_broken_shard)(batches._epoch_shards(reader=0))
+    raw = wds.tarfile_to_samples(handler=_skip_broken_shard)(batches._epoch_shards(batches.shards, reader=0))
     rng = random.Random(f"samples/{batches.seed}/{batches.epoch}/{batches.rank}/0")
     return wds.shuffle(batches.shuffle_buffer, initial=batches.shuffle_buffer, rng=rng)(raw)
 

@@ -2,7 +2,6 @@
 word edits, token dropout, multi-caption samples, weighted shard sampling; all seeded per sample."""
 
 import collections
-import itertools
 import random
 
 import pytest
@@ -17,7 +16,6 @@ from test_data import (ByteTokenizer, assert_same_batches, detokenize, loader_fo
                        unequal_readers_corpus)
 from tuneclip_ds.config import ConfigError, ImageAugmentationConfig, TextAugmentationConfig
 from tuneclip_ds.data.augment import STOP_WORDS, CaptionAugmenter, image_train_transform, seeded
-from tuneclip_ds.data.shards import ImageTextSample, write_shards
 
 
 @pytest.fixture(scope="module")
@@ -138,20 +136,6 @@ def test_an_augmented_stream_resumes_exactly(tmp_path, model):
         assert_same_batches(resumed, straight[taken:])
 
 
-def test_upsampled_sources_are_drawn_by_their_weights(tmp_path):
-    for name in ("small", "large"):
-        items = [ImageTextSample(b"x", "png", name) for _ in range(2)]
-        write_shards(items, tmp_path / name, samples_per_shard=1, progress=False)
-    from tuneclip_ds.data.pipeline import weighted_shards
-
-    shards, weights = weighted_shards(f"{tmp_path / 'small'}::{tmp_path / 'large'}", [1.0, 3.0])
-    assert weights == [1.0, 1.0, 3.0, 3.0]
-    loader = loader_for(shards, None, resampled=True, shard_weights=weights)
-    drawn = [item["url"] for item in itertools.islice(loader.batches._resampled_shards(reader=0), 4000)]
-    share = sum("large" in url for url in drawn) / len(drawn)
-    assert 0.72 < share < 0.78
-
-
 def test_the_run_builds_its_loader_with_the_configured_augmentation(synthetic_shards):
     from tuneclip_ds.builders import build_batches
     from tuneclip_ds.config import load_config
@@ -174,3 +158,17 @@ def test_transforms_not_ending_in_normalisation_keep_float_images(model):
     pixels, normalization = split_normalization(image_train_transform(model, ImageAugmentationConfig(preset="strong"),
                                                                       None))
     assert kinds(pixels)[-2:] == ["RandomApply", "PILToTensor"] and normalization.mean == open_clip.OPENAI_DATASET_MEAN
+
+
+def test_the_run_mixes_its_sources(synthetic_shards):
+    from tuneclip_ds.builders import build_batches
+    from tuneclip_ds.config import load_config
+    from tuneclip_ds.models import build_model
+
+    sources = (f"[{{shards: {synthetic_shards}, num_samples: 1024}}, "
+               f"{{shards: {synthetic_shards}, weight: 2, num_samples: 1024}}]")
+    config = load_config(None, ["train.steps=1", "model.name=tiny-ViT", f"data.sources={sources}",
+                                "data.num_workers=0"])
+    batch = next(iter(build_batches(config, build_model(config.model), rank=0, world_size=1).loader))
+    second = batch["sample_id"] >= 1024  # the second source's ids follow the first's 1024
+    assert batch["source_counts"] == [int((~second).sum()), int(second.sum())] and sum(batch["source_counts"]) == 32

@@ -1,12 +1,13 @@
 """Config loading, validation, overrides, and the DeepSpeed JSON merge."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tuneclip_ds.config import ConfigError, OptimConfig, load_config, save_config
+from tuneclip_ds.config import ConfigError, ModelConfig, OptimConfig, load_config, load_model_config, save_config
 from tuneclip_ds.engine import build_ds_config
 from tuneclip_ds.optim import param_groups
 
@@ -239,3 +240,31 @@ def test_param_groups_exempt_gains_biases_and_temperature():
     assert "text_projection" in {names[id(p)] for p in decay["params"]}
     assert decay["weight_decay"] == 0.2 and no_decay["weight_decay"] == 0.0
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_a_runs_model_section_reads_alone(tmp_path):
+    """WiSE-FT reads a run's saved config.yaml for its starting weights: keys of other sections that a later
+    version no longer knows do not matter."""
+    path = write_yaml(tmp_path, {"data": {"a_removed_key": 1}, "model": {"name": "tiny-ViT", "pretrained": "w.pt"}})
+    assert load_model_config(path) == ModelConfig(name="tiny-ViT", pretrained="w.pt")
+    with pytest.raises(ConfigError, match="unknown key model.nme"):
+        load_model_config(write_yaml(tmp_path, {"model": {"nme": "tiny-ViT"}}))
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["data.sources=[{shards: a, weight: 0, num_samples: 4}]"], "data.sources[0].weight must be greater than 0"),
+    (["data.sources=[{shards: a, num_samples: 4}, {shards: b}]"], "data.sources[1].num_samples is missing"),
+    (["data.sources=[{shards: '', num_samples: 4}]"], "data.sources[0].shards is empty"),
+    (["data.train_shards=x", "data.sources=[{shards: a}]"], "data.sources replaces data.train_shards"),
+])
+def test_bad_sources_are_refused(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, ["train.steps=1", *overrides])
+
+
+def test_the_corpus_of_several_sources_is_their_sum():
+    from tuneclip_ds.config import corpus_size
+
+    config = load_config(None, ["train.steps=1", "data.sources=[{shards: a, num_samples: 4}, "
+                                "{shards: b, weight: 3, num_samples: 6}]"])
+    assert corpus_size(config) == 10 and config.data.sources[1].weight == 3.0

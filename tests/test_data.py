@@ -2,6 +2,7 @@
 
 import contextlib
 import csv
+import dataclasses
 import io
 import itertools
 import json
@@ -459,3 +460,51 @@ def test_writing_over_existing_shards_is_refused(tmp_path):
     corpus(tmp_path, num_samples=4, samples_per_shard=4)
     with pytest.raises(ValueError, match="already holds 1 'train-\\*.tar' shards"):
         corpus(tmp_path, num_samples=4, samples_per_shard=4)
+
+
+# --- several sources mixed by weight -------------------------------------------------------
+
+
+def two_sources(folder, sizes=(64, 192), samples_per_shard=16):
+    """Sources "a" and "b" of ``sizes`` samples (ids 0..n-1 each), captions naming their source."""
+    sources, offset = [], 0
+    for name, size in zip("ab", sizes):
+        items = [ImageTextSample(png_bytes((i % 256, 0, 0)), "png", f"{name} {i}") for i in range(size)]
+        write_shards(items, folder / name, samples_per_shard=samples_per_shard, progress=False)
+        sources.append(pipeline.Source(resolve_shards(folder / name), weight=1.0 if name == "a" else 3.0,
+                                       id_offset=offset, num_samples=size))
+        offset += size
+    return sources
+
+
+def test_sources_are_drawn_by_weight_with_distinct_ids(tmp_path, preprocess):
+    sources = two_sources(tmp_path)
+    loader = loader_for(None, preprocess, batch_size=8, sources=sources, resampled=True)
+    counts, captions = [0, 0], {}
+    for batch in itertools.islice(iter(loader), 150):
+        counts = [a + b for a, b in zip(counts, batch["source_counts"])]
+        captions.update(zip(batch["sample_id"].tolist(), map(detokenize, batch["text"])))
+    assert 0.72 < counts[1] / sum(counts) < 0.78  # weights 1 and 3; 1200 samples drawn
+    # source b's ids come after source a's 64: every id names its own sample
+    assert all(caption == (f"a {i}" if i < 64 else f"b {i - 64}") for i, caption in captions.items())
+
+
+def test_mixed_sources_split_over_ranks_and_workers_and_resume_exactly(tmp_path, preprocess):
+    sources = two_sources(tmp_path, sizes=(128, 256))
+    ids_by_rank = [one_epoch(loader_for(None, preprocess, num_workers=2, rank=rank, world_size=2,
+                                        sources=sources))["ids"] for rank in (0, 1)]
+    assert ids_by_rank[0] and ids_by_rank[1] and not set(ids_by_rank[0]) & set(ids_by_rank[1])
+    with fails_after(120):
+        straight, states = take(stream_for(None, preprocess, 0, sources=sources), 12)
+        for taken in (3, 7):
+            resumed, _ = take(stream_for(None, preprocess, 0, state=states[taken - 1], sources=sources), 12 - taken)
+            assert_same_batches(resumed, straight[taken:])
+
+
+def test_an_id_outside_its_sources_range_stops_with_a_message(tmp_path, preprocess):
+    sources = two_sources(tmp_path)
+    short = [sources[0], dataclasses.replace(sources[1], num_samples=100)]  # b holds ids up to 191
+    batches = iter(loader_for(None, preprocess, batch_size=8, sources=short, resampled=True))
+    with pytest.raises(shards.ShardFormatError, match=r"id 1\d\d, outside its source's \[0, 100\)"):
+        for _ in range(100):
+            next(batches)

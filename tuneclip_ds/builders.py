@@ -57,7 +57,7 @@ def build_batches(config: Config, bundle: ClipBundle, rank: int, world_size: int
     """This rank's endless stream of training batches, one epoch of its shards after another."""
     from tuneclip_ds.data.augment import CaptionAugmenter, image_train_transform
     from tuneclip_ds.data.labelled import ClassPrompts, LabelledBatches, resolve_labelled_shards
-    from tuneclip_ds.data.pipeline import build_train_loader, resolve_shards, weighted_shards
+    from tuneclip_ds.data.pipeline import build_train_loader, resolve_shards
 
     data = config.data
     if data.synthetic is not None:
@@ -65,12 +65,11 @@ def build_batches(config: Config, bundle: ClipBundle, rank: int, world_size: int
     make_batches = None
     if data.labels is not None:  # captions made from class names and templates
         make_batches = partial(LabelledBatches, ClassPrompts.from_config(data.labels))
-    shards, weights = (resolve_shards if make_batches is None else resolve_labelled_shards)(data.train_shards), None
-    if data.upsampling_factors:
-        shards, weights = weighted_shards(data.train_shards, data.upsampling_factors)
+    resolve = resolve_shards if make_batches is None else resolve_labelled_shards
+    sources = mixed_sources(data, resolve)
     text = data.text_augmentation
     loader = build_train_loader(
-        shards,
+        sources[0].shards if sources else resolve(data.train_shards),
         preprocess=image_train_transform(bundle.model, data.augmentation, bundle.preprocess_train),
         tokenizer=bundle.tokenizer,
         batch_size=config.train.batch_size,
@@ -81,11 +80,22 @@ def build_batches(config: Config, bundle: ClipBundle, rank: int, world_size: int
         shuffle_buffer=data.shuffle_buffer,
         resampled=data.resampled,
         captions=CaptionAugmenter(text, bundle.tokenizer, config.seed) if text.active else None,
-        shard_weights=weights,
+        sources=sources,
         pin_memory=torch.cuda.is_available(),
         make_batches=make_batches,
     )
     return BatchStream(loader)
+
+
+def mixed_sources(data: DataConfig, resolve) -> list:
+    """``data.sources`` with their shards, each one's ids offset past the earlier sources' (none: one source)."""
+    from tuneclip_ds.data.pipeline import Source
+
+    sources, offset = [], 0
+    for source in data.sources:
+        sources.append(Source(resolve(source.shards), source.weight, offset, source.num_samples))
+        offset += source.num_samples or 0
+    return sources
 
 
 def build_loss_from_config(loss: LossConfig):

@@ -82,6 +82,15 @@ class LabelsConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One of several training sources (data.sources), drawn from in proportion to its weight."""
+
+    shards: str = ""  # a folder, a brace pattern or a '::'-joined list, as data.train_shards
+    weight: float = 1.0
+    num_samples: Optional[int] = None  # its ids lie in [0, num_samples); later sources' ids are offset by it
+
+
+@dataclass
 class DataConfig:
     train_shards: str = "data/synthetic/train"  # a folder, a brace pattern, or '::'-joined list
     synthetic: Optional[SyntheticConfig] = None  # generate into train_shards when it is empty
@@ -90,9 +99,7 @@ class DataConfig:
     num_workers: int = 2
     shuffle_buffer: int = 1000
     resampled: bool = False
-    # With resampled: a factor per '::' part of train_shards; a shard is drawn with its part's factor as
-    # weight (a part's share grows with its factor and its number of shards), as open_clip's upsampling.
-    upsampling_factors: list[float] = field(default_factory=list)
+    sources: list[SourceConfig] = field(default_factory=list)  # several sources mixed by weight (not train_shards)
     augmentation: ImageAugmentationConfig = field(default_factory=ImageAugmentationConfig)
     text_augmentation: TextAugmentationConfig = field(default_factory=TextAugmentationConfig)
 
@@ -268,6 +275,13 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         config.eval.select = ""  # no evaluation (e.g. `eval.tasks=` on the command line): nothing to select by
     _check(config, origins)
     return config
+
+
+def load_model_config(path: str | Path) -> ModelConfig:
+    """The model section of a config file alone (a run's saved config.yaml): readable when keys of other
+    sections have changed since the run was launched."""
+    raw = _read_yaml(Path(path)).get("model") or {}
+    return _build(ModelConfig, raw, prefix="model.", origins=Origins(str(path)))
 
 
 @dataclass
@@ -480,23 +494,35 @@ def _augmentation_ranges(data: DataConfig) -> dict[str, tuple[float | None, Rang
                for name in ("color_jitter_prob", "gray_scale_prob", "blur_prob", "re_prob")}
     for index, bound in enumerate(image.scale or ()):
         ranges[f"data.augmentation.scale[{index}]"] = (bound, Range(0, 1, low_open=True))
-    for index, factor in enumerate(data.upsampling_factors):
-        ranges[f"data.upsampling_factors[{index}]"] = (factor, AT_LEAST_0)
+    for index, source in enumerate(data.sources):
+        ranges[f"data.sources[{index}].weight"] = (source.weight, POSITIVE)
+        ranges[f"data.sources[{index}].num_samples"] = (source.num_samples, AT_LEAST_1)
     return ranges
 
 
 def _check_data(data: DataConfig, origins: Origins) -> None:
-    parts = len(data.train_shards.split("::"))
-    if data.upsampling_factors and (not data.resampled or len(data.upsampling_factors) != parts):
-        raise origins.error(f"data.upsampling_factors needs data.resampled: true and one factor per '::' part "
-                            f"of data.train_shards ({parts}), got {data.upsampling_factors}",
-                            "data.upsampling_factors", "data.resampled", "data.train_shards")
+    if data.sources:
+        _check_sources(data, origins)
     image = data.augmentation
     timm_only = [name for name in ("ratio", "re_prob", "re_count") if getattr(image, name) is not None]
     if timm_only and not image.use_timm:
         raise origins.error(f"data.augmentation.{timm_only[0]} is used by timm's transform only: set "
                             "data.augmentation.use_timm: true (open_clip's own transform ignores it)",
                             f"data.augmentation.{timm_only[0]}")
+
+
+def _check_sources(data: DataConfig, origins: Origins) -> None:
+    if "data.train_shards" in origins.set_by or data.synthetic is not None:
+        raise origins.error("data.sources replaces data.train_shards (and data.synthetic): set one or the other",
+                            "data.sources", "data.train_shards")
+    for index, source in enumerate(data.sources):
+        if not source.shards:
+            raise origins.error(f"data.sources[{index}].shards is empty: a folder of shards, a brace pattern or a "
+                                "'::'-joined list", "data.sources")
+        if source.num_samples is None and len(data.sources) > 1:
+            raise origins.error(f"data.sources[{index}].num_samples is missing: with several sources each one's ids "
+                                "must lie in [0, num_samples), so that offsetting them keeps them distinct",
+                                "data.sources")
 
 
 def _check(config: Config, origins: Origins) -> None:
@@ -567,6 +593,8 @@ def _check_evaluated_weights(config: Config, origins: Origins) -> None:
 def corpus_size(config: Config) -> int | None:
     if config.data.num_samples is not None:
         return config.data.num_samples
+    if config.data.sources and all(source.num_samples for source in config.data.sources):
+        return sum(source.num_samples for source in config.data.sources)
     return config.data.synthetic.num_samples if config.data.synthetic is not None else None
 
 

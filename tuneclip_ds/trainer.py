@@ -34,6 +34,7 @@ class StepResult:
     samples: int
     skipped_batches: int = 0
     data_skipped: int = 0
+    source_counts: list[int] | None = None  # this rank's samples from each of data.sources
 
 
 @dataclass
@@ -250,12 +251,13 @@ class Trainer:
         """One optimizer step: ``grad_accum`` micro-batches with finite losses, then ``engine.step()``."""
         began = time.perf_counter()
         device = self.engine.device
-        losses, skipped, data_skipped = [], 0, 0
+        losses, skipped, data_skipped, source_counts = [], 0, 0, None
         grad_norm = None
         self._schedule_loss()
         while len(losses) < self.config.train.grad_accum:
             batch = next(self.batches)
             data_skipped += batch.get("num_skipped", 0)
+            source_counts = _add_counts(source_counts, batch.get("source_counts"))
             image = to_model_input(batch, device, self.input_dtype)
             outputs = self.engine(image, batch["text"].to(device))
             loss = self._loss(outputs, batch, device)
@@ -281,6 +283,7 @@ class Trainer:
             samples=self.global_batch,
             skipped_batches=skipped,
             data_skipped=data_skipped,
+            source_counts=source_counts,
         )
 
     def _schedule_loss(self) -> None:
@@ -326,6 +329,8 @@ class Trainer:
         }
         if result.grad_norm is not None:
             scalars["train/grad_norm"] = result.grad_norm
+        for index, count in enumerate(result.source_counts or []):
+            scalars[f"data/source_{index}_samples"] = count
         scalars["train/skipped_updates"] = self.engine.skipped_steps
         if not self.engine.was_step_applied():
             logger.warning("step %d: DeepSpeed skipped the update (non-finite gradients); the learning-rate "
@@ -392,6 +397,13 @@ def _schedule_factor(engine) -> float:
 def _duration(seconds: float) -> str:
     minutes, seconds = divmod(int(seconds), 60)
     return f"{minutes}m{seconds:02d}s"
+
+
+def _add_counts(total: list[int] | None, counts: list[int] | None) -> list[int] | None:
+    """Samples per source summed over a step's micro-batches (None: one source)."""
+    if total is None or counts is None:
+        return total if counts is None else counts
+    return [a + b for a, b in zip(total, counts)]
 
 
 def _local_grad_norm(module: torch.nn.Module) -> float:

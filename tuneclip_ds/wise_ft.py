@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from tuneclip_ds.config import ModelConfig, load_config
+from tuneclip_ds.config import ModelConfig, load_model_config
 from tuneclip_ds.errors import InputError, ModelLoadError
 
 RUN_CONFIG = "config.yaml"  # written by the training command into the run directory
@@ -65,7 +65,7 @@ def run_model_config(checkpoint: Path) -> ModelConfig:
         raise InputError(f"{path} does not exist: WiSE-FT reads the weights a run started from (model.pretrained) "
                          f"in its {RUN_CONFIG}; give a run directory made by `python -m tuneclip_ds.train`, or a "
                          "checkpoint inside one (RUN_DIR/checkpoints/step_*)")
-    model = load_config(path).model
+    model = load_model_config(path)
     if not model.pretrained:
         raise InputError(f"the run of {checkpoint} started from random weights (no model.pretrained in {path}): "
                          "WiSE-FT interpolates toward pretrained starting weights, so it does not apply; "

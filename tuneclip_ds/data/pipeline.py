@@ -11,11 +11,14 @@ so far (decoded or not): a resumed epoch drops that many samples right after the
 before decoding them, and starts asking the readers where the interrupted epoch would have gone on.
 """
 
+from __future__ import annotations
+
 import glob
 import io
 import itertools
 import json
 import logging
+import math
 import os
 import random
 from dataclasses import dataclass
@@ -72,23 +75,13 @@ def resolve_shards(spec) -> list:
     return shards
 
 
-def weighted_shards(spec, factors: list[float]) -> tuple[list, list[float]]:
-    """The shards of ``spec`` and each one's weight: the factor of the ``::`` part it comes from."""
-    shards, weights = [], []
-    for part, factor in zip(os.fspath(spec).split("::"), factors, strict=True):
-        found = resolve_shards(part)
-        shards += found
-        weights += [factor] * len(found)
-    return shards, weights
-
-
 def _is_remote(path: str) -> bool:
     return "://" in path or path.startswith("pipe:")
 
 
 def build_train_loader(shards, preprocess, tokenizer, batch_size: int, num_workers: int, rank: int,
                        world_size: int, seed: int, shuffle_buffer: int = 1000, resampled: bool = False,
-                       captions: CaptionAugmenter | None = None, shard_weights: list[float] | None = None,
+                       captions: CaptionAugmenter | None = None, sources: list[Source] | None = None,
                        pin_memory: bool = False, make_batches=None):
     """Batches ``{"image", "text", "sample_id", "num_skipped"}`` for this rank; see :class:`TrainLoader`.
 
@@ -97,7 +90,7 @@ def build_train_loader(shards, preprocess, tokenizer, batch_size: int, num_worke
     ``normalization`` to apply on the device (``device_images.to_model_input``). ``pin_memory``: for
     asynchronous copies to a GPU.
     ``tokenizer``: list of str -> LongTensor [n, ctx]. ``captions``: caption augmentation (none: the
-    ``txt`` as it is). ``shard_weights``: with ``resampled``, how likely each shard is drawn. Partial last
+    ``txt`` as it is). ``sources``: several sources mixed by weight (then ``shards`` is ignored). Partial last
     batches are dropped. ``make_batches``: a :class:`RankBatches` subclass (or a partial of one) for another
     kind of samples (labelled data).
     """
@@ -108,17 +101,38 @@ def build_train_loader(shards, preprocess, tokenizer, batch_size: int, num_worke
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     readers = world_size * max(1, num_workers)
-    if not resampled and len(shards) < readers:
-        raise DataError(
-            f"{len(shards)} shards for {world_size} ranks x {max(1, num_workers)} data workers: each of the "
-            f"{readers} readers needs at least one shard. Write more, smaller shards (--samples-per-shard), "
-            "use fewer data workers, or sample shards with replacement (resampled=True)"
-        )
+    for index, source in enumerate(sources or [Source(shards)]):
+        if not resampled and len(source.shards) < readers:
+            where = f"source {index}: " if sources else ""
+            raise DataError(
+                f"{where}{len(source.shards)} shards for {world_size} ranks x {max(1, num_workers)} data workers: "
+                f"each of the {readers} readers needs at least one shard. Write more, smaller shards "
+                "(--samples-per-shard), use fewer data workers, or sample shards with replacement (resampled=True)"
+            )
     pixels, normalization = split_normalization(preprocess)
     make_batches = make_batches or RankBatches
-    batches = make_batches(shards, pixels, tokenizer, batch_size, rank, world_size, seed, shuffle_buffer, resampled)
-    batches.captions, batches.shard_weights, batches.normalization = captions, shard_weights, normalization
+    batches = make_batches(sources[0].shards if sources else shards, pixels, tokenizer, batch_size, rank, world_size,
+                           seed, shuffle_buffer, resampled)
+    batches.captions, batches.sources, batches.normalization = captions, sources, normalization
     return TrainLoader(batches, num_workers, pin_memory)
+
+
+@dataclass(frozen=True)
+class Source:
+    """One of several mixed sources: its shards, its weight, and the offset added to its sample ids (which
+    must lie in [0, num_samples): the sources' ids then stay distinct)."""
+
+    shards: list
+    weight: float = 1.0
+    id_offset: int = 0
+    num_samples: int | None = None
+
+    def global_id(self, sample_id: int, where: str) -> int:
+        if not 0 <= sample_id < (self.num_samples or math.inf):
+            raise ShardFormatError(
+                f"{where} has id {sample_id}, outside its source's [0, {self.num_samples}) (data.sources[].num_samples): "
+                "ids of mixed sources must lie in [0, num_samples), the sources' ids are then offset to stay distinct")
+        return self.id_offset + sample_id
 
 
 @dataclass
@@ -206,7 +220,7 @@ class RankBatches(IterableDataset):
         self.epoch = 0
         self.start = ReadPosition.start(1)  # where the epoch resumes (set by TrainLoader)
         self.captions: CaptionAugmenter | None = None
-        self.shard_weights: list[float] | None = None
+        self.sources: list[Source] | None = None  # several sources mixed by weight
         self.normalization: Normalization | None = None  # set: the preprocess gives uint8 pixels
 
     def __iter__(self):
@@ -223,25 +237,36 @@ class RankBatches(IterableDataset):
         return (worker + self.start.next_reader) % self.start.readers
 
     def shuffled_samples(self, reader: int):
-        """The raw samples (tar members by extension) of ``reader``'s shards, out of its shuffle buffer."""
-        shard_urls = self._resampled_shards(reader) if self.resampled else self._epoch_shards(reader)
+        """The raw samples (tar members by extension) of ``reader``'s shards, out of its shuffle buffer; with
+        several sources, drawn from them by weight until one runs dry (each sample tagged ``__source__``)."""
+        if not self.sources:
+            return self._shuffled(self.shards, reader, key="")
+        streams = [_tagged(self._shuffled(source.shards, reader, key=f"/{index}"), index)
+                   for index, source in enumerate(self.sources)]
+        rng = random.Random(f"mix/{self.seed}/{self.epoch}/{self.rank}/{reader}")
+        return _mixed(streams, [source.weight for source in self.sources], rng)
+
+    def _shuffled(self, shards: list, reader: int, key: str):
+        """``shards``' samples for ``reader``, shuffled; ``key`` tells the random orders of sources apart."""
+        shard_urls = (self._resampled_shards(shards, reader, key) if self.resampled
+                      else self._epoch_shards(shards, reader, key))
         members = read_tar_members(shard_urls, handler=_skip_broken_shard)
         samples = group_by_keys(members, handler=_skip_broken_shard)
         if self.shuffle_buffer > 1:
-            rng = random.Random(f"samples/{self.seed}/{self.epoch}/{self.rank}/{reader}")
+            rng = random.Random(f"samples/{self.seed}/{self.epoch}/{self.rank}/{reader}{key}")
             samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)
         return samples
 
-    def _epoch_shards(self, reader: int):
-        order = list(self.shards)
-        random.Random(f"shards/{self.seed}/{self.epoch}").shuffle(order)  # same order on all ranks
+    def _epoch_shards(self, shards: list, reader: int, key: str = ""):
+        order = list(shards)
+        random.Random(f"shards/{self.seed}/{self.epoch}{key}").shuffle(order)  # same order on all ranks
         for_this_rank = order[self.rank :: self.world_size]  # explicit node split: no env lookup
         return (dict(url=url) for url in for_this_rank[reader :: self.start.readers])
 
-    def _resampled_shards(self, reader: int):
-        rng = random.Random(f"resampled/{self.seed}/{self.epoch}/{self.rank}/{reader}")
+    def _resampled_shards(self, shards: list, reader: int, key: str = ""):
+        rng = random.Random(f"resampled/{self.seed}/{self.epoch}/{self.rank}/{reader}{key}")
         while True:
-            yield dict(url=rng.choices(self.shards, weights=self.shard_weights)[0])
+            yield dict(url=rng.choice(shards))
 
     def _batches(self, samples, reader: int, already_read: int):
         """Batches of the decoded ``samples``, each with its ``position``: (reader, samples read)."""
@@ -273,6 +298,9 @@ class RankBatches(IterableDataset):
             image = image.convert("RGB")
         metadata = json.loads(sample["json"]) if "json" in sample else {}
         sample_id = sample_id_of(sample, metadata)
+        if self.sources:
+            where = f"sample {sample.get('__key__')} of {sample.get('__url__')}"
+            sample_id = self.sources[sample["__source__"]].global_id(sample_id, where)
         if self.captions is None:
             caption = sample["txt"].decode("utf-8")
         else:
@@ -295,7 +323,26 @@ class RankBatches(IterableDataset):
         }
         if self.normalization is not None:
             batch["normalization"] = self.normalization
+        if self.sources:
+            batch["source_counts"] = [sum(source.id_offset <= i < source.id_offset + (source.num_samples or math.inf)
+                                          for i in ids) for source in self.sources]
         return batch
+
+
+def _tagged(samples, source: int):
+    for sample in samples:
+        sample["__source__"] = source
+        yield sample
+
+
+def _mixed(streams: list, weights: list[float], rng: random.Random):
+    """Samples of ``streams`` drawn with probabilities in proportion to ``weights``, until one runs dry (so that
+    the shares hold to the end of the epoch)."""
+    while True:
+        sample = next(rng.choices(streams, weights)[0], None)
+        if sample is None:
+            return
+        yield sample
 
 
 def sample_id_of(sample: dict, metadata: dict) -> int:
