@@ -172,3 +172,20 @@ def test_the_run_mixes_its_sources(synthetic_shards):
     batch = next(iter(build_batches(config, build_model(config.model), rank=0, world_size=1).loader))
     second = batch["sample_id"] >= 1024  # the second source's ids follow the first's 1024
     assert batch["source_counts"] == [int((~second).sum()), int(second.sum())] and sum(batch["source_counts"]) == 32
+
+
+def test_a_preset_equals_open_clips_transform_built_with_its_fields(model):
+    """The strong preset, blur switched off: open_clip's own transform made from an AugmentationCfg with the
+    preset's fields gives the same tensors under the same seed."""
+    from open_clip.transform import AugmentationCfg, PreprocessCfg, image_transform_v2
+
+    ours = image_train_transform(model, ImageAugmentationConfig(preset="strong", blur_prob=0.0), None)
+    fields = dict(scale=(0.08, 1.0), color_jitter=(0.4, 0.4, 0.4, 0.1), color_jitter_prob=0.8, gray_scale_prob=0.2)
+    theirs = image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg), is_train=True,
+                                aug_cfg=AugmentationCfg(**fields))
+    image = Image.effect_noise((48, 40), 60).convert("RGB")
+    for sample_id in range(8):
+        with seeded(0, 0, sample_id):
+            expected = theirs(image)
+        with seeded(0, 0, sample_id):
+            assert torch.equal(ours(image), expected)
