@@ -162,6 +162,13 @@ def test_interpolation_keeps_the_ends_exactly_and_integer_buffers_fine_tuned():
     assert torch.equal(mixed["w"][:2], torch.tensor([0.5, 1.5])) and mixed["ids"] is finetuned["ids"]
 
 
+def test_a_bf16_tensor_mixes_with_an_fp32_start_in_fp32():
+    """A frozen parameter (e.g. a frozen logit scale) stays in bf16 in a bf16 run's checkpoint (seen on a GPU:
+    torch.lerp refused the mixed dtypes)."""
+    mixed = wise_ft({"s": torch.tensor([1.0])}, {"s": torch.tensor([3.0], dtype=torch.bfloat16)}, 0.5)
+    assert mixed["s"].dtype == torch.float32 and mixed["s"].item() == 2.0
+
+
 @pytest.mark.parametrize("finetuned, message", [
     ({"w": torch.zeros(2)}, "1 tensor\\(s\\) only in the starting weights \\(b\\)"),
     ({"w": torch.zeros(2), "b": torch.zeros(1), "extra": torch.zeros(1)}, "only in the fine-tuned weights \\(extra\\)"),

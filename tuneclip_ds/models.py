@@ -148,8 +148,15 @@ def _copy_from_rank0(model: torch.nn.Module, source: torch.nn.Module | None) -> 
         with deepspeed.zero.GatheredParameters([param], modifier_rank=0):  # re-partitioned from rank 0 on exit
             if source is not None:
                 param.data.copy_(params[name].data)
+    from deepspeed.accelerator import get_accelerator
+
+    # Buffers are not partitioned: every rank holds them, on its device (the engine moves none at ZeRO-3), and
+    # NCCL sends from the GPU only.
+    device = torch.device(get_accelerator().current_device_name())
     buffers = dict(source.named_buffers()) if source is not None else {}
-    for name, buffer in model.named_buffers():  # not partitioned: every rank holds them
-        if source is not None:
-            buffer.copy_(buffers[name])
-        torch.distributed.broadcast(buffer, src=0)
+    for module_name, module in model.named_modules():
+        for name, buffer in module.named_buffers(recurse=False):
+            full_name = f"{module_name}.{name}" if module_name else name
+            on_device = (buffers[full_name] if source is not None else buffer).to(device, copy=True)
+            torch.distributed.broadcast(on_device, src=0)
+            setattr(module, name, on_device)  # a registered buffer stays one

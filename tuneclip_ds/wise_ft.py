@@ -39,7 +39,7 @@ def _interpolate(start: torch.Tensor, finetuned: torch.Tensor, alpha: float) -> 
         return finetuned
     if alpha in (0, 1):  # the models themselves: arithmetic would turn -0.0 into 0.0 and infinities into NaN
         return finetuned if alpha == 1 else start
-    return torch.lerp(start, finetuned, alpha)
+    return torch.lerp(start.float(), finetuned.float(), alpha)  # a frozen parameter may be kept in bf16
 
 
 def _check_matching(start: dict, finetuned: dict) -> None:

@@ -21,10 +21,12 @@ class Normalization:
     std: tuple[float, ...]
 
     def apply(self, pixels: torch.Tensor) -> torch.Tensor:
-        """float32 ``(pixels / 255 - mean) / std`` of uint8 ``pixels`` [..., C, H, W], where they are."""
-        mean, std = (torch.tensor(values, dtype=torch.float32, device=pixels.device).view(-1, 1, 1)
-                     for values in (self.mean, self.std))
-        return pixels.to(torch.float32).div_(255).sub_(mean).div_(std)
+        """float32 ``(pixels / 255 - mean) / std`` of uint8 ``pixels`` [..., C, H, W], where they are. Every
+        divisor is a tensor on the pixels' device: CUDA divides by a Python number as a multiplication by its
+        reciprocal, which can differ from the CPU's division in the last bit."""
+        full_scale, mean, std = (torch.tensor(values, dtype=torch.float32, device=pixels.device).view(-1, 1, 1)
+                                 for values in ((255.0,), self.mean, self.std))
+        return pixels.to(torch.float32).div_(full_scale).sub_(mean).div_(std)
 
 
 def split_normalization(transform) -> tuple[object, Normalization | None]:
