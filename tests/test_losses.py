@@ -88,21 +88,25 @@ def subgroup(world_size, pool_size):
 
 @contextlib.contextmanager
 def only_scalar_collectives(all_reduce_sizes=()):
-    """Make every feature-sized collective raise: gathers (but inside a node: the hierarchical ring's),
-    broadcasts, scatters, all_reduce of more than a few numbers (or of another size than
-    ``all_reduce_sizes``), all_to_all of more than 2 numbers per sample. Point-to-point ring exchanges,
-    scalar all_reduces and the per-sample estimator routing pass."""
-    forbidden = ["all_gather", "all_gather_into_tensor", "_all_gather_base", "all_gather_object",
-                 "gather", "broadcast", "scatter", "reduce_scatter", "reduce_scatter_tensor", "all_to_all"]
-    saved = {name: getattr(dist, name) for name in forbidden + ["all_reduce", "all_to_all_single"]}
+    """Make every feature-sized collective raise: gathers of features (but inside a node: the hierarchical
+    ring's), broadcasts, scatters, all_to_all, all_reduce of more than a few numbers (or of another size than
+    ``all_reduce_sizes``). Point-to-point ring exchanges, scalar all_reduces and the estimators' per-sample
+    collectives (an all-gather and an all-reduce of at most 2 numbers per sample) pass."""
+    forbidden = ["all_gather", "all_gather_into_tensor", "_all_gather_base", "all_gather_object", "gather",
+                 "broadcast", "scatter", "reduce_scatter", "reduce_scatter_tensor", "all_to_all", "all_to_all_single"]
+    saved = {name: getattr(dist, name) for name in forbidden + ["all_reduce"]}
 
     def refuse(name):
         def call(*args, **kwargs):
             raise AssertionError(f"torch.distributed.{name} called on the gather-free path")
         return call
 
+    def per_sample(tensor):
+        return tensor.dim() == 1 or (tensor.dim() == 2 and tensor.shape[1] <= 2)
+
     def small_all_reduce(tensor, *args, **kwargs):
-        assert tensor.numel() <= 8 or tensor.numel() in all_reduce_sizes, f"all_reduce of {tensor.numel()} elements"
+        assert tensor.numel() <= 8 or tensor.numel() in all_reduce_sizes or per_sample(tensor), \
+            f"all_reduce of shape {tuple(tensor.shape)}"
         return saved["all_reduce"](tensor, *args, **kwargs)
 
     def node_all_gather(tensors, tensor, group=None, **kwargs):
@@ -110,16 +114,16 @@ def only_scalar_collectives(all_reduce_sizes=()):
             "all_gather beyond a node"
         return saved["all_gather"](tensors, tensor, group=group, **kwargs)
 
-    def per_sample_all_to_all(output, tensor, *args, **kwargs):
-        assert tensor.dim() == 1 or tensor.shape[1] <= 2, f"all_to_all_single of shape {tuple(tensor.shape)}"
-        return saved["all_to_all_single"](output, tensor, *args, **kwargs)
+    def per_sample_all_gather(output, tensor, *args, **kwargs):
+        assert per_sample(tensor), f"all_gather_into_tensor of shape {tuple(tensor.shape)}"
+        return saved["all_gather_into_tensor"](output, tensor, *args, **kwargs)
 
     try:
         for name in forbidden:
             setattr(dist, name, refuse(name))
         dist.all_reduce = small_all_reduce
         dist.all_gather = node_all_gather
-        dist.all_to_all_single = per_sample_all_to_all
+        dist.all_gather_into_tensor = per_sample_all_gather
         yield
     finally:
         for name, fn in saved.items():

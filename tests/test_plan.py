@@ -227,20 +227,25 @@ def test_activations_scale_with_batch_precision_and_checkpointing(vit_b_32):
 
 def _loss_traffic(rank, world_size, loss_name, batch_size, dim, dtype):
     """Bytes this rank sends to the others in one forward and backward of the loss: point-to-point
-    (the ring) and all_to_all (the estimators), without the part a rank keeps for itself."""
+    (the ring), and the estimators' all-gather (its tensor to every other rank) and per-sample all-reduce
+    (a ring all-reduce sends twice its share); the scalar all-reduces are left out."""
     from tuneclip_ds.losses import build_loss
 
     sent = []
-    send_and_receive, all_to_all = dist.batch_isend_irecv, dist.all_to_all_single
+    send_and_receive, all_gather, all_reduce = dist.batch_isend_irecv, dist.all_gather_into_tensor, dist.all_reduce
 
     def counting_send_and_receive(operations):
         sent.extend(op.tensor.nbytes for op in operations if op.op is dist.isend)
         return send_and_receive(operations)
 
-    def counting_all_to_all(output, tensor, output_splits=None, input_splits=None, **kwargs):
-        kept = input_splits[rank] if input_splits else len(tensor) // world_size
-        sent.append((len(tensor) - kept) * tensor[:1].nbytes)
-        return all_to_all(output, tensor, output_splits, input_splits, **kwargs)
+    def counting_all_gather(output, tensor, **kwargs):
+        sent.append((world_size - 1) * tensor.nbytes)
+        return all_gather(output, tensor, **kwargs)
+
+    def counting_all_reduce(tensor, **kwargs):
+        if tensor.numel() > 8:
+            sent.append(2 * (world_size - 1) * tensor.nbytes // world_size)
+        return all_reduce(tensor, **kwargs)
 
     generator = torch.Generator().manual_seed(rank)
     image, text = (torch.nn.functional.normalize(torch.randn(batch_size, dim, generator=generator), dim=-1)
@@ -248,7 +253,8 @@ def _loss_traffic(rank, world_size, loss_name, batch_size, dim, dtype):
     ids = torch.arange(rank * batch_size, (rank + 1) * batch_size)  # owners alternate: half stay here
     loss = build_loss(loss_name, tile_size=16)
     with mock.patch.object(dist, "batch_isend_irecv", counting_send_and_receive), \
-            mock.patch.object(dist, "all_to_all_single", counting_all_to_all):
+            mock.patch.object(dist, "all_gather_into_tensor", counting_all_gather), \
+            mock.patch.object(dist, "all_reduce", counting_all_reduce):
         loss(image, text, torch.tensor([10.0]), torch.tensor([-10.0]), sample_ids=ids).backward()
     return sum(sent)
 

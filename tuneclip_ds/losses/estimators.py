@@ -3,9 +3,10 @@
 Ownership: sample ``id`` lives on rank ``id % W`` at local slot ``id // W`` (``W`` ranks in the
 loss's group), so a rank stores O(n/W) entries for a corpus of ``n`` samples. The table holds
 ``log u`` for each direction (image anchors, text anchors) and grows on demand up to the largest
-slot it has seen. In a step, each rank routes the ``(id, log g)`` of its samples to their owners
-with ``all_to_all`` of per-sample scalars; the owner computes and returns the new ``log u``, and
-stores it only when the loss commits the step: a global batch that is not finite anywhere (NaN
+slot it has seen. In a step, the ``(id, log g)`` of the global batch are all-gathered (a few bytes per
+sample; unlike ``all_to_all``, no rank opens a connection to every other); each owner computes the new
+``log u`` of its samples, one all-reduce of the global batch's values (zero where another rank owns the
+sample) returns every rank its own, and the owner stores them only when the loss commits the step: a global batch that is not finite anywhere (NaN
 features of one rank reach every anchor through the ring) must leave the table as it was, or every
 later batch with one of its samples would be NaN too.
 """
@@ -26,6 +27,7 @@ class PendingUpdate:
 
     slots: torch.Tensor
     log_u: torch.Tensor
+    owned: torch.Tensor | None = None  # [n]: the rows of samples this rank owns (None: all)
 
 
 class EstimatorTable:
@@ -45,23 +47,24 @@ class EstimatorTable:
         and the update that ``commit`` stores. Collective over the group. A sample present twice in
         the global batch gets both updates from its old value; the table keeps one of them."""
         self._check_layout(info)
-        world_size = info.world_size
-        if world_size == 1:
+        if info.world_size == 1:
+            if ids.numel():
+                self._ensure_table(int(ids.max()) + 1, log_g)
             owned_log_u = self._update_owned(ids, log_g, gamma)
             return owned_log_u, PendingUpdate(ids, owned_log_u)
-        owners = ids % world_size
-        order = torch.argsort(owners, stable=True)
-        send_counts = torch.bincount(owners, minlength=world_size)
-        receive_counts = torch.empty_like(send_counts)
-        dist.all_to_all_single(receive_counts, send_counts, group=info.group)
-        sent, received = send_counts.tolist(), receive_counts.tolist()
-        owned_ids = _all_to_all(ids[order], sent, received, info)
-        owned_log_g = _all_to_all(log_g[order], sent, received, info)
-        owned_slots = owned_ids // world_size
-        owned_log_u = self._update_owned(owned_slots, owned_log_g, gamma)
-        sorted_log_u = _all_to_all(owned_log_u, received, sent, info)
-        log_u = torch.empty_like(sorted_log_u).index_copy_(0, order, sorted_log_u)
-        return log_u, PendingUpdate(owned_slots, owned_log_u)
+        global_ids, global_log_g = _all_gather(ids, info), _all_gather(log_g, info)
+        mine = global_ids % info.world_size == info.rank
+        slots = self._owned_slots(global_ids, mine, info.world_size, global_log_g)
+        owned_log_u = torch.where(mine[:, None], self._update_owned(slots, global_log_g, gamma), 0.0)
+        local = slice(info.rank * len(ids), (info.rank + 1) * len(ids))
+        log_u = all_reduce_sum(owned_log_u.clone(), info)[local]  # each sample's value from its owner alone
+        return log_u, PendingUpdate(slots, owned_log_u, mine)
+
+    def _owned_slots(self, ids: torch.Tensor, mine: torch.Tensor, world_size: int, like: torch.Tensor):
+        """The slots of the samples of ``ids`` this rank owns, and for the others the table's last slot, which
+        no sample uses: their updates are dropped there (the table grows to keep it last)."""
+        self._ensure_table(int((ids // world_size).max()) + 2, like)
+        return torch.where(mine, ids // world_size, self.log_u.shape[0] - 1)
 
     def commit(self, update: PendingUpdate, accept: torch.Tensor) -> None:
         """Store ``update`` if ``accept`` (a bool tensor; every rank of the group must pass the same value,
@@ -72,7 +75,7 @@ class EstimatorTable:
         slots = update.slots.to(self.log_u.device)
         accept = accept.to(self.log_u.device)
         self.log_u[slots] = torch.where(accept, update.log_u.to(self.log_u), self.log_u[slots])
-        self.seen[slots] |= accept
+        self.seen[slots] |= accept if update.owned is None else accept & update.owned.to(accept.device)
 
     def log_mean_u(self, info: GroupInfo, device: torch.device) -> float:
         """``log`` of the mean of ``u`` over every seen sample and direction of the whole table (collective;
@@ -119,10 +122,9 @@ class EstimatorTable:
             raise RuntimeError(f"estimators laid out for (rank, world size) {self._layout}, used with {layout}")
 
     def _update_owned(self, slots: torch.Tensor, log_g: torch.Tensor, gamma: float) -> torch.Tensor:
-        """The new ``log u`` of the owned ``slots`` (the table grows to hold them; nothing is stored)."""
+        """The new ``log u`` of the owned ``slots`` (in the table; nothing is stored)."""
         if slots.numel() == 0:
             return log_g
-        self._ensure_table(int(slots.max()) + 1, log_g)
         averaged = torch.logaddexp(self.log_u[slots] + _log(1.0 - gamma), log_g + _log(gamma))
         return torch.where(self.seen[slots, None], averaged, log_g)
 
@@ -146,10 +148,11 @@ class EstimatorTable:
             self.seen = torch.cat([self.seen, self.seen.new_zeros(extra)])
 
 
-def _all_to_all(tensor: torch.Tensor, send_splits: list[int], receive_splits: list[int], info: GroupInfo):
-    received = tensor.new_empty((sum(receive_splits), *tensor.shape[1:]))
-    dist.all_to_all_single(received, tensor.contiguous(), receive_splits, send_splits, group=info.group)
-    return received
+def _all_gather(tensor: torch.Tensor, info: GroupInfo) -> torch.Tensor:
+    """The group's ``tensor`` [b, ...] in rank order, [W * b, ...] (every rank the same ``b``)."""
+    gathered = tensor.new_empty((info.world_size * tensor.shape[0], *tensor.shape[1:]))
+    dist.all_gather_into_tensor(gathered, tensor.contiguous(), group=info.group)
+    return gathered
 
 
 def _log(x: float) -> float:

@@ -382,15 +382,15 @@ def loss_buffer_bytes(embed_dim: int, setup: Setup) -> float:
 def ring_traffic(embed_dim: int, setup: Setup) -> dict[str, float]:
     """Bytes one rank sends per micro-step: its blocks go around the ring W-1 times in forward
     (the column features) and again in backward (both features with the anchors' statistics);
-    GCL/HGCL also route each sample's estimator to its owner and back. A few scalar all-reduces
-    are left out."""
+    GCL/HGCL also all-gather each sample's id and log g and all-reduce the new log u (ring algorithms:
+    an all-reduce sends twice its share). A few scalar all-reduces are left out."""
     others = setup.world_size - 1
     forward_block = _directions(setup.loss) * setup.batch_size * embed_dim * setup.width
     traffic = {"forward": others * forward_block, "backward": others * _backward_block(embed_dim, setup)}
     if setup.loss in ("gcl", "hgcl"):
-        # the counts (int64 per rank), then per sample its id (int64) and log g (2 x fp32) out and
-        # the new log u (2 x fp32) back, for the (W-1)/W of the samples another rank owns
-        traffic["estimators"] = 8 * others + 24 * setup.batch_size * others / setup.world_size
+        # per sample its id (int64) and log g (2 x fp32) to every other rank, then the all-reduce of the
+        # global batch's new log u (2 x fp32 per sample)
+        traffic["estimators"] = 16 * setup.batch_size * others + 2 * others * setup.batch_size * 8
     return traffic
 
 
