@@ -216,6 +216,7 @@ class EvalConfig:
 @dataclass
 class LogConfig:
     every: int = 10  # steps between progress lines and TensorBoard scalars
+    timing: bool = True  # rank 0 logs where a step's time goes (time/*: data, forward, loss, ...)
 
 
 @dataclass
