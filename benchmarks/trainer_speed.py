@@ -1,0 +1,179 @@
+"""Our trainer's speed on CPU ranks: step time, samples/s, start-up, memory, where the time goes, and what
+logging that costs.
+
+    .venv/bin/python benchmarks/trainer_speed.py                   # 2 ranks, tiny-ViT, b 64, 40 steps, 2 repeats
+    .venv/bin/python benchmarks/trainer_speed.py --steps 20 --repeats 1
+
+Every run is a fresh world of ``--world-size`` gloo ranks (``python -m tuneclip_ds.train``'s own
+``init_distributed``, hence its threads per rank), fp32, InfoNCE, on the default synthetic corpus:
+
+* ``zero0`` / ``zero2``: stage II alone at that ZeRO stage, with ``log.timing`` on and off (the runs
+  alternate, so that a change in the machine's load hits both alike);
+* ``osr``: ZeRO-2, ``--steps`` steps of stage I (lr frozen) then ``--steps`` of stage II.
+
+Per case: the median step time (``train/step_time``) of the steps after the first ``--warmup`` of each
+stage, samples/s of the global batch at that median, the seconds from spawning the ranks to the end of
+the first step (interpreter, imports, model, engine and data pipeline included), each rank's peak
+resident memory (its own process, not its data workers), and each phase's median share of the step.
+The logging overhead is the timing-on median over the timing-off one, and the timer's own cost, timed
+alone, per step of five phases.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch.multiprocessing as mp
+
+PHASES = ["data", "forward", "loss", "backward", "step"]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--world-size", type=int, default=2)
+    parser.add_argument("--model", default="tiny-ViT")
+    parser.add_argument("--batch-size", type=int, default=64, help="per rank")
+    parser.add_argument("--steps", type=int, default=40, help="steps of each run (and of each OSR stage)")
+    parser.add_argument("--warmup", type=int, default=5, help="first steps of each stage left out of the medians")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each case")
+    parser.add_argument("--workers", type=int, default=1, help="data.num_workers per rank")
+    return parser.parse_args(argv)
+
+
+def case_overrides(case: str, options: argparse.Namespace, shards: str, output_dir: str) -> list[str]:
+    common = [f"model.name={options.model}", f"data.train_shards={shards}", f"data.num_workers={options.workers}",
+              f"train.batch_size={options.batch_size}", "train.precision=fp32", "loss.name=infonce",
+              f"train.steps={options.steps}", f"output_dir={output_dir}", "run_name=speed",
+              "checkpoint.save_at_end=false", f"log.every={options.steps}"]
+    stage, timing = case.split("/") if "/" in case else (case, "timing")
+    zero = {"zero0": 0, "zero2": 2, "osr": 2}[stage]
+    osr = [f"osr.steps={options.steps}"] if stage == "osr" else []
+    return common + osr + [f"train.zero_stage={zero}", f"log.timing={str(timing == 'timing').lower()}"]
+
+
+def rank_main(rank: int, world_size: int, port: int, overrides: list[str], launched: float, out: str) -> None:
+    """One rank: train, recording each step's stage, step time, phase seconds and when it ended."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))
+    from tuneclip_ds.builders import build_run
+    from tuneclip_ds.config import load_config
+    from tuneclip_ds.distributed import init_distributed, shutdown
+
+    init_distributed()
+    trainer = build_run(load_config(None, overrides), rank, world_size)
+    steps, train_step = [], trainer.train_step
+
+    def recorded_step():
+        stage = 1 if trainer.osr.active else 2
+        result = train_step()
+        steps.append({"stage": stage, "seconds": result.step_time, "phases": result.phase_seconds,
+                      "since_launch": time.time() - launched})
+        return result
+
+    trainer.train_step = recorded_step
+    trainer.run()
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"steps": steps, "peak_mib": peak_mib}))
+    shutdown()
+
+
+def run_case(case: str, options: argparse.Namespace, shards: str) -> list[dict]:
+    """A fresh world trains the case; each rank's record."""
+    with tempfile.TemporaryDirectory() as out:
+        overrides = case_overrides(case, options, shards, out)
+        mp.spawn(rank_main, args=(options.world_size, _free_port(), overrides, time.time(), out),
+                 nprocs=options.world_size)
+        return [json.loads(Path(out, f"rank{rank}.json").read_text()) for rank in range(options.world_size)]
+
+
+def steady(steps: list[dict], stage: int, warmup: int) -> list[dict]:
+    return [step for step in steps if step["stage"] == stage][warmup:]
+
+
+def summary(runs: list[list[dict]], stage: int, options: argparse.Namespace) -> dict:
+    """The case's numbers over its runs (rank 0's steps; every rank's memory)."""
+    steps = [step for ranks in runs for step in steady(ranks[0]["steps"], stage, options.warmup)]
+    median = statistics.median(step["seconds"] for step in steps)
+    shares = {phase: statistics.median(step["phases"][phase] / step["seconds"] for step in steps)
+              for phase in PHASES if steps[0]["phases"]}
+    return {
+        "median_s": median,
+        "samples_per_s": options.batch_size * options.world_size / median,
+        "first_step_s": statistics.median(ranks[0]["steps"][0]["since_launch"] for ranks in runs),
+        "peak_mib": [max(ranks[rank]["peak_mib"] for ranks in runs) for rank in range(options.world_size)],
+        "shares": shares,
+    }
+
+
+def timer_cost_per_step(repeats: int = 20000) -> float:
+    """Seconds the host-clock timer adds to a step: five phases entered and left, and their totals read."""
+    from tuneclip_ds.timing import PhaseTimer
+
+    timer = PhaseTimer()
+    began = time.perf_counter()
+    for _ in range(repeats):
+        for phase in PHASES:
+            with timer.phase(phase):
+                pass
+        timer.totals()
+    return (time.perf_counter() - began) / repeats
+
+
+def markdown(results: dict[str, dict], overhead: dict[str, float], timer_cost: float) -> str:
+    lines = ["| case | median step (s) | samples/s | first step (s) | peak RSS per rank (MiB) | "
+             + " | ".join(PHASES) + " |", "|---" * (5 + len(PHASES)) + "|"]
+    for case, found in results.items():
+        shares = [f"{100 * found['shares'][phase]:.0f}%" if found["shares"] else "-" for phase in PHASES]
+        rss = " / ".join(f"{mib:.0f}" for mib in found["peak_mib"])
+        lines.append(f"| {case} | {found['median_s']:.3f} | {found['samples_per_s']:.0f} | "
+                     f"{found['first_step_s']:.1f} | {rss} | " + " | ".join(shares) + " |")
+    lines.append("")
+    lines += [f"timing on / off, {stage}: {ratio:.4f}x" for stage, ratio in overhead.items()]
+    lines.append(f"the timer's own cost: {1e6 * timer_cost:.1f} us per step "
+                 f"({100 * timer_cost / results['zero2/timing']['median_s']:.4f}% of a zero2 step)")
+    stage1, stage2 = results["osr stage I"]["median_s"], results["osr stage II"]["median_s"]
+    lines.append(f"OSR stage I / stage II step: {stage1 / stage2:.3f}x")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    options = parse_args(argv)
+    import tuneclip_ds  # noqa: F401  (torchvision on a CPU-only torch, before open_clip)
+    from tuneclip_ds.config import SyntheticConfig
+    from tuneclip_ds.data.synthetic import write_synthetic_corpus
+
+    cases = ["zero0/timing", "zero0/untimed", "zero2/timing", "zero2/untimed", "osr"]
+    runs: dict[str, list] = {case: [] for case in cases}
+    with tempfile.TemporaryDirectory() as folder:
+        spec = SyntheticConfig()
+        write_synthetic_corpus(folder, spec.num_samples, spec.samples_per_shard, spec.image_size,
+                               difficulty=spec.difficulty, seed=spec.seed, progress=False)
+        for repeat in range(options.repeats):
+            for case in cases:
+                print(f"repeat {repeat + 1}/{options.repeats}: {case}", file=sys.stderr, flush=True)
+                runs[case].append(run_case(case, options, folder))
+    results = {case: summary(runs[case], 2, options) for case in cases[:4]}
+    results["osr stage I"] = summary(runs["osr"], 1, options)
+    results["osr stage II"] = summary(runs["osr"], 2, options)
+    overhead = {stage: results[f"{stage}/timing"]["median_s"] / results[f"{stage}/untimed"]["median_s"]
+                for stage in ("zero0", "zero2")}
+    print(markdown(results, overhead, timer_cost_per_step()))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+if __name__ == "__main__":
+    main()
