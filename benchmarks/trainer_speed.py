@@ -10,7 +10,7 @@ Every run is a fresh world of ``--world-size`` gloo ranks (``python -m tuneclip_
 
 * ``zero0`` / ``zero2``: stage II alone at that ZeRO stage, rank 0 timing every other step only (the
   timed and untimed steps alternate within the run, so that a change in the machine's load hits both
-  alike);
+  alike, and swap places from one repeat to the next, against any even/odd rhythm of the steps);
 * ``osr``: ZeRO-2, ``--steps`` steps of stage I (lr frozen) then ``--steps`` of stage II;
 * ``open_clip_train`` (with ``--peer-site``): open_clip_train 3.3.0's trainer through
   ``open_clip_peer.py`` and torchrun, DDP, ``--local-loss --gather-with-grad``, the same model, batch,
@@ -72,10 +72,10 @@ def case_overrides(case: str, options: argparse.Namespace, shards: str, output_d
     return common + osr + [f"train.zero_stage={zero}"]
 
 
-def rank_main(rank: int, world_size: int, port: int, overrides: list[str], alternate: bool, launched: float,
-              out: str) -> None:
+def rank_main(rank: int, world_size: int, port: int, overrides: list[str], untimed_parity: int | None,
+              launched: float, out: str) -> None:
     """One rank: train, recording each step's stage, step time, phase seconds and when it ended; with
-    ``alternate``, rank 0 times every other step only."""
+    ``untimed_parity`` (0 or 1), rank 0 leaves the steps of that parity untimed."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))
     from tuneclip_ds.builders import build_run
@@ -89,8 +89,8 @@ def rank_main(rank: int, world_size: int, port: int, overrides: list[str], alter
 
     def recorded_step():
         stage = 1 if trainer.osr.active else 2
-        if alternate:
-            trainer.timer = timers[len(steps) % 2]
+        if untimed_parity is not None:
+            trainer.timer = timers[(len(steps) + 1 + untimed_parity) % 2]
         result = train_step()
         steps.append({"stage": stage, "seconds": result.step_time, "phases": result.phase_seconds,
                       "since_launch": time.time() - launched})
@@ -103,11 +103,12 @@ def rank_main(rank: int, world_size: int, port: int, overrides: list[str], alter
     shutdown()
 
 
-def run_case(case: str, options: argparse.Namespace, shards: str) -> list[dict]:
+def run_case(case: str, options: argparse.Namespace, shards: str, repeat: int) -> list[dict]:
     """A fresh world trains the case; each rank's record."""
+    untimed_parity = None if case == "osr" else repeat % 2
     with tempfile.TemporaryDirectory() as out:
         overrides = case_overrides(case, options, shards, out)
-        mp.spawn(rank_main, args=(options.world_size, _free_port(), overrides, case != "osr", time.time(), out),
+        mp.spawn(rank_main, args=(options.world_size, _free_port(), overrides, untimed_parity, time.time(), out),
                  nprocs=options.world_size)
         return [json.loads(Path(out, f"rank{rank}.json").read_text()) for rank in range(options.world_size)]
 
@@ -208,7 +209,7 @@ def main(argv=None) -> None:
             for case in cases:
                 print(f"repeat {repeat + 1}/{options.repeats}: {case}", file=sys.stderr, flush=True)
                 peer = case == "open_clip_train"
-                runs[case].append(run_peer(options, folder) if peer else run_case(case, options, folder))
+                runs[case].append(run_peer(options, folder) if peer else run_case(case, options, folder, repeat))
     results = {f"{case} {kind}": summary(runs[case], options, timed=kind == "timed")
                for case in ("zero0", "zero2") for kind in ("timed", "untimed")}
     results["osr stage I"] = summary(runs["osr"], options, stage=1)
