@@ -238,6 +238,7 @@ class EMAConfig:
 @dataclass
 class LogConfig:
     every: int = 10  # steps between progress lines and TensorBoard scalars
+    timing: bool = True  # rank 0 logs where a step's time goes (time/*: data, forward, loss, ...)
 
 
 @dataclass

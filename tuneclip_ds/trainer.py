@@ -16,6 +16,7 @@ from tuneclip_ds.config import Config, OSRConfig, corpus_size
 from tuneclip_ds.data.device_images import to_model_input
 from tuneclip_ds.losses import gamma_schedule
 from tuneclip_ds.optim import StageClock, StatisticsRecovery, group_options, param_groups, tower_mean_rates
+from tuneclip_ds.timing import phase_timer
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ class StepResult:
     skipped_batches: int = 0
     data_skipped: int = 0
     source_counts: list[int] | None = None  # this rank's samples from each of data.sources
+    phase_seconds: dict[str, float] = field(default_factory=dict)  # data, forward, loss, backward, step
 
 
 @dataclass
@@ -81,6 +83,7 @@ class Trainer:
         self.last_eval_step: int | None = None
         self.writer = writer
         self.is_main = engine.global_rank == 0
+        self.timer = phase_timer(engine.device, enabled=self.is_main and config.log.timing)  # rank 0 logs it
         self.global_batch = config.train.batch_size * config.train.grad_accum * engine.dp_world_size
         self.history = History()
         self.input_dtype = _engine_dtype(engine)
@@ -138,10 +141,10 @@ class Trainer:
                 self.ema.after_step(self.stage2_step)
             diagnostics = self.osr.observe(self.loss_fn) if self.osr.active else {}
             self._report(result, diagnostics, elapsed=time.perf_counter() - start, steps_done=self.step - first_step)
-            if self._evaluation_due():
-                self._evaluate()
+            if self.evaluator is not None and self._evaluation_due():
+                self._timed("eval", self._evaluate)
             if self._agree_to_save() or (every and self.step % every == 0):
-                self.save()
+                self._timed("checkpoint", self.save)
             if self.stop_requested:
                 logger.info("stopping at step %d on request; resume with checkpoint.resume=latest", self.step)
                 return False
@@ -255,23 +258,28 @@ class Trainer:
         grad_norm = None
         self._schedule_loss()
         while len(losses) < self.config.train.grad_accum:
-            batch = next(self.batches)
+            with self.timer.phase("data"):
+                batch = next(self.batches)
+                image, text = to_model_input(batch, device, self.input_dtype), batch["text"].to(device)
             data_skipped += batch.get("num_skipped", 0)
             source_counts = _add_counts(source_counts, batch.get("source_counts"))
-            image = to_model_input(batch, device, self.input_dtype)
-            outputs = self.engine(image, batch["text"].to(device))
-            loss = self._loss(outputs, batch, device)
+            with self.timer.phase("forward"):
+                outputs = self.engine(image, text)
+            with self.timer.phase("loss"):
+                loss = self._loss(outputs, batch, device)
             if not torch.isfinite(loss):
                 skipped += 1
                 self._on_nonfinite(loss, skipped)
                 continue
-            self.engine.backward(loss)
+            with self.timer.phase("backward"):
+                self.engine.backward(loss)
             if self.engine.is_gradient_accumulation_boundary():
                 lr_factor = 0.0 if self.osr.active else _schedule_factor(self.engine)  # of this update's rates
                 if self.engine.zero_optimization_stage() == 0:
                     grad_norm = _local_grad_norm(self.engine.module)  # stage 0 does not report it
-            self.engine.step()
-            losses.append(loss.item())
+            with self.timer.phase("step"):
+                self.engine.step()
+            losses.append(loss.item())  # waits for the step: the timer's events are done
         self.history.skipped_batches += skipped
         engine_norm = self.engine.get_global_grad_norm()
         return StepResult(
@@ -284,6 +292,7 @@ class Trainer:
             skipped_batches=skipped,
             data_skipped=data_skipped,
             source_counts=source_counts,
+            phase_seconds=self.timer.totals(),
         )
 
     def _schedule_loss(self) -> None:
@@ -326,6 +335,7 @@ class Trainer:
             "train/step_time": result.step_time,
             "train/skipped_batches": result.skipped_batches,
             "data/skipped_samples": result.data_skipped,
+            **{f"time/{phase}": seconds for phase, seconds in result.phase_seconds.items()},
         }
         if result.grad_norm is not None:
             scalars["train/grad_norm"] = result.grad_norm
@@ -347,6 +357,14 @@ class Trainer:
         if step % self.config.log.every == 0 or step == self.end_step or step == 1:
             stage = "stage I (lr frozen)" if self.osr.active else "stage II" if self.osr.max_steps else ""
             logger.info(_progress_line(step, self.end_step, result, rates["train/lr"], elapsed / steps_done, stage))
+
+    def _timed(self, name: str, action: Callable[[], None]) -> None:
+        """Run ``action`` and log its seconds as ``time/<name>`` (evaluations and saves end on the host, whose
+        clock then holds their whole time)."""
+        began = time.perf_counter()
+        action()
+        if self.writer is not None and self.config.log.timing:
+            self.writer.add_scalar(f"time/{name}", time.perf_counter() - began, self.step)
 
     def _rates(self, lr_factor: float) -> dict[str, float]:
         """``train/lr``: the schedule's base rate, ``optim.lr`` times its factor (the logit scale's rate, and
@@ -374,8 +392,18 @@ def _progress_line(step: int, total: int, result: StepResult, lr: float, seconds
     return (
         f"{stage + ' | ' if stage else ''}step {step}/{total} | loss {result.loss:.4f} | lr {lr:.3g}{grad} | "
         f"scale {result.logit_scale:.2f} | {result.samples / result.step_time:.0f} samples/s | "
-        f"{result.step_time:.2f} s/step | eta {_duration(eta)}"
+        f"{result.step_time:.2f} s/step{_phase_shares(result)} | eta {_duration(eta)}"
     )
+
+
+PHASE_LABELS = {"data": "data", "forward": "fwd", "loss": "loss", "backward": "bwd", "step": "opt"}
+
+
+def _phase_shares(result: StepResult) -> str:
+    """`` | data 3% fwd 30% loss 5% bwd 50% opt 10%``: each phase's share of the step time; empty untimed."""
+    shares = [f"{PHASE_LABELS[phase]} {100 * seconds / result.step_time:.0f}%"
+              for phase, seconds in result.phase_seconds.items()]
+    return f" | {' '.join(shares)}" if shares else ""
 
 
 def _group_table(groups: list[dict], lr_factor: float) -> str:

@@ -1,0 +1,231 @@
+"""Our trainer's speed on CPU ranks: step time, samples/s, start-up, memory, where the time goes, and what
+logging that costs.
+
+    .venv/bin/python benchmarks/trainer_speed.py                   # 2 ranks, tiny-ViT, b 64, 40 steps, 2 repeats
+    .venv/bin/python benchmarks/trainer_speed.py --steps 20 --repeats 1
+    .venv/bin/python benchmarks/trainer_speed.py --peer-site /tmp/peer-site   # open_clip_train's trainer too
+
+Every run is a fresh world of ``--world-size`` gloo ranks (``python -m tuneclip_ds.train``'s own
+``init_distributed``, hence its threads per rank), fp32, InfoNCE, on the default synthetic corpus:
+
+* ``zero0`` / ``zero2``: stage II alone at that ZeRO stage, rank 0 timing every other step only (the
+  timed and untimed steps alternate within the run, so that a change in the machine's load hits both
+  alike, and swap places from one repeat to the next, against any even/odd rhythm of the steps);
+* ``osr``: ZeRO-2, ``--steps`` steps of stage I (lr frozen) then ``--steps`` of stage II;
+* ``open_clip_train`` (with ``--peer-site``): open_clip_train 3.3.0's trainer through
+  ``open_clip_peer.py`` and torchrun, DDP, ``--local-loss --gather-with-grad``, the same model, batch,
+  steps and data workers. It needs webdataset 0.2.86 (it fails with 1.0.2: KeyError 'fname') and
+  pandas, kept apart from the project's environment:
+  ``.venv/bin/pip install --target /tmp/peer-site --no-deps webdataset==0.2.86 pandas``.
+  Its step time is its ``Batch (t)`` (logged every step), its data share ``Data (t)``, its first step
+  read from its log's one-second timestamps.
+
+Per case: the median step time (``train/step_time``) of the steps after the first ``--warmup`` of each
+stage, samples/s of the global batch at that median, the seconds from spawning the ranks to the end of
+the first step (interpreter, imports, model, engine and data pipeline included), each rank's peak
+resident memory (its own process, not its data workers), and each phase's median share of the step.
+The logging overhead is the timed steps' median over the untimed ones', and the timer's own cost, timed
+alone, per step of five phases.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import resource
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch.multiprocessing as mp
+
+PHASES = ["data", "forward", "loss", "backward", "step"]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--world-size", type=int, default=2)
+    parser.add_argument("--model", default="tiny-ViT")
+    parser.add_argument("--batch-size", type=int, default=64, help="per rank")
+    parser.add_argument("--steps", type=int, default=40, help="steps of each run (and of each OSR stage)")
+    parser.add_argument("--warmup", type=int, default=5, help="first steps of each stage left out of the medians")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each case")
+    parser.add_argument("--workers", type=int, default=1, help="data.num_workers per rank")
+    parser.add_argument("--peer-site", help="a folder with webdataset 0.2.86 and pandas: time open_clip_train too")
+    return parser.parse_args(argv)
+
+
+def case_overrides(case: str, options: argparse.Namespace, shards: str, output_dir: str) -> list[str]:
+    zero = {"zero0": 0, "zero2": 2, "osr": 2}[case]
+    common = [f"model.name={options.model}", f"data.train_shards={shards}", f"data.num_workers={options.workers}",
+              f"train.batch_size={options.batch_size}", "train.precision=fp32", "loss.name=infonce",
+              f"train.steps={options.steps}", f"output_dir={output_dir}", "run_name=speed",
+              "checkpoint.save_at_end=false", f"log.every={options.steps}"]
+    osr = [f"osr.steps={options.steps}"] if case == "osr" else []
+    return common + osr + [f"train.zero_stage={zero}"]
+
+
+def rank_main(rank: int, world_size: int, port: int, overrides: list[str], untimed_parity: int | None,
+              launched: float, out: str) -> None:
+    """One rank: train, recording each step's stage, step time, phase seconds and when it ended; with
+    ``untimed_parity`` (0 or 1), rank 0 leaves the steps of that parity untimed."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))
+    from tuneclip_ds.builders import build_run
+    from tuneclip_ds.config import load_config
+    from tuneclip_ds.distributed import init_distributed, shutdown
+    from tuneclip_ds.timing import NoTimer
+
+    init_distributed()
+    trainer = build_run(load_config(None, overrides), rank, world_size)
+    steps, train_step, timers = [], trainer.train_step, [trainer.timer, NoTimer()]
+
+    def recorded_step():
+        stage = 1 if trainer.osr.active else 2
+        if untimed_parity is not None:
+            trainer.timer = timers[(len(steps) + 1 + untimed_parity) % 2]
+        result = train_step()
+        steps.append({"stage": stage, "seconds": result.step_time, "phases": result.phase_seconds,
+                      "since_launch": time.time() - launched})
+        return result
+
+    trainer.train_step = recorded_step
+    trainer.run()
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"steps": steps, "peak_mib": peak_mib}))
+    shutdown()
+
+
+def run_case(case: str, options: argparse.Namespace, shards: str, repeat: int) -> list[dict]:
+    """A fresh world trains the case; each rank's record."""
+    untimed_parity = None if case == "osr" else repeat % 2
+    with tempfile.TemporaryDirectory() as out:
+        overrides = case_overrides(case, options, shards, out)
+        mp.spawn(rank_main, args=(options.world_size, _free_port(), overrides, untimed_parity, time.time(), out),
+                 nprocs=options.world_size)
+        return [json.loads(Path(out, f"rank{rank}.json").read_text()) for rank in range(options.world_size)]
+
+
+def run_peer(options: argparse.Namespace, shards: str) -> list[dict]:
+    """open_clip_train trains the same steps; rank 0's steps read from its log, each rank's memory."""
+    repo = Path(__file__).resolve().parent.parent
+    last_shard = len(list(Path(shards).glob("*.tar"))) - 1
+    arguments = ["--device", "cpu", "--model", options.model, "--precision", "fp32",
+                 "--train-data", f"{shards}/train-{{000000..{last_shard:06d}}}.tar", "--dataset-type", "webdataset",
+                 "--train-num-samples", str(options.batch_size * options.world_size * options.steps),
+                 "--batch-size", str(options.batch_size), "--workers", str(options.workers), "--epochs", "1",
+                 "--lr", "1e-3", "--warmup", "2", "--local-loss", "--gather-with-grad", "--log-every-n-steps", "1",
+                 "--save-frequency", "0", "--zeroshot-frequency", "0", "--val-frequency", "0", "--name", "peer"]
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([options.peer_site, str(repo)])}
+    with tempfile.TemporaryDirectory() as out:  # open_clip_train logs to ./logs (torchrun takes --logs* itself)
+        launched = time.time()
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(options.world_size),
+                        str(repo / "benchmarks" / "open_clip_peer.py"), *arguments],
+                       cwd=out, env=environment, check=True, stdout=subprocess.DEVNULL)
+        log = Path(out, "logs", "peer", "out.log").read_text()
+        peaks = [float(Path(out, f"peak_mib_rank{rank}.txt").read_text()) for rank in range(options.world_size)]
+    steps = [{"stage": 2, "seconds": float(batch), "phases": {"data": float(data)}, "since_launch":
+              datetime.datetime.strptime(stamp, "%Y-%m-%d,%H:%M:%S").timestamp() - launched}
+             for stamp, data, batch in PEER_STEP.findall(log)]
+    return [{"steps": steps, "peak_mib": peaks[0]}] + [{"steps": [], "peak_mib": peak} for peak in peaks[1:]]
+
+
+PEER_STEP = re.compile(r"^(\S+) \| INFO \| Train Epoch: .* Data \(t\): ([\d.]+) Batch \(t\): ([\d.]+)", re.M)
+
+
+def steady(steps: list[dict], stage: int, warmup: int) -> list[dict]:
+    return [step for step in steps if step["stage"] == stage][warmup:]
+
+
+def summary(runs: list[list[dict]], options: argparse.Namespace, stage: int = 2, timed: bool | None = None) -> dict:
+    """The case's numbers over its runs (rank 0's steps of ``stage``, those ``timed`` or not if given; every
+    rank's memory)."""
+    steps = [step for ranks in runs for step in steady(ranks[0]["steps"], stage, options.warmup)
+             if timed is None or bool(step["phases"]) == timed]
+    median = statistics.median(step["seconds"] for step in steps)
+    shares = {phase: statistics.median(step["phases"][phase] / step["seconds"] for step in steps)
+              for phase in PHASES if phase in steps[0]["phases"]}
+    return {
+        "median_s": median,
+        "samples_per_s": options.batch_size * options.world_size / median,
+        "first_step_s": statistics.median(ranks[0]["steps"][0]["since_launch"] for ranks in runs),
+        "peak_mib": [max(ranks[rank]["peak_mib"] for ranks in runs) for rank in range(options.world_size)],
+        "shares": shares,
+    }
+
+
+def timer_cost_per_step(repeats: int = 20000) -> float:
+    """Seconds the host-clock timer adds to a step: five phases entered and left, and their totals read."""
+    from tuneclip_ds.timing import PhaseTimer
+
+    timer = PhaseTimer()
+    began = time.perf_counter()
+    for _ in range(repeats):
+        for phase in PHASES:
+            with timer.phase(phase):
+                pass
+        timer.totals()
+    return (time.perf_counter() - began) / repeats
+
+
+def markdown(results: dict[str, dict], overhead: dict[str, float], timer_cost: float) -> str:
+    lines = ["| case | median step (s) | samples/s | first step (s) | peak RSS per rank (MiB) | "
+             + " | ".join(PHASES) + " |", "|---" * (5 + len(PHASES)) + "|"]
+    for case, found in results.items():
+        shares = [f"{100 * found['shares'][phase]:.0f}%" if phase in found["shares"] else "-" for phase in PHASES]
+        rss = " / ".join(f"{mib:.0f}" for mib in found["peak_mib"])
+        lines.append(f"| {case} | {found['median_s']:.3f} | {found['samples_per_s']:.0f} | "
+                     f"{found['first_step_s']:.1f} | {rss} | " + " | ".join(shares) + " |")
+    lines.append("")
+    lines += [f"timed / untimed steps, {stage}: {ratio:.4f}x" for stage, ratio in overhead.items()]
+    lines.append(f"the timer's own cost: {1e6 * timer_cost:.1f} us per step "
+                 f"({100 * timer_cost / results['zero2 timed']['median_s']:.4f}% of a zero2 step)")
+    stage1, stage2 = results["osr stage I"]["median_s"], results["osr stage II"]["median_s"]
+    lines.append(f"OSR stage I / stage II step: {stage1 / stage2:.3f}x")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    options = parse_args(argv)
+    import tuneclip_ds  # noqa: F401  (torchvision on a CPU-only torch, before open_clip)
+    from tuneclip_ds.config import SyntheticConfig
+    from tuneclip_ds.data.synthetic import write_synthetic_corpus
+
+    cases = ["zero0", "zero2", "osr"]
+    cases += ["open_clip_train"] if options.peer_site else []
+    runs: dict[str, list] = {case: [] for case in cases}
+    with tempfile.TemporaryDirectory() as folder:
+        spec = SyntheticConfig()
+        write_synthetic_corpus(folder, spec.num_samples, spec.samples_per_shard, spec.image_size,
+                               difficulty=spec.difficulty, seed=spec.seed, progress=False)
+        for repeat in range(options.repeats):
+            for case in cases:
+                print(f"repeat {repeat + 1}/{options.repeats}: {case}", file=sys.stderr, flush=True)
+                peer = case == "open_clip_train"
+                runs[case].append(run_peer(options, folder) if peer else run_case(case, options, folder, repeat))
+    results = {f"{case} {kind}": summary(runs[case], options, timed=kind == "timed")
+               for case in ("zero0", "zero2") for kind in ("timed", "untimed")}
+    results["osr stage I"] = summary(runs["osr"], options, stage=1)
+    results["osr stage II"] = summary(runs["osr"], options, stage=2)
+    if options.peer_site:
+        results["open_clip_train"] = summary(runs["open_clip_train"], options)
+    overhead = {case: results[f"{case} timed"]["median_s"] / results[f"{case} untimed"]["median_s"]
+                for case in ("zero0", "zero2")}
+    print(markdown(results, overhead, timer_cost_per_step()))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+if __name__ == "__main__":
+    main()
