@@ -157,6 +157,7 @@ def _copy_from_rank0(model: torch.nn.Module, source: torch.nn.Module | None) -> 
     for module_name, module in model.named_modules():
         for name, buffer in module.named_buffers(recurse=False):
             full_name = f"{module_name}.{name}" if module_name else name
-            on_device = (buffers[full_name] if source is not None else buffer).to(device, copy=True)
+            value = buffers[full_name] if source is not None else buffer
+            on_device = value.to(device=device, dtype=buffer.dtype, copy=True)  # zero.Init's dtype (bf16/fp16)
             torch.distributed.broadcast(on_device, src=0)
             setattr(module, name, on_device)  # a registered buffer stays one
