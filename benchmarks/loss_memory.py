@@ -43,7 +43,6 @@ import argparse
 import datetime
 import gc
 import os
-import socket
 import statistics
 import sys
 import time
@@ -57,6 +56,7 @@ import torch.nn.functional as F
 
 import tuneclip_ds  # noqa: F401  (before open_clip: lets torchvision import on a CPU-only torch)
 from tuneclip_ds.config import LossConfig
+from tuneclip_ds.distributed import free_port
 from tuneclip_ds.losses import build_loss
 from tuneclip_ds.plan.measure import AllocatorPeak
 
@@ -79,7 +79,7 @@ def main(argv=None) -> None:
     if options.device == "cuda" and options.world_size > torch.cuda.device_count():
         sys.exit(f"--world-size {options.world_size} needs as many GPUs (nccl: one per rank); "
                  f"{torch.cuda.device_count()} visible")
-    mp.spawn(_rank_main, args=(options, _free_port()), nprocs=options.world_size)
+    mp.spawn(_rank_main, args=(options, free_port()), nprocs=options.world_size)
 
 
 def parse_args(argv) -> argparse.Namespace:
@@ -252,12 +252,6 @@ def markdown_table(results: dict, options: argparse.Namespace) -> str:
 def _paired_ratio(ours: list[float], theirs: list[float]) -> float:
     """Median over repetitions of the ratio of two calls made one right after the other."""
     return statistics.median(a / b for a, b in zip(ours, theirs))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 if __name__ == "__main__":

@@ -36,7 +36,6 @@ import json
 import os
 import re
 import resource
-import socket
 import statistics
 import subprocess
 import sys
@@ -45,6 +44,8 @@ import time
 from pathlib import Path
 
 import torch.multiprocessing as mp
+
+from tuneclip_ds.distributed import free_port
 
 PHASES = ["data", "forward", "loss", "backward", "step"]
 
@@ -108,7 +109,7 @@ def run_case(case: str, options: argparse.Namespace, shards: str, repeat: int) -
     untimed_parity = None if case == "osr" else repeat % 2
     with tempfile.TemporaryDirectory() as out:
         overrides = case_overrides(case, options, shards, out)
-        mp.spawn(rank_main, args=(options.world_size, _free_port(), overrides, untimed_parity, time.time(), out),
+        mp.spawn(rank_main, args=(options.world_size, free_port(), overrides, untimed_parity, time.time(), out),
                  nprocs=options.world_size)
         return [json.loads(Path(out, f"rank{rank}.json").read_text()) for rank in range(options.world_size)]
 
@@ -219,12 +220,6 @@ def main(argv=None) -> None:
     overhead = {case: results[f"{case} timed"]["median_s"] / results[f"{case} untimed"]["median_s"]
                 for case in ("zero0", "zero2")}
     print(markdown(results, overhead, timer_cost_per_step()))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 if __name__ == "__main__":
