@@ -87,9 +87,9 @@ class Trainer:
         self.global_batch = config.train.batch_size * config.train.grad_accum * engine.dp_world_size
         self.history = History()
         self.input_dtype = _engine_dtype(engine)
-        # For the logs: each group's and each tower's base rate, which the schedule's factor multiplies.
-        self.param_groups = param_groups(engine.module, config.optim)
-        self.tower_rates = tower_mean_rates(engine.module, config.optim)
+        # For rank 0's logs: each group's and each tower's base rate, which the schedule's factor multiplies.
+        self.param_groups = param_groups(engine.module, config.optim) if self.is_main else []
+        self.tower_rates = tower_mean_rates(engine.module, config.optim) if self.is_main else {}
         self.checkpoint_root = config.run_dir / "checkpoints"
         # Save after the step in flight, and maybe stop there: set by callers, and agreed over the ranks with
         # the preemption signals noted by tuneclip_ds.preemption (see _agree_to_save).
