@@ -41,3 +41,19 @@ def test_patch_only_where_torchvision_ops_do_not_load():
     else:
         assert _torchvision_compat._library is not None
         assert hasattr(torch.ops.torchvision, "nms")
+
+
+def test_deepspeed_starts_on_cpu_without_compiling_its_shared_memory_all_reduce(tmp_path):
+    """DeepSpeed compiles a C++ all-reduce when its backend starts on CPUs (~20 s, each time another
+    environment compiled it last); training never calls it."""
+    start = (
+        "import os; os.environ.update(TORCH_EXTENSIONS_DIR=os.getcwd())\n"
+        "from tuneclip_ds.distributed import init_distributed\n"
+        "init_distributed()\n"
+        "import deepspeed.comm.comm as comm\n"
+        "print('shared-memory op:', comm.cdb.shm_comm_op)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", start], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "shared-memory op: None" in result.stdout
+    assert not list(tmp_path.iterdir())  # nothing compiled into the extension folder

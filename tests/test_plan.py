@@ -106,6 +106,9 @@ def _bucket_buffers(rank, world_size, stage, overlap, precision):
     ZeRO-1/2 make theirs in backward and release them at its end, so they are read just before."""
     import deepspeed
 
+    from tuneclip_ds.distributed import start_deepspeed_comm
+
+    start_deepspeed_comm()
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 8))
     ds_config = {"train_micro_batch_size_per_gpu": 2, "bf16": {"enabled": precision == "bf16"},

@@ -32,7 +32,6 @@ def init_distributed() -> tuple[int, int]:
     A plain ``python -m tuneclip_ds.train`` runs as a world of one. The backend
     is DeepSpeed's choice for the accelerator (nccl on GPUs, gloo on CPU).
     """
-    import deepspeed
     from deepspeed.accelerator import get_accelerator
 
     if "RANK" not in os.environ:
@@ -42,8 +41,27 @@ def init_distributed() -> tuple[int, int]:
     _limit_cpu_threads()
     if get_accelerator().device_name() != "cpu":
         get_accelerator().set_device(local_rank())
-    deepspeed.init_distributed()
+    start_deepspeed_comm()
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def start_deepspeed_comm() -> None:
+    """DeepSpeed's communication backend, over the process group when one is started (else it starts one);
+    nothing when DeepSpeed has it already.
+
+    On CPUs DeepSpeed builds and loads a C++ shared-memory all-reduce when the backend starts: about 20 s
+    of compilation in a fresh environment (and again whenever another environment built it last in the
+    shared extension cache), 4 s to load it otherwise. Only its tensor-parallel inference calls that
+    all-reduce, never training, so it is left out.
+    """
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":
+        shared_memory_op = get_accelerator().get_op_builder("ShareMemCommBuilder")
+        if shared_memory_op is not None:
+            deepspeed.ops.__compatible_ops__[shared_memory_op.NAME] = False
+    deepspeed.init_distributed()
 
 
 def local_rank() -> int:

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from tuneclip_ds.config import Config, ConfigError
+from tuneclip_ds.distributed import start_deepspeed_comm
 from tuneclip_ds.optim import StageClock, build_optimizer, lr_lambda, param_groups
 from tuneclip_ds.optim.osr import reset_moments
 
@@ -123,6 +124,7 @@ def build_engine(config: Config, model: torch.nn.Module, total_steps: int, clock
     # starts exactly where a fresh AdamW would.
     for group in optimizer.param_groups:
         group["initial_lr"], group["lr"] = group["lr"], 0.0
+    start_deepspeed_comm()
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,

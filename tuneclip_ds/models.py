@@ -12,7 +12,7 @@ import open_clip
 import torch
 
 from tuneclip_ds.config import ModelConfig
-from tuneclip_ds.distributed import wait_for_rank0
+from tuneclip_ds.distributed import start_deepspeed_comm, wait_for_rank0
 from tuneclip_ds.errors import ModelLoadError, first_line
 from tuneclip_ds.tokenizer import build_tokenizer
 from tuneclip_ds.weights import load_openai_archive, resolve_weights
@@ -133,7 +133,7 @@ def build_partitioned_model(cfg: ModelConfig, ds_config: dict) -> ClipBundle:
     import deepspeed
 
     source = wait_for_rank0(lambda: build_model(cfg).model)
-    deepspeed.init_distributed()  # DeepSpeed's view of the process group (which zero.Init reads) is set up lazily
+    start_deepspeed_comm()  # DeepSpeed's view of the process group (which zero.Init reads) is set up lazily
     with deepspeed.zero.Init(config_dict_or_path=ds_config):
         bundle = build_model(cfg, load_weights=False)
     _copy_from_rank0(bundle.model, source)
