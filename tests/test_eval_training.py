@@ -86,6 +86,7 @@ def test_zero3_evaluation_during_training_keeps_and_exports_the_best(pools, tmp_
     logged = scalars(run_dir)
     assert len(logged["eval/cls/top1"]) == 4  # steps 0 (the start), 2, 4, 6
     assert {"eval/ret/mean_R@1", "eval/average", "eval/cls/top5"} <= logged.keys()
+    assert len(logged["time/eval"]) == 4 and all(seconds > 0 for seconds in logged["time/eval"])
     values = logged["eval/cls/top1"]
     best_step = 2 * values.index(min(values))  # the first of equal values wins
     assert best["best_step"] == best_step and best["best"] == pytest.approx(min(values))  # TensorBoard keeps float32

@@ -7,7 +7,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -142,9 +142,9 @@ class Trainer:
             diagnostics = self.osr.observe(self.loss_fn) if self.osr.active else {}
             self._report(result, diagnostics, elapsed=time.perf_counter() - start, steps_done=self.step - first_step)
             if self.evaluator is not None and self._evaluation_due():
-                self._timed("eval", self._evaluate)
+                self._evaluate()
             if self._agree_to_save() or (every and self.step % every == 0):
-                self._timed("checkpoint", self.save)
+                self.save()
             if self.stop_requested:
                 logger.info("stopping at step %d on request; resume with checkpoint.resume=latest", self.step)
                 return False
@@ -180,7 +180,7 @@ class Trainer:
         """Evaluate (once per step), log to TensorBoard, and keep the checkpoint of the best result."""
         if self.evaluator is None or self.last_eval_step == self.step:
             return
-        results, is_best = self.evaluator(self.engine, self.input_dtype, self.step, self.ema)
+        results, is_best = self._timed("eval", lambda: self.evaluator(self.engine, self.input_dtype, self.step, self.ema))
         self.last_eval_step = self.step
         if self.writer is not None:
             for name, value in results.items():
@@ -212,9 +212,9 @@ class Trainer:
         metadata = {**self.checkpoint_metadata(), **self.export_record,
                     "param_group_options": group_options(self.config.optim),
                     "ema": self.ema.record() if self.ema is not None else None}
-        checkpoint.save(self.engine, self.checkpoint_root, self.step, metadata, rank_state,
-                        keep_last=self.config.checkpoint.keep_last,
-                        ema_state=self.ema.state_to_save() if self.ema is not None else None)
+        self._timed("checkpoint", lambda: checkpoint.save(
+            self.engine, self.checkpoint_root, self.step, metadata, rank_state, keep_last=self.config.checkpoint.keep_last,
+            ema_state=self.ema.state_to_save() if self.ema is not None else None))
         self.save_requested = False
         self.last_saved_step = self.step
 
@@ -358,13 +358,14 @@ class Trainer:
             stage = "stage I (lr frozen)" if self.osr.active else "stage II" if self.osr.max_steps else ""
             logger.info(_progress_line(step, self.end_step, result, rates["train/lr"], elapsed / steps_done, stage))
 
-    def _timed(self, name: str, action: Callable[[], None]) -> None:
-        """Run ``action`` and log its seconds as ``time/<name>`` (evaluations and saves end on the host, whose
+    def _timed(self, name: str, action: Callable[[], Any]) -> Any:
+        """``action()``, its seconds logged as ``time/<name>`` (evaluations and saves end on the host, whose
         clock then holds their whole time)."""
         began = time.perf_counter()
-        action()
+        result = action()
         if self.writer is not None and self.config.log.timing:
             self.writer.add_scalar(f"time/{name}", time.perf_counter() - began, self.step)
+        return result
 
     def _rates(self, lr_factor: float) -> dict[str, float]:
         """``train/lr``: the schedule's base rate, ``optim.lr`` times its factor (the logit scale's rate, and
