@@ -1,12 +1,13 @@
-"""Our trainer's speed on CPU ranks: step time, samples/s, start-up, memory, where the time goes, and what
+"""Our trainer's speed on CPU ranks (or GPUs): step time, samples/s, start-up, memory, where the time goes, and what
 logging that costs.
 
     .venv/bin/python benchmarks/trainer_speed.py                   # 2 ranks, tiny-ViT, b 64, 40 steps, 2 repeats
     .venv/bin/python benchmarks/trainer_speed.py --steps 20 --repeats 1
     .venv/bin/python benchmarks/trainer_speed.py --peer-site /tmp/peer-site   # open_clip_train's trainer too
 
-Every run is a fresh world of ``--world-size`` gloo ranks (``python -m tuneclip_ds.train``'s own
-``init_distributed``, hence its threads per rank), fp32, InfoNCE, on the default synthetic corpus:
+Every run is a fresh world of ``--world-size`` ranks (``python -m tuneclip_ds.train``'s own
+``init_distributed``, hence its threads per rank: gloo on CPUs, nccl on GPUs), InfoNCE, ``--precision``
+(fp32 by default), on the default synthetic corpus:
 
 * ``zero0`` / ``zero2``: stage II alone at that ZeRO stage, rank 0 timing every other step only (the
   timed and untimed steps alternate within the run, so that a change in the machine's load hits both
@@ -58,6 +59,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=40, help="steps of each run (and of each OSR stage)")
     parser.add_argument("--warmup", type=int, default=5, help="first steps of each stage left out of the medians")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each case")
+    parser.add_argument("--image-size", type=int, help="the model's image size forced to this (both trainers)")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="bf16: ours DeepSpeed bf16 (fp32 masters), the peer's amp_bf16")
     parser.add_argument("--workers", type=int, default=1, help="data.num_workers per rank")
     parser.add_argument("--peer-site", help="a folder with webdataset 0.2.86 and pandas: time open_clip_train too")
     return parser.parse_args(argv)
@@ -66,11 +70,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 def case_overrides(case: str, options: argparse.Namespace, shards: str, output_dir: str) -> list[str]:
     zero = {"zero0": 0, "zero2": 2, "osr": 2}[case]
     common = [f"model.name={options.model}", f"data.train_shards={shards}", f"data.num_workers={options.workers}",
-              f"train.batch_size={options.batch_size}", "train.precision=fp32", "loss.name=infonce",
+              f"train.batch_size={options.batch_size}", f"train.precision={options.precision}", "loss.name=infonce",
               f"train.steps={options.steps}", f"output_dir={output_dir}", "run_name=speed",
               "checkpoint.save_at_end=false", f"log.every={options.steps}"]
     osr = [f"osr.steps={options.steps}"] if case == "osr" else []
-    return common + osr + [f"train.zero_stage={zero}"]
+    image_size = [f"model.force_image_size={options.image_size}"] if options.image_size else []
+    return common + osr + image_size + [f"train.zero_stage={zero}"]
 
 
 def rank_main(rank: int, world_size: int, port: int, overrides: list[str], untimed_parity: int | None,
@@ -118,7 +123,11 @@ def run_peer(options: argparse.Namespace, shards: str) -> list[dict]:
     """open_clip_train trains the same steps; rank 0's steps read from its log, each rank's memory."""
     repo = Path(__file__).resolve().parent.parent
     last_shard = len(list(Path(shards).glob("*.tar"))) - 1
-    arguments = ["--device", "cpu", "--model", options.model, "--precision", "fp32",
+    import torch
+
+    precision = {"fp32": "fp32", "bf16": "amp_bf16"}[options.precision]
+    arguments = ["--device", "cuda" if torch.cuda.is_available() else "cpu", "--model", options.model,
+                 "--precision", precision, *(["--force-image-size", str(options.image_size)] if options.image_size else []),
                  "--train-data", f"{shards}/train-{{000000..{last_shard:06d}}}.tar", "--dataset-type", "webdataset",
                  "--train-num-samples", str(options.batch_size * options.world_size * options.steps),
                  "--batch-size", str(options.batch_size), "--workers", str(options.workers), "--epochs", "1",
