@@ -458,7 +458,8 @@ def mean_u_after_updates(rank, world_size):
 def test_estimator_table_mean_is_over_every_rank_and_direction(pool):
     (mean_0, state_0), (mean_1, state_1) = pool.run(mean_u_after_updates)
     everything = torch.cat([state_0["log_u"], state_1["log_u"]]).double()
-    assert mean_0 == mean_1 == pytest.approx(torch.log(torch.exp(everything).mean()).item(), rel=1e-12)
+    # summed in float32 chunks: log_mean_u's stated tolerance against float64
+    assert mean_0 == mean_1 == pytest.approx(torch.log(torch.exp(everything).mean()).item(), abs=1e-5)
 
 
 @pytest.mark.parametrize("recover, message", [("[x]", r"osr\.recover must list each of \['m', 'v', 'u'\]"),
