@@ -15,14 +15,17 @@ the corpus's model, as ``build_model`` gets it), tokenizer, batch size and DataL
 
 The corpora are written with the project's synthetic samples and shard writer:
 
-* ``photo``: 256-px JPEGs (quality 90, about 15 kB, the size of img2dataset's usual 256-px resize) through
+* ``photo``: 256-px JPEGs (quality 90, about 15 kB each) through
   ViT-B-16's 224-px transform (RandomResizedCrop, bicubic);
 * ``demo``: the demo's 32-px PNGs (configs/demo.yaml) through tiny-ViT's 32-px transform.
 
-Each measurement is a fresh process that reads one epoch of the corpus (ours and theirs alike); its rate counts
-the batches after the first ``--warmup`` (workers starting, shuffle buffers filling) to the epoch's end, with
-the device synchronised at both ends. The two pipelines alternate, the first of them swapping from one repeat
-to the next; the table gives the median over ``--repeats`` and the ratio ours / theirs of the medians.
+Each measurement is a fresh process (ours and theirs alike) that times ``--batches`` batches after the first
+``--warmup`` (workers starting, shuffle buffers filling), the device synchronised at both ends: images per second
+of wall-clock, and per second of processor time of the process and its data workers (user and system), which
+a machine shared with other jobs disturbs less. The process runs one torch thread (OMP_NUM_THREADS=1), as data
+workers do: with more, OpenMP's threads spin after each of our normalisations on the CPU, and the spinning
+counts as processor time (most of ours on the demo corpus). The two pipelines alternate, the first of them
+swapping from one repeat to the next; the table gives the medians over ``--repeats`` and their ratio.
 """
 
 from __future__ import annotations
@@ -63,7 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--samples", type=int, default=2560, help="samples in each corpus: one epoch is read")
     parser.add_argument("--samples-per-shard", type=int, default=256)
-    parser.add_argument("--warmup", type=int, default=4, help="first batches left out of the rate")
+    parser.add_argument("--warmup", type=int, default=4, help="first batches left out of the rates")
+    parser.add_argument("--batches", type=int, default=24, help="batches timed after the warm-up ones")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default=None, help="where images are normalised (default: cuda if available)")
     parser.add_argument("--measure", choices=PIPELINES, help=argparse.SUPPRESS)  # in the child process
@@ -141,7 +145,8 @@ def their_batches(shards: str, corpus: Corpus, options: argparse.Namespace, devi
 
 
 def measure(options: argparse.Namespace) -> dict:
-    """Images per second of one epoch after the warm-up batches, and the seconds to the first batch."""
+    """Images per second of wall-clock and of processor time (this process and its data workers) over
+    ``--batches`` batches after the warm-up ones, and the seconds to the first batch."""
     import torch
 
     import tuneclip_ds.models  # noqa: F401  (torchvision on a CPU-only torch; our model configs for open_clip)
@@ -149,20 +154,29 @@ def measure(options: argparse.Namespace) -> dict:
     device = torch.device(options.device)
     synchronize = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     make_batches = our_batches if options.measure == "ours" else their_batches
-    began = time.perf_counter()
-    images, first_batch_s, counted_from = 0, None, None
+    began, marks, images = time.perf_counter(), [], 0
     for index, (pixels, _) in enumerate(make_batches(options.shards, CORPORA[options.corpus], options, device)):
         if index == 0:
             first_batch_s = time.perf_counter() - began
-        if index == options.warmup:
+        if index in (options.warmup, options.warmup + options.batches):
             synchronize()
-            counted_from = time.perf_counter()
-        if index >= options.warmup:
-            images += len(pixels)
-    synchronize()
-    if counted_from is None:
-        raise SystemExit(f"no batch after the {options.warmup} warm-up batches: write more --samples")
-    return {"images_per_s": images / (time.perf_counter() - counted_from), "first_batch_s": first_batch_s}
+            marks.append((time.perf_counter(), processor_seconds()))  # the workers are still there
+        if len(marks) == 2:
+            break
+        images += len(pixels) if marks else 0
+    if len(marks) < 2:
+        raise SystemExit(f"an epoch has fewer than {options.warmup + options.batches} batches: write more --samples")
+    (wall_start, cpu_start), (wall_end, cpu_end) = marks
+    return {"images_per_s": images / (wall_end - wall_start), "images_per_cpu_s": images / (cpu_end - cpu_start),
+            "first_batch_s": first_batch_s}
+
+
+def processor_seconds() -> float:
+    """User and system seconds of this process and its live descendants (the DataLoader workers)."""
+    import psutil
+
+    me = psutil.Process()
+    return sum(sum(process.cpu_times()[:2]) for process in [me, *me.children(recursive=True)])
 
 
 # ---------------------------------------------------------------- the comparison
@@ -171,9 +185,11 @@ def measure(options: argparse.Namespace) -> dict:
 def run_child(pipeline: str, corpus: str, workers: int, shards: str, options: argparse.Namespace) -> dict:
     command = [sys.executable, __file__, "--peer-site", options.peer_site, "--measure", pipeline, "--corpus", corpus,
                "--shards", shards, "--workers", str(workers), "--batch-size", str(options.batch_size),
-               "--samples", str(options.samples), "--warmup", str(options.warmup), "--device", options.device]
+               "--samples", str(options.samples), "--warmup", str(options.warmup), "--batches", str(options.batches),
+               "--device", options.device]
     environment = (peer_environment(options.peer_site) if pipeline == "open_clip_train"
                    else {**os.environ, "PYTHONPATH": str(REPO)})
+    environment["OMP_NUM_THREADS"] = "1"  # see the module's docstring
     done = subprocess.run(command, env=environment, cwd=REPO, capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"{pipeline} on {corpus} with {workers} workers failed:\n{done.stderr[-3000:]}")
@@ -195,24 +211,29 @@ def compare(options: argparse.Namespace) -> dict:
                         print(f"{corpus}, {workers} workers, repeat {repeat + 1}/{options.repeats}: {pipeline}",
                               file=sys.stderr, flush=True)
                         found = run_child(pipeline, corpus, workers, shards, options)
+                        print(f"  {found['images_per_s']:.0f} images/s, {found['images_per_cpu_s']:.0f} per "
+                              "processor second", file=sys.stderr, flush=True)
                         results.setdefault((corpus, workers), {}).setdefault(pipeline, []).append(found)
     return results
 
 
 def markdown(results: dict, options: argparse.Namespace) -> str:
-    lines = [f"batch {options.batch_size}, {options.samples} samples, device {options.device}, median of "
-             f"{options.repeats}", "",
-             "| corpus | workers | ours (images/s) | open_clip_train (images/s) | ours / theirs "
-             "| first batch (s), ours / theirs |",
-             "|---|---|---|---|---|---|"]
+    lines = [f"batch {options.batch_size}, {options.batches} batches timed after {options.warmup}, device "
+             f"{options.device}, median of {options.repeats}; images/s of wall-clock | of processor time", "",
+             "| corpus | workers | ours | open_clip_train | ours / theirs | ours, CPU | open_clip_train, CPU "
+             "| ours / theirs, CPU | first batch (s), ours / theirs |",
+             "|---" * 9 + "|"]
     for (corpus, workers), runs in results.items():
-        rate = {pipeline: statistics.median(run["images_per_s"] for run in runs[pipeline]) for pipeline in PIPELINES}
-        first = {pipeline: statistics.median(run["first_batch_s"] for run in runs[pipeline]) for pipeline in PIPELINES}
+        median = {(pipeline, key): statistics.median(run[key] for run in runs[pipeline])
+                  for pipeline in PIPELINES for key in runs[pipeline][0]}
+        cells = []
+        for key in ("images_per_s", "images_per_cpu_s"):
+            ours, theirs = median["ours", key], median["open_clip_train", key]
+            cells += [f"{ours:.0f}", f"{theirs:.0f}", f"{ours / theirs:.2f}"]
         spec = CORPORA[corpus]
+        first = f"{median['ours', 'first_batch_s']:.1f} / {median['open_clip_train', 'first_batch_s']:.1f}"
         lines.append(f"| {corpus} ({spec.image_size}-px {spec.image_format}, {spec.model}) | {workers} | "
-                     f"{rate['ours']:.0f} | {rate['open_clip_train']:.0f} | "
-                     f"{rate['ours'] / rate['open_clip_train']:.2f} | "
-                     f"{first['ours']:.1f} / {first['open_clip_train']:.1f} |")
+                     + " | ".join(cells) + f" | {first} |")
     return "\n".join(lines)
 
 

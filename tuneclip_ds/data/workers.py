@@ -14,9 +14,10 @@ from tuneclip_ds.distributed import cpus_per_rank
 
 logger = logging.getLogger("tuneclip_ds.data")
 
-# More workers than this rarely pay: each keeps its own shuffle buffer of raw samples and prefetched batches
-# in memory, and each reader needs shards of its own. A few 224-px workers already outpace a GPU's step of
-# ViT-B/16 (benchmarks/input_speed.py gives a worker's images per second).
+# More workers than this do not pay: one decodes and crops about 600 256-px JPEGs into 224-px images per second
+# of processor time (benchmarks/input_speed.py), so 8 give several thousand a second, more than a GPU trains even
+# ViT-B/16 on, while each more holds its own shuffle buffer and prefetched batches in memory and needs shards
+# of its own (every rank's every worker reads different shards).
 MAX_AUTOMATIC_WORKERS = 8
 
 
@@ -43,9 +44,9 @@ def _automatic_within_shards(fewest_shards: int, world_size: int, resampled: boo
     chosen = for_cpus if resampled else min(for_cpus, max(1, fewest_shards // world_size))
     if rank == 0:
         lowered = f"; {fewest_shards} shards for {world_size} ranks: not {for_cpus}" if chosen < for_cpus else ""
-        logger.info("data.num_workers: %d data-loading workers per rank (automatic: %d CPUs for this rank, one kept "
-                    "for training, at most %d%s; set data.num_workers to choose)", chosen, cpus_per_rank(),
-                    MAX_AUTOMATIC_WORKERS, lowered)
+        logger.info("data.num_workers: %d data-loading workers per rank (automatic: this rank's %d CPU(s) less one "
+                    "for training, at least 1, at most %d%s; set data.num_workers to choose)", chosen,
+                    cpus_per_rank(), MAX_AUTOMATIC_WORKERS, lowered)
     return chosen
 
 
