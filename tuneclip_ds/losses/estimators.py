@@ -3,12 +3,13 @@
 Ownership: sample ``id`` lives on rank ``id % W`` at local slot ``id // W`` (``W`` ranks in the
 loss's group), so a rank stores O(n/W) entries for a corpus of ``n`` samples. The table holds
 ``log u`` for each direction (image anchors, text anchors); it is allocated for the corpus when its
-size is known (``reserve``), else grows on demand up to the largest slot it has seen. In a step, the ``(id, log g)`` of the global batch are all-gathered (a few bytes per
-sample; unlike ``all_to_all``, no rank opens a connection to every other); each owner computes the new
-``log u`` of its samples, one all-reduce of the global batch's values (zero where another rank owns the
-sample) returns every rank its own, and the owner stores them only when the loss commits the step: a global batch that is not finite anywhere (NaN
-features of one rank reach every anchor through the ring) must leave the table as it was, or every
-later batch with one of its samples would be NaN too.
+size is known (``reserve``), else grows on demand up to the largest slot it has seen. In a step, the
+``(id, log g)`` of the global batch are all-gathered (a few bytes per sample; unlike ``all_to_all``,
+no rank opens a connection to every other); each owner computes the new ``log u`` of its samples, one
+all-reduce of the global batch's values (zero where another rank owns the sample) returns every rank
+its own, and the owner stores them only when the loss commits the step: a global batch that is not
+finite anywhere (NaN features of one rank reach every anchor through the ring) must leave the table
+as it was, or every later batch with one of its samples would be NaN too.
 """
 
 import logging
@@ -109,7 +110,7 @@ class EstimatorTable:
 
     def _log_sum_and_count(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """float64 ``log`` of the sum of ``u`` over this rank's seen entries, and their number: a log-sum-exp of
-        each chunk of the table in its own dtype, the chunks' combined in float64 (no host synchronisation)."""
+        each chunk of the table in its own dtype, the chunks' sums combined in float64 (no host synchronisation)."""
         log_sum = torch.tensor(-math.inf, dtype=torch.float64, device=device)
         count = torch.zeros((), dtype=torch.float64, device=device)
         if self.log_u is None:
@@ -180,7 +181,6 @@ class EstimatorTable:
             extra = max(size, 2 * capacity) - capacity  # doubling: amortised O(1) growth
             self.log_u = torch.cat([self.log_u, self.log_u.new_zeros(extra, self.num_directions)])
             self.seen = torch.cat([self.seen, self.seen.new_zeros(extra)])
-
 
     def _warn_once_beyond_reservation(self, capacity: int) -> None:
         if self._reserved_for is not None and self._warn_on_growth:
