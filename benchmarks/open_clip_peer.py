@@ -1,4 +1,5 @@
-"""open_clip_train's own trainer on CPU ranks, the peer that ``trainer_speed.py --peer`` measures.
+"""open_clip_train's own trainer on CPU ranks, the peer that ``trainer_speed.py --peer`` measures; and the
+environment of any process that imports open_clip_train (``peer_environment``, for input_speed.py too).
 
     PYTHONPATH=PEER_SITE:. torchrun --nproc_per_node 2 benchmarks/open_clip_peer.py --device cpu ...
 
@@ -16,7 +17,16 @@ from pathlib import Path
 
 import torch
 
-import tuneclip_ds.models  # noqa: F401  (torchvision on a CPU-only torch; our model configs for open_clip)
+REPO = Path(__file__).resolve().parent.parent
+PEER_SITE_INSTALL = ".venv/bin/pip install --target /tmp/peer-site --no-deps webdataset==0.2.86 pandas"
+
+
+def peer_environment(peer_site: str) -> dict[str, str]:
+    """The environment of a process importing open_clip_train: ``peer_site`` (webdataset 0.2.86 and pandas) ahead
+    of this repository on its path, the project's own webdataset 1.0.2 left as it is."""
+    if not Path(peer_site, "webdataset").is_dir():
+        raise SystemExit(f"{peer_site} holds no webdataset: install the peer's packages with {PEER_SITE_INSTALL}")
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([peer_site, str(REPO)])}
 
 
 class CpuDistributedDataParallel(torch.nn.parallel.DistributedDataParallel):
@@ -25,6 +35,8 @@ class CpuDistributedDataParallel(torch.nn.parallel.DistributedDataParallel):
 
 
 if __name__ == "__main__":
+    import tuneclip_ds.models  # noqa: F401  (torchvision on a CPU-only torch; our model configs for open_clip)
+
     torch.nn.parallel.DistributedDataParallel = CpuDistributedDataParallel
     from open_clip_train.main import main
 

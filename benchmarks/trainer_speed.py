@@ -46,6 +46,7 @@ from pathlib import Path
 
 import torch.multiprocessing as mp
 
+from open_clip_peer import REPO, peer_environment
 from tuneclip_ds.distributed import free_port
 
 PHASES = ["data", "forward", "loss", "backward", "step"]
@@ -121,7 +122,6 @@ def run_case(case: str, options: argparse.Namespace, shards: str, repeat: int) -
 
 def run_peer(options: argparse.Namespace, shards: str) -> list[dict]:
     """open_clip_train trains the same steps; rank 0's steps read from its log, each rank's memory."""
-    repo = Path(__file__).resolve().parent.parent
     last_shard = len(list(Path(shards).glob("*.tar"))) - 1
     import torch
 
@@ -133,12 +133,11 @@ def run_peer(options: argparse.Namespace, shards: str) -> list[dict]:
                  "--batch-size", str(options.batch_size), "--workers", str(options.workers), "--epochs", "1",
                  "--lr", "1e-3", "--warmup", "2", "--local-loss", "--gather-with-grad", "--log-every-n-steps", "1",
                  "--save-frequency", "0", "--zeroshot-frequency", "0", "--val-frequency", "0", "--name", "peer"]
-    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([options.peer_site, str(repo)])}
     with tempfile.TemporaryDirectory() as out:  # open_clip_train logs to ./logs (torchrun takes --logs* itself)
         launched = time.time()
         subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(options.world_size),
-                        str(repo / "benchmarks" / "open_clip_peer.py"), *arguments],
-                       cwd=out, env=environment, check=True, stdout=subprocess.DEVNULL)
+                        str(REPO / "benchmarks" / "open_clip_peer.py"), *arguments],
+                       cwd=out, env=peer_environment(options.peer_site), check=True, stdout=subprocess.DEVNULL)
         log = Path(out, "logs", "peer", "out.log").read_text()
         peaks = [float(Path(out, f"peak_mib_rank{rank}.txt").read_text()) for rank in range(options.world_size)]
     steps = [{"stage": 2, "seconds": float(batch), "phases": {"data": float(data)}, "since_launch":

@@ -70,6 +70,17 @@ def test_augmentation_is_a_function_of_the_seed_epoch_and_sample(model):
     assert random.getstate() == state  # the caller's generator is left as it was
 
 
+def test_seeding_the_cpu_generator_alone_draws_what_torch_manual_seed_did():
+    """``seeded`` leaves the accelerators' generators alone (seeding them is slow); torch's CPU draws, hence
+    every augmentation, are those of the full ``torch.manual_seed`` with the same key, as before."""
+    torch.manual_seed(hash((0, 3, 7)) & 0x7FFF_FFFF_FFFF_FFFF)
+    expected = torch.rand(4)
+    caller = torch.random.get_rng_state()
+    with seeded(0, 3, 7):
+        assert torch.equal(torch.rand(4), expected)
+    assert torch.equal(torch.random.get_rng_state(), caller)
+
+
 def augmenter(**options):
     return CaptionAugmenter(TextAugmentationConfig(**options), ByteTokenizer(), seed=0)
 

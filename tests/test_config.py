@@ -113,6 +113,7 @@ def test_bad_override_names_the_override(tmp_path, overrides, message):
         ("osr.steps=-3", "osr.steps must be at least 0, got -3"),
         ("osr.min_steps=-1", "osr.min_steps must be at least 0, got -1"),
         ("eval.every=-1", "eval.every must be at least 0, got -1"),
+        ("data.num_workers=-1", "data.num_workers must be at least 0, got -1"),
         ("train.wait_timeout_minutes=0", "train.wait_timeout_minutes must be greater than 0, got 0.0"),
         ("train.wait_timeout_minutes=-5", "train.wait_timeout_minutes must be greater than 0, got -5.0"),
     ],
@@ -136,10 +137,12 @@ def test_numbers_at_the_edges_of_their_ranges_load():
     config = load_config(None, ["train.steps=0", "optim.lr=0", "optim.weight_decay=0", "optim.betas=[0, 0.999]",
                                 "optim.eps=0", "optim.min_lr_ratio=1", "train.grad_clip=0", "osr.steps=0",
                                 "train.wait_timeout_minutes=0.05", "optim.layer_decay=1", "optim.text_layer_decay=1e-6",
-                                "optim.image_lr=0", "optim.text_weight_decay=0"])
+                                "optim.image_lr=0", "optim.text_weight_decay=0", "data.num_workers=0"])
     assert config.optim.betas == (0.0, 0.999) and config.optim.lr == 0.0
     assert config.optim.text_layer_decay == 1e-6 and config.optim.image_lr == 0.0
-    assert config.train.wait_timeout_minutes == 0.05
+    assert config.train.wait_timeout_minutes == 0.05 and config.data.num_workers == 0
+    assert load_config(None, ["train.steps=0"]).data.num_workers is None  # automatic
+    assert load_config(None, ["train.steps=0", "data.num_workers=null"]).data.num_workers is None
 
 
 def test_empty_string_keys_accept_null_and_an_empty_override(tmp_path):

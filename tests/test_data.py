@@ -18,7 +18,7 @@ from PIL import Image
 
 import tuneclip_ds  # noqa: F401  (before open_clip: makes torchvision importable on CPU torch)
 import open_clip
-from tuneclip_ds.data import pipeline, shards, synthetic
+from tuneclip_ds.data import pipeline, shards, synthetic, workers
 from tuneclip_ds.data.device_images import to_model_input
 from tuneclip_ds.data.pipeline import build_train_loader, resolve_shards
 from tuneclip_ds.data.shards import ImageTextSample, write_shards
@@ -260,6 +260,52 @@ def test_fewer_shards_than_readers_is_a_clear_error(tmp_path, preprocess):
     corpus(tmp_path, num_samples=24, samples_per_shard=8)
     with pytest.raises(ValueError, match=r"3 shards for 2 ranks x 2 data workers.*resampled"):
         loader_for(tmp_path, preprocess, num_workers=2, rank=1, world_size=2)
+
+
+def on_cpus(monkeypatch, node: int, affinity: int, ranks_per_node: int) -> None:
+    """Fake a node of ``node`` CPUs, this process bound to ``affinity`` of them, ``ranks_per_node`` ranks on it."""
+    monkeypatch.setattr(os, "cpu_count", lambda: node)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(affinity)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(ranks_per_node))
+
+
+@pytest.mark.parametrize("node,affinity,ranks_per_node,expected", [
+    (96, 96, 8, 8),  # the whole node shared by 8 ranks: 12 each, less one, capped at 8
+    (64, 64, 8, 7),  # 8 each, less one
+    (64, 6, 8, 5),  # bound to 6 CPUs (srun --cpus-per-task 6): this rank's own, not divided again
+    (2, 2, 2, 1),  # one CPU each: still one worker
+    (4, 4, 1, 3),  # a single rank on a small machine
+    (256, 256, 1, 8),  # the cap
+])
+def test_automatic_workers_are_the_ranks_cpus_less_one(monkeypatch, node, affinity, ranks_per_node, expected):
+    on_cpus(monkeypatch, node, affinity, ranks_per_node)
+    assert workers.automatic_workers() == expected
+
+
+def test_automatic_workers_are_lowered_to_what_the_shards_allow(tmp_path, preprocess, monkeypatch, caplog):
+    corpus(tmp_path, num_samples=56, samples_per_shard=8)  # 7 shards: 3 readers for each of 2 ranks
+    on_cpus(monkeypatch, node=32, affinity=32, ranks_per_node=2)  # 15 workers by the CPUs, 8 by the cap
+    with caplog.at_level(logging.INFO, logger="tuneclip_ds.data"):
+        loader = loader_for(tmp_path, preprocess, num_workers=None, rank=0, world_size=2)
+    assert loader.readers == loader.loader.num_workers == 3
+    assert "data.num_workers: 3 data-loading workers per rank" in caplog.text
+    assert "7 shards for 2 ranks: not 8" in caplog.text
+    resampled = loader_for(tmp_path, preprocess, num_workers=None, rank=1, world_size=2, resampled=True)
+    assert resampled.loader.num_workers == 8  # shards drawn with replacement: any number of readers
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="tuneclip_ds.data"):
+        loader_for(tmp_path, preprocess, num_workers=None, rank=1, world_size=2)
+    assert caplog.text == ""  # rank 0 alone logs it
+    with pytest.raises(ValueError, match=r"7 shards for 8 ranks x 1 data workers"):  # fewer shards than ranks
+        loader_for(tmp_path, preprocess, num_workers=None, rank=0, world_size=8)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_explicit_workers_are_taken_as_they_are(tmp_path, preprocess, monkeypatch, num_workers):
+    corpus(tmp_path, num_samples=56, samples_per_shard=8)
+    on_cpus(monkeypatch, node=2, affinity=2, ranks_per_node=2)  # the automatic number would be 1
+    loader = loader_for(tmp_path, preprocess, num_workers=num_workers, rank=0, world_size=2)
+    assert loader.loader.num_workers == num_workers and loader.readers == max(1, num_workers)
 
 
 def test_missing_shards_are_a_clear_error(tmp_path):

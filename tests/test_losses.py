@@ -6,6 +6,8 @@ in the parent (references): the children import this module to find the worker f
 """
 
 import contextlib
+import logging
+import math
 import os
 
 import tuneclip_ds  # noqa: F401  (before open_clip: patches the torchvision import on CPU)
@@ -18,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from gloo_pool import GlooPool
 from tuneclip_ds.losses import build_loss, gamma_schedule
 from tuneclip_ds.losses.estimators import EstimatorTable
-from tuneclip_ds.losses.ring import resolve_group, ring_blocks
+from tuneclip_ds.losses.ring import GroupInfo, resolve_group, ring_blocks
 
 POOL_SIZE = 4
 WORLD_SIZES = [1, 2, 3, 4]
@@ -338,15 +340,20 @@ def gcl_step_batches(world_size, dtype=torch.float64):
     ]
 
 
-def _gcl_steps_worker(rank, world_size, group, loss_kwargs, steps, initial_states=None):
+def _gcl_steps_worker(rank, world_size, group, loss_kwargs, steps, initial_states=None, reserve_for=None):
+    """The steps' results (with the estimator table's address and size after each) and the final state; with
+    ``reserve_for``, the table is allocated for the ids [0, reserve_for) first, as the trainer does."""
     loss_fn = build_loss(group=group, **loss_kwargs)
+    if reserve_for is not None:
+        loss_fn.estimators.reserve(reserve_for, loss_fn.group_info(), torch.device("cpu"), torch.float64)
     if initial_states is not None:
         loss_fn.load_state_dict(initial_states)
     results = []
     for gamma, batch_kwargs in steps:
         loss_fn.gamma = gamma
-        results.append(loss_and_grads(loss_fn, make_batch(**batch_kwargs), rank, world_size)
-                       | {"metrics": loss_fn.metrics()})
+        result = loss_and_grads(loss_fn, make_batch(**batch_kwargs), rank, world_size)
+        table = loss_fn.estimators.log_u
+        results.append(result | {"metrics": loss_fn.metrics(), "table": (table.data_ptr(), len(table))})
     return results, loss_fn.state_dict()
 
 
@@ -397,15 +404,61 @@ def test_gcl_estimators_are_owned_by_id_modulo_world_size(pool, world_size):
 
 
 @pytest.mark.parametrize("new_world_size", [1, 3])
-def test_gcl_state_dict_resumes_on_another_world_size(pool, new_world_size):
+@pytest.mark.parametrize("reserve_for", [None, 20])
+def test_gcl_state_dict_resumes_on_another_world_size(pool, new_world_size, reserve_for):
     """Two steps on 2 ranks, then the states of both ranks are loaded on ``new_world_size`` ranks
-    (each keeps the ids it owns): the third step equals an uninterrupted single-process run."""
+    (each keeps the ids it owns), into tables allocated for the corpus or not: the third step equals an
+    uninterrupted single-process run."""
     steps = [(gamma, dict(global_batch=12, seed=seed, pull=0.3, id_range=20)) for gamma, seed in GCL_STEPS]
     reference = ReferenceGCL("hinge_sq")
     reference_steps = reference_gcl_steps(reference, steps)
-    saved = [state for _, state in run_on_ranks(pool, 2, _gcl_steps_worker, dict(name="hgcl"), steps[:2])]
-    resumed = run_on_ranks(pool, new_world_size, _gcl_steps_worker, dict(name="hgcl"), steps[2:], saved)
+    saved = [state for _, state in run_on_ranks(pool, 2, _gcl_steps_worker, dict(name="hgcl"), steps[:2],
+                                                None, reserve_for)]
+    resumed = run_on_ranks(pool, new_world_size, _gcl_steps_worker, dict(name="hgcl"), steps[2:], saved, reserve_for)
     assert_steps_match(resumed, reference_steps[2:], new_world_size)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_a_table_allocated_for_the_corpus_is_never_reallocated_and_gives_the_same_results(pool, world_size):
+    """Allocated for the ids [0, 8W) the batches draw from: each rank's table has its 8 slots (and with several
+    ranks the spare one) from the start and keeps them, and every step's results and the estimators equal
+    those of a table that grows as ids arrive, bit for bit."""
+    steps = gcl_step_batches(world_size)
+    grown = run_on_ranks(pool, world_size, _gcl_steps_worker, dict(name="hgcl"), steps)
+    allocated = run_on_ranks(pool, world_size, _gcl_steps_worker, dict(name="hgcl"), steps, None, 8 * world_size)
+    for (grown_steps, grown_state), (allocated_steps, allocated_state) in zip(grown, allocated):
+        assert {step["table"] for step in allocated_steps} == {allocated_steps[0]["table"]}
+        assert allocated_steps[0]["table"][1] == (8 if world_size == 1 else 9)
+        for grown_step, allocated_step in zip(grown_steps, allocated_steps):
+            assert grown_step["metrics"] == allocated_step["metrics"]
+            for key in ("loss", "image", "text", "scale"):
+                assert torch.equal(grown_step[key], allocated_step[key]), key
+        assert all(torch.equal(grown_state[key], allocated_state[key]) for key in grown_state)
+
+
+@pytest.mark.parametrize("num_samples,world_size", [(10, 1), (10, 3), (1, 4), (12, 4)])
+def test_the_table_is_allocated_for_the_largest_id_a_rank_owns(num_samples, world_size):
+    """Each rank's size is that of the largest slot ``id // W`` of any id below ``num_samples`` (every rank
+    makes room for every rank's ids: the global batch's), plus with several ranks the spare last slot."""
+    for rank in range(world_size):
+        table = EstimatorTable(num_directions=2)
+        table.reserve(num_samples, GroupInfo(None, rank, world_size), torch.device("cpu"))
+        largest_slot = max(sample // world_size for sample in range(num_samples))
+        assert table.log_u.shape == (largest_slot + 1 + (world_size > 1), 2) and table.log_u.dtype == torch.float32
+        assert table.seen.shape == (len(table.log_u),) and not table.seen.any()
+
+
+def test_growing_past_the_allocation_warns_once_on_rank_0_naming_the_key(caplog):
+    """Ids at or beyond the corpus size (a data.num_samples too small, sparse keys) still find room."""
+    with caplog.at_level(logging.WARNING, logger="tuneclip_ds.losses.estimators"):
+        for rank in (0, 1):
+            info, table = GroupInfo(None, rank, 2), EstimatorTable(num_directions=1)
+            table.reserve(4, info, torch.device("cpu"))  # 3 slots: the 2 owned ids and the spare
+            for ids in ([0, 1, 9, 30], [100, 101]):  # each grows the table
+                table.load_state_dict({"ids": torch.tensor(ids), "log_u": torch.ones(len(ids), 1)}, info)
+            assert table.state_dict(info)["ids"].tolist() == [100 + rank]
+    assert caplog.text.count("WARNING") == 1
+    assert "corpus size 4 (data.num_samples" in caplog.text and "past the 3 slots" in caplog.text
 
 
 def _on_nodes_of(rank, world_size, group, node_size, worker, *args):
@@ -520,6 +573,21 @@ def test_estimator_update_stays_finite_for_huge_g():
     for gamma in (1.0, 0.8, 0.1):
         log_u = update_and_commit(table, [0], torch.tensor([[700.0]]), gamma)
         assert log_u.item() == pytest.approx(700.0, rel=1e-7)
+
+
+def test_log_mean_u_of_a_large_float32_table_matches_float64():
+    """3M float32 values (three chunks of 1M, the last one short), log u spread over about e^-40..e^40 and 30%
+    unseen: the chunked float32 log-sum-exp is within 1e-5 of the float64 log mean of the seen values."""
+    table, single, cpu = EstimatorTable(num_directions=2), resolve_group(None), torch.device("cpu")
+    assert table.log_mean_u(single, cpu) == -math.inf  # no table yet
+    table.reserve(1_500_001, single, cpu)
+    assert table.log_mean_u(single, cpu) == -math.inf  # nothing seen yet
+    generator = torch.Generator().manual_seed(0)
+    table.log_u.copy_(10 * torch.randn(table.log_u.shape, generator=generator))
+    table.seen.copy_(torch.rand(table.seen.shape, generator=generator) < 0.7)
+    seen = table.log_u[table.seen].double()
+    expected = (torch.logsumexp(seen.flatten(), dim=0) - math.log(seen.numel())).item()
+    assert table.log_mean_u(single, cpu) == pytest.approx(expected, abs=1e-5)
 
 
 def test_gamma_schedule_decays_from_one_to_gamma_min_and_stays():

@@ -214,9 +214,10 @@ def test_cpus_per_task_defaults_to_the_tasks_share_of_a_node(monkeypatch, capsys
     nodes = [Node(cpus=64, gpus=8), Node(cpus=128, gpus=8), Node(cpus=96, gpus=4)]
     monkeypatch.setattr(submit, "partition_nodes", lambda partition: ("gpu", nodes))
 
-    def cpus_per_task(arguments: list[str], num_workers: int) -> int:
+    def cpus_per_task(arguments: list[str], num_workers: int | None) -> int:
         args = submit.parse_args(["--nodes", "2", *arguments])
-        config = load_config(None, ["train.steps=1", f"data.num_workers={num_workers}", f"output_dir={tmp_path}"])
+        workers = "null" if num_workers is None else num_workers
+        config = load_config(None, ["train.steps=1", f"data.num_workers={workers}", f"output_dir={tmp_path}"])
         parameters = submit.slurm_executor(args, config, minutes=60).parameters
         assert parameters["srun_args"] == ["--cpus-per-task", str(parameters["cpus_per_task"])]  # not inherited
         return parameters["cpus_per_task"]
@@ -230,6 +231,8 @@ def test_cpus_per_task_defaults_to_the_tasks_share_of_a_node(monkeypatch, capsys
     assert capsys.readouterr().err == ("warning: 6 CPU(s) per task for data.num_workers=7 data-loading workers and "
                                        "the rank itself: the GPUs may wait for data; give --cpus-per-task 8 or more, "
                                        "or lower data.num_workers\n")
+    assert cpus_per_task(["--gpus-per-node", "8", "--cpus-per-task", "2"], num_workers=None) == 2
+    assert capsys.readouterr().err == ""  # the automatic data.num_workers takes what the task has
     assert default_cpus_per_task([Node(cpus=16, gpus=0)], count=1, tasks_per_node=4, gpus=0) == 4  # CPU tasks
 
 

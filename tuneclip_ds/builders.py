@@ -8,7 +8,7 @@ from functools import partial
 from pathlib import Path
 import torch
 
-from tuneclip_ds.config import Config, DataConfig, LossConfig, SyntheticConfig
+from tuneclip_ds.config import Config, DataConfig, LossConfig, SyntheticConfig, corpus_size
 from tuneclip_ds.data.stream import BatchStream
 from tuneclip_ds.distributed import set_wait_timeout, wait_for_rank0
 from tuneclip_ds.engine import build_ds_config, build_engine
@@ -129,6 +129,8 @@ def build_run(config: Config, rank: int, world_size: int, batches=None) -> Train
     engine = build_engine(config, bundle.model, stage2_steps, clock)
     osr = StatisticsRecovery(engine, clock, config.osr, stage1_steps)
     loss_fn = build_loss_from_config(config.loss)
+    if hasattr(loss_fn, "estimators"):  # GCL/HGCL: this rank's share of the corpus, allocated once
+        loss_fn.estimators.reserve(corpus_size(config), loss_fn.group_info(), engine.device)
     return Trainer(config, engine, batches, loss_fn, stage2_steps, writer=build_writer(config, rank), osr=osr,
                    evaluator=evaluator, export_record=bundle.export_record(), ema=build_ema(config.ema, engine))
 

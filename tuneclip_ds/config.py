@@ -96,7 +96,9 @@ class DataConfig:
     synthetic: Optional[SyntheticConfig] = None  # generate into train_shards when it is empty
     labels: Optional[LabelsConfig] = None  # labelled shards: captions from class names and templates
     num_samples: Optional[int] = None  # corpus size, for epoch-based schedules (default: synthetic.num_samples)
-    num_workers: int = 2
+    # DataLoader workers per rank; 0: read in the training process; null: automatic, this rank's CPUs less one
+    # (at most 8), lowered to what the shards allow (every rank's every worker needs a shard of its own)
+    num_workers: Optional[int] = None
     shuffle_buffer: int = 1000
     resampled: bool = False
     sources: list[SourceConfig] = field(default_factory=list)  # several sources mixed by weight (not train_shards)
@@ -463,6 +465,7 @@ def _ranged_values(config: Config) -> dict[str, tuple[float | None, Range]]:
         "loss.gamma_min": (config.loss.gamma_min, FRACTION),
         "loss.label_smoothing": (config.loss.label_smoothing, Range(0, 1, high_open=True)),
         **_augmentation_ranges(config.data),
+        "data.num_workers": (config.data.num_workers, AT_LEAST_0),
         "train.steps": (train.steps, AT_LEAST_0),
         "train.samples": (train.samples, AT_LEAST_0),
         "train.epochs": (train.epochs, AT_LEAST_0),

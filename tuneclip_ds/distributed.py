@@ -121,13 +121,25 @@ def ranks_per_node() -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", 1)))
 
 
+def available_cpus() -> int:
+    """The CPUs this process may run on: its affinity, which Slurm's --cpus-per-task and taskset bound."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def cpus_per_rank() -> int:
+    """This rank's share of the CPUs: an affinity narrower than the node is taken as the rank's own (srun
+    binds each task to its --cpus-per-task); the whole node is shared by the ranks on it."""
+    available = available_cpus()
+    if available < (os.cpu_count() or available):
+        return available
+    return max(1, available // max(1, ranks_per_node()))
+
+
 def _limit_cpu_threads() -> None:
     """Share the cores between the ranks of a node unless the user chose (OMP_NUM_THREADS)."""
     if "OMP_NUM_THREADS" in os.environ:
         return
-    ranks_here = ranks_per_node()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    torch.set_num_threads(max(1, cores // max(1, ranks_here)))
+    torch.set_num_threads(max(1, available_cpus() // max(1, ranks_per_node())))
 
 
 # Ranks waiting for one rank's long work (a checkpoint conversion, a model load) must not sit in a collective

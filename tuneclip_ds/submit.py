@@ -98,8 +98,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--time", default="60", help="time limit: minutes, or [D-]HH:MM:SS (default: 60)")
     parser.add_argument("--constraint", help="node features, as sbatch --constraint")
     parser.add_argument("--mem", help="memory per node, as sbatch --mem (e.g. 400G)")
-    parser.add_argument("--cpus-per-task", type=int, help="CPUs per rank: data.num_workers + 1 or more "
-                        "(default: a node's CPUs shared by its GPUs, or by the tasks on a partition without GPUs)")
+    parser.add_argument("--cpus-per-task", type=int, help="CPUs per rank (default: a node's CPUs shared by its "
+                        "GPUs, or by the tasks on a partition without GPUs): an explicit data.num_workers + 1 or more; "
+                        "the automatic data.num_workers uses them less one")
     parser.add_argument("--job-name", help="default: the config's run_name")
     parser.add_argument("--exclusive", action="store_true", help="whole nodes, shared with no other job")
     parser.add_argument("--max-requeues", type=int, default=3, help="requeues after preemption or time limit")
@@ -213,8 +214,9 @@ def default_cpus_per_task(nodes: list[Node], count: int, tasks_per_node: int, gp
     return max(1, sorted(shares, reverse=True)[count - 1])
 
 
-def warn_if_data_starved(cpus_per_task: int, num_workers: int) -> None:
-    if num_workers + 1 > cpus_per_task:
+def warn_if_data_starved(cpus_per_task: int, num_workers: int | None) -> None:
+    """An explicit ``data.num_workers`` the CPUs cannot run beside the rank (the automatic one adapts to them)."""
+    if num_workers is not None and num_workers + 1 > cpus_per_task:
         print(f"warning: {cpus_per_task} CPU(s) per task for data.num_workers={num_workers} data-loading workers "
               "and the rank itself: the GPUs may wait for data; give --cpus-per-task "
               f"{num_workers + 1} or more, or lower data.num_workers", file=sys.stderr)

@@ -41,13 +41,15 @@ it's they them their he him his she her we us our you your i me my as than then 
 
 @contextlib.contextmanager
 def seeded(seed: int, epoch: int, sample_id: int):
-    """torch's and Python's global generators seeded by (seed, epoch, sample id), restored afterwards:
-    torchvision draws from torch's, open_clip's colour jitter and grayscale and timm's crops from Python's."""
+    """torch's CPU and Python's global generators seeded by (seed, epoch, sample id), restored afterwards:
+    torchvision draws from torch's, open_clip's colour jitter and grayscale and timm's crops from Python's.
+    Not ``torch.manual_seed``, which also seeds every accelerator's generators, each call recording a stack
+    trace while they are not initialised (as in data workers): most of a small image's time."""
     key = hash((seed, epoch, sample_id)) & 0x7FFF_FFFF_FFFF_FFFF
     python_state = random.getstate()
     try:
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(key)
+            torch.random.default_generator.manual_seed(key)
             random.seed(key)
             yield
     finally:

@@ -34,6 +34,7 @@ from tuneclip_ds.data.augment import CaptionAugmenter, seeded
 from tuneclip_ds.data.device_images import Normalization, split_normalization
 from tuneclip_ds.data.shards import DataError, ShardFormatError
 from tuneclip_ds.data.tar_members import read_tar_members
+from tuneclip_ds.data.workers import resolve_workers
 
 logger = logging.getLogger("tuneclip_ds.data")
 
@@ -79,7 +80,7 @@ def _is_remote(path: str) -> bool:
     return "://" in path or path.startswith("pipe:")
 
 
-def build_train_loader(shards, preprocess, tokenizer, batch_size: int, num_workers: int, rank: int,
+def build_train_loader(shards, preprocess, tokenizer, batch_size: int, num_workers: int | None, rank: int,
                        world_size: int, seed: int, shuffle_buffer: int = 1000, resampled: bool = False,
                        captions: CaptionAugmenter | None = None, sources: list[Source] | None = None,
                        pin_memory: bool = False, make_batches=None):
@@ -89,6 +90,7 @@ def build_train_loader(shards, preprocess, tokenizer, batch_size: int, num_worke
     that ends in open_clip's tensor conversion and normalisation gives uint8 images and the batch's
     ``normalization`` to apply on the device (``device_images.to_model_input``). ``pin_memory``: for
     asynchronous copies to a GPU.
+    ``num_workers``: DataLoader workers (0: read in this process; None: automatic, see ``workers.py``).
     ``tokenizer``: list of str -> LongTensor [n, ctx]. ``captions``: caption augmentation (none: the
     ``txt`` as it is). ``sources``: several sources mixed by weight (then ``shards`` is ignored). Partial last
     batches are dropped. ``make_batches``: a :class:`RankBatches` subclass (or a partial of one) for another
@@ -100,15 +102,8 @@ def build_train_loader(shards, preprocess, tokenizer, batch_size: int, num_worke
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    readers = world_size * max(1, num_workers)
-    for index, source in enumerate(sources or [Source(shards)]):
-        if not resampled and len(source.shards) < readers:
-            where = f"source {index}: " if sources else ""
-            raise DataError(
-                f"{where}{len(source.shards)} shards for {world_size} ranks x {max(1, num_workers)} data workers: "
-                f"each of the {readers} readers needs at least one shard. Write more, smaller shards "
-                "(--samples-per-shard), use fewer data workers, or sample shards with replacement (resampled=True)"
-            )
+    shard_counts = [len(source.shards) for source in sources or [Source(shards)]]
+    num_workers = resolve_workers(num_workers, shard_counts, world_size, resampled, rank)
     pixels, normalization = split_normalization(preprocess)
     make_batches = make_batches or RankBatches
     batches = make_batches(sources[0].shards if sources else shards, pixels, tokenizer, batch_size, rank, world_size,
