@@ -77,6 +77,7 @@ LOSSES = ("infonce", "siglip", "gcl", "hgcl")
 OPTIMIZERS = ("torch", "deepspeed")  # optim.implementation: torch's AdamW, DeepSpeed's fused Adam
 DEVICES = ("cuda", "cpu")  # where torch's AdamW runs: foreach on GPUs, one tensor at a time on the CPU
 EMA_PLACES = ("none", "same", "cpu")  # no EMA of the weights, one beside the masters, one in CPU memory
+TOPOLOGIES = ("ring", "hierarchical")  # loss.topology
 MODEL_STATE_ROWS = ("parameters", "gradients", "optimizer states", "gathered layer")
 # Similarity tiles alive at once in the ring loss's backward: benchmarks/loss_memory.py measures
 # 6 (InfoNCE) to 9 (SigLIP) at b=2048, d=512, tile 512, fp32, 2 ranks; the most is taken.
@@ -137,6 +138,7 @@ class Setup:
     grad_checkpointing: bool = False
     loss: str = "infonce"
     tile_size: int = 1024
+    topology: str = "hierarchical"  # the ring loss's (TOPOLOGIES): the flat ring on one node
     gpu_memory_gib: float = 80.0
     zero: ZeroSettings = field(default_factory=ZeroSettings)
     optimizer: str = "torch"
@@ -161,7 +163,7 @@ class Setup:
         if self.gpu_memory_gib <= 0:
             raise InputError(f"gpu memory must be positive, got {self.gpu_memory_gib} GiB")
         choices = {"zero_stage": (0, 1, 2, 3), "precision": tuple(PRECISION_BYTES), "loss": LOSSES,
-                   "optimizer": OPTIMIZERS, "device": DEVICES, "ema": EMA_PLACES}
+                   "optimizer": OPTIMIZERS, "device": DEVICES, "ema": EMA_PLACES, "topology": TOPOLOGIES}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise InputError(f"{key} must be one of {', '.join(map(str, allowed))}, got {getattr(self, key)!r}")
