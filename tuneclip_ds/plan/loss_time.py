@@ -81,7 +81,7 @@ class Links:
         for item in fields(self):
             value = getattr(self, item.name)
             if not value > 0:  # NaN too
-                raise InputError(f"{item.name.replace('_', '-')} must be positive, got {value}")
+                raise InputError(f"--{item.name.replace('_', '-')} must be positive, got {value:g}")
 
     def matmul_flops(self, precision: str) -> float:
         return 1e12 * (self.fp32_tflops if precision == "fp32" else self.bf16_tflops)
