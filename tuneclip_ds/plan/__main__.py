@@ -220,9 +220,6 @@ def _loss_time_row(name: str, time: LossTime) -> str:
 def _loss_verdict(plan: Plan, links: Links, time: LossTime) -> str:
     """Which topology the run uses, its loss time, and from how many nodes the loss outlasts the towers."""
     setup = plan.setup
-    flat = setup.topology == "ring" or setup.nodes == 1 or setup.gpus_per_node == 1
-    used = "the flat ring" + ("" if setup.topology == "ring" else " (hierarchical falls back to it here)") \
-        if flat else "the hierarchical ring"
     towers = towers_time(plan.shape, setup, links)
     nodes = nodes_where_loss_passes(plan.shape, setup, links, setup.topology)
     if nodes is None:
@@ -232,8 +229,16 @@ def _loss_verdict(plan: Plan, links: Links, time: LossTime) -> str:
         scaling = (f"it outlasts the towers' ~{1e3 * towers:,.1f} ms (estimate) {where} {nodes:,} node(s) "
                    f"({nodes * setup.gpus_per_node:,} ranks): there it stops scaling, since it grows with the "
                    "ranks and the towers do not")
-    return (f"loss verdict: {used} (loss.topology {setup.topology}) takes {1e3 * time.total:,.1f} ms per micro-step, "
-            f"{100 * time.overhead / time.total:.0f} % of it latency and launches; {scaling}")
+    return (f"loss verdict: {_ring_used(setup)} (loss.topology {setup.topology}) takes {1e3 * time.total:,.1f} ms "
+            f"per micro-step, {100 * time.overhead / time.total:.0f} % of it latency and launches; {scaling}")
+
+
+def _ring_used(setup: Setup) -> str:
+    if setup.topology == "ring":
+        return "the flat ring"
+    if setup.nodes == 1 or setup.gpus_per_node == 1:
+        return "the flat ring (hierarchical falls back to it here)"
+    return "the hierarchical ring"
 
 
 @command
@@ -243,9 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     name, force_image_size, setup = resolve(args)
     from tuneclip_ds.plan.shape import model_shape
 
-    links = links_from(args)
-    links.check()
-    print(format_plan(make_plan(model_shape(name, force_image_size), setup), links))
+    print(format_plan(make_plan(model_shape(name, force_image_size), setup), links_from(args)))
     return 0
 
 

@@ -1,7 +1,7 @@
 """The loss's time per step: a model of where the ring loss stops scaling, per topology.
 
 Per micro-step (forward and backward), for ``W`` ranks on ``N`` nodes of ``L`` ranks, ``b`` samples
-per rank, blocks of ``B_f`` bytes in forward and ``B_b`` in backward (``estimate.ring_traffic``):
+per rank, blocks of ``B_f`` bytes in forward and ``B_b`` in backward (``estimate.block_bytes``):
 
 * flat ring (``loss.topology: ring``): ``W-1`` hops in each pass, every hop over the slowest link
   (inter-node when ``N > 1``: a ring step waits for the one that crosses nodes)::
@@ -42,7 +42,7 @@ from dataclasses import dataclass, fields, replace
 from typing import NamedTuple
 
 from tuneclip_ds.errors import InputError
-from tuneclip_ds.plan.estimate import Setup, _backward_block, _directions
+from tuneclip_ds.plan.estimate import Setup, block_bytes
 from tuneclip_ds.plan.shape import ModelShape, Tower
 
 
@@ -152,7 +152,7 @@ def _slowest_link(setup: Setup, links: Links) -> tuple[float, float]:
 
 def _pass_bytes(embed_dim: int, setup: Setup) -> int:
     """A rank's block in forward and in backward, together."""
-    return _directions(setup.loss) * setup.batch_size * embed_dim * setup.width + _backward_block(embed_dim, setup)
+    return sum(block_bytes(embed_dim, setup).values())
 
 
 def _launch(setup: Setup, links: Links) -> float:
