@@ -21,16 +21,18 @@ The ring loss's ops per hop and time per op, for the planner's loss-time model (
 runs the loss (8 samples of width 16 per rank, one tile per block) on 2 and then 3 ranks (gloo on
 the CPU, NCCL on 3 GPUs), counts with the torch profiler the aten ops at the top level of dispatch
 (not called by another aten op) in forward and in backward, and times a step (the median: in the
-thread's CPU time on the CPU, wall time on GPUs). The third rank adds one hop: the differences are the ops per
-hop and the time per hop, whose ratio is the time per dispatched op (the hop's own send and
-receive included, so a little over).
+thread's CPU time on the CPU, wall time on GPUs). The third rank adds one hop: the differences are
+the ops per hop and the time per hop. The time per op comes from one process without a ring: the
+loss on 128 samples in one tile per direction and then in tiles of 16, the same flops in many more
+ops (on one GPU, this alone: the ring on GPUs needs 3). What a hop costs beyond its ops is its send
+and receive (``--*-latency-us`` on GPUs).
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import datetime
+import gc
 import itertools
 import json
 import os
@@ -114,6 +116,7 @@ def _step(model, images, tokens) -> None:
 
 
 RING_BATCH, RING_DIM, RING_TILE = 8, 16, 64  # one tile per block and direction
+SPLIT_BATCH, SPLIT_TILE = 128, 16  # one process: one tile per direction, then 64
 
 
 def top_level_aten_ops(events, phase: str) -> list[str]:
@@ -138,35 +141,59 @@ def ring_op_counts(rank: int, world_size: int, loss_name: str, repeats: int = 0)
     steps, the median ``seconds`` of a step."""
     import torch
 
-    from tuneclip_ds.losses import build_loss
-
     device = torch.device("cuda", rank) if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
-    loss = build_loss(loss_name, tile_size=RING_TILE, topology="ring")
-    step = _ring_step(loss, rank, device)
-    step()  # warm-up
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
-        step()
-    forward, backward = (top_level_aten_ops(profile.events(), phase) for phase in ("forward", "backward"))
-    matmuls = [name for name in forward + backward if name in ("aten::matmul", "aten::mm", "aten::addmm_")]
-    return {"forward": len(forward), "backward": len(backward), "matmuls": len(matmuls),
-            "seconds": _median_seconds(step, device, repeats) if repeats else None}
+    return _count_and_time(loss_name, RING_TILE, _inputs_of_rank(rank, RING_BATCH, device), repeats)
 
 
-def _ring_step(loss, rank: int, device):
+def seconds_per_op(loss_name: str, device: str, repeats: int) -> float:
+    """The time of one dispatched op in one process, no ring: the loss on ``SPLIT_BATCH`` samples in one
+    tile per direction, then in tiles of ``SPLIT_TILE``: the same flops in many more ops."""
+    inputs = _inputs_of_rank(0, SPLIT_BATCH, _device(device))
+    one, split = (_count_and_time(loss_name, tile, inputs, repeats) for tile in (SPLIT_BATCH, SPLIT_TILE))
+    ops = split["forward"] + split["backward"] - one["forward"] - one["backward"]
+    return (split["seconds"] - one["seconds"]) / ops
+
+
+def _device(name: str):
+    import torch
+
+    return torch.device("cuda", torch.cuda.current_device()) if name == "cuda" else torch.device("cpu")
+
+
+def _inputs_of_rank(rank: int, batch_size: int, device) -> tuple:
+    """Normalised image and text features, sample ids, logit scale and bias of one rank."""
     import torch
 
     generator = torch.Generator().manual_seed(rank)
-    image, text = (torch.nn.functional.normalize(torch.randn(RING_BATCH, RING_DIM, generator=generator), dim=-1)
+    image, text = (torch.nn.functional.normalize(torch.randn(batch_size, RING_DIM, generator=generator), dim=-1)
                    .to(device).requires_grad_() for _ in range(2))
-    ids = torch.arange(rank * RING_BATCH, (rank + 1) * RING_BATCH, device=device)
-    scale, bias = torch.tensor([10.0], device=device), torch.tensor([-10.0], device=device)
+    ids = torch.arange(rank * batch_size, (rank + 1) * batch_size, device=device)
+    return image, text, torch.tensor([10.0], device=device), torch.tensor([-10.0], device=device), ids
+
+
+def _count_and_time(loss_name: str, tile_size: int, inputs: tuple, repeats: int) -> dict:
+    """The top-level aten ops of one step of the loss, in ``forward``, ``backward`` and ``matmuls``,
+    and the median ``seconds`` of ``repeats`` more (None for none)."""
+    import torch
+
+    from tuneclip_ds.losses import build_loss
+
+    loss = build_loss(loss_name, tile_size=tile_size, topology="ring")
+    image, text, scale, bias, ids = inputs
 
     def step():
         with torch.profiler.record_function("forward"):
             value = loss(image, text, scale, bias, sample_ids=ids)
         with torch.profiler.record_function("backward"):
             value.backward()
-    return step
+
+    step()  # warm-up
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        step()
+    forward, backward = (top_level_aten_ops(profile.events(), phase) for phase in ("forward", "backward"))
+    matmuls = [name for name in forward + backward if name in ("aten::matmul", "aten::mm", "aten::addmm_")]
+    return {"forward": len(forward), "backward": len(backward), "matmuls": len(matmuls),
+            "seconds": _median_seconds(step, image.device, repeats) if repeats else None}
 
 
 def _median_seconds(step, device, repeats: int) -> float:
@@ -178,7 +205,8 @@ def _median_seconds(step, device, repeats: int) -> float:
     clock = time.perf_counter if device.type == "cuda" else time.thread_time
     seconds = []
     for _ in range(repeats):
-        dist.barrier()
+        if dist.is_initialized():
+            dist.barrier()
         start = clock()
         step()
         if device.type == "cuda":
@@ -187,16 +215,20 @@ def _median_seconds(step, device, repeats: int) -> float:
     return statistics.median(seconds)
 
 
-def measure_ring_ops(loss_name: str, device: str, repeats: int) -> dict:
-    """Ops per hop (forward, backward, matmuls), milliseconds per step on 2 and 3 ranks, per hop and
-    microseconds per op (see the module's docstring)."""
+def measure_ring_ops(loss_name: str, device: str, repeats: int, ring: bool = True) -> dict:
+    """Microseconds per op and, with ``ring``, ops per hop (forward, backward, matmuls), milliseconds per
+    step on 2 and 3 ranks and per hop, and what a hop costs beyond its ops (see the module's docstring)."""
+    per_op = seconds_per_op(loss_name, device, repeats)
+    result = {"loss": loss_name, "device": device, "us_per_op": 1e6 * per_op}
+    if not ring:
+        return result
     on_ranks = {world_size: _spawn_ranks(world_size, device, loss_name, repeats) for world_size in (2, 3)}
     per_hop = {key: on_ranks[3][key] - on_ranks[2][key] for key in ("forward", "backward", "matmuls", "seconds")}
-    return {"loss": loss_name, "device": device, "ops_per_hop": [per_hop["forward"], per_hop["backward"],
-                                                                 per_hop["matmuls"]],
-            "ms_per_step": {world_size: 1e3 * counts["seconds"] for world_size, counts in on_ranks.items()},
-            "ms_per_hop": 1e3 * per_hop["seconds"],
-            "us_per_op": 1e6 * per_hop["seconds"] / (per_hop["forward"] + per_hop["backward"])}
+    hop_ops = per_hop["forward"] + per_hop["backward"]
+    return result | {"ops_per_hop": [per_hop["forward"], per_hop["backward"], per_hop["matmuls"]],
+                     "ms_per_step": {world_size: 1e3 * counts["seconds"] for world_size, counts in on_ranks.items()},
+                     "ms_per_hop": 1e3 * per_hop["seconds"],
+                     "us_per_hop_beyond_ops": 1e6 * (per_hop["seconds"] - hop_ops * per_op)}
 
 
 def _spawn_ranks(world_size: int, device: str, loss_name: str, repeats: int) -> dict:
@@ -235,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grad-checkpointing", nargs="+", choices=["off", "on"], default=["off"])
     parser.add_argument("--ring-ops", action="store_true", help="the ring loss's ops per hop and time per op")
     parser.add_argument("--loss", nargs="+", choices=LOSSES, default=["infonce"], help="with --ring-ops")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="with --ring-ops: cuda needs 3 GPUs")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="with --ring-ops: the ring on GPUs needs 3 (with fewer, the time per op only)")
     parser.add_argument("--repeats", type=int, default=200, help="with --ring-ops: timed steps per world size")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
@@ -266,11 +299,15 @@ def _print_ring_ops(parser: argparse.ArgumentParser, args: argparse.Namespace) -
 
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
-    if args.device == "cuda" and torch.cuda.device_count() < 3:
-        parser.error(f"--device cuda needs 3 GPUs (NCCL takes one per rank); this machine has "
-                     f"{torch.cuda.device_count()}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no GPU here")
+    ring = args.device == "cpu" or torch.cuda.device_count() >= 3
+    if not ring:
+        print(f"{torch.cuda.device_count()} GPU(s): the time per op only (the ring on GPUs needs 3, NCCL takes "
+              "one per rank)", file=sys.stderr)
+    torch.set_num_threads(1)  # as in each rank
     for loss_name in args.loss:
-        print(json.dumps(measure_ring_ops(loss_name, args.device, args.repeats)), flush=True)
+        print(json.dumps(measure_ring_ops(loss_name, args.device, args.repeats, ring)), flush=True)
     return 0
 
 
