@@ -73,7 +73,7 @@ LINK_HELP = {
     "inter_node_gbs": "GB/s per GPU between nodes (default 400 Gb/s InfiniBand NDR: %(default)g)",
     "intra_node_latency_us": "microseconds per send inside a node (default %(default)g)",
     "inter_node_latency_us": "microseconds per send between nodes (default %(default)g)",
-    "op_us": f"microseconds per dispatched op (default %(default)g, eager CUDA; measure: {MEASURE_COMMAND})",
+    "op_us": f"microseconds per dispatched op (default %(default)g, eager CUDA on an H200; measure: {MEASURE_COMMAND})",
     "fp32_tflops": "achieved fp32 matmul TFLOPS, the ring loss's (default %(default)g)",
     "bf16_tflops": "achieved 16-bit matmul TFLOPS, the towers' (default %(default)g)",
 }
@@ -201,7 +201,7 @@ def _loss_time_lines(plan: Plan, links: Links) -> list[str]:
         f"  constants: intra-node {links.intra_node_gbs:g} GB/s, {links.intra_node_latency_us:g} us; inter-node "
         f"{links.inter_node_gbs:g} GB/s, {links.inter_node_latency_us:g} us; {links.op_us:g} us per op; "
         f"{links.fp32_tflops:g} TFLOPS fp32, {links.bf16_tflops:g} TFLOPS 16-bit",
-        f"  (estimates for H100/H200 nodes until measured: --op-us with {MEASURE_COMMAND} on 3 GPUs, "
+        f"  (estimates for H100/H200 nodes until measured on yours: --op-us with {MEASURE_COMMAND}, "
         "the links with nccl-tests' sendrecv_perf inside and between nodes)",
         f"  {'topology':<16}{'hops':>8}{'ms':>11}{'latency':>10}{'launches':>10}{'bandwidth':>11}{'matmuls':>10}",
     ]

@@ -69,6 +69,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tuneclip_ds.errors import InputError
+from tuneclip_ds.losses.ring import TOPOLOGIES
 from tuneclip_ds.plan.shape import ModelShape, Tower
 
 GIB = 2**30
@@ -77,7 +78,6 @@ LOSSES = ("infonce", "siglip", "gcl", "hgcl")
 OPTIMIZERS = ("torch", "deepspeed")  # optim.implementation: torch's AdamW, DeepSpeed's fused Adam
 DEVICES = ("cuda", "cpu")  # where torch's AdamW runs: foreach on GPUs, one tensor at a time on the CPU
 EMA_PLACES = ("none", "same", "cpu")  # no EMA of the weights, one beside the masters, one in CPU memory
-TOPOLOGIES = ("ring", "hierarchical")  # loss.topology
 MODEL_STATE_ROWS = ("parameters", "gradients", "optimizer states", "gathered layer")
 # Similarity tiles alive at once in the ring loss's backward: benchmarks/loss_memory.py measures
 # 6 (InfoNCE) to 9 (SigLIP) at b=2048, d=512, tile 512, fp32, 2 ranks; the most is taken.
@@ -138,7 +138,7 @@ class Setup:
     grad_checkpointing: bool = False
     loss: str = "infonce"
     tile_size: int = 1024
-    topology: str = "hierarchical"  # the ring loss's (TOPOLOGIES): the flat ring on one node
+    topology: str = "hierarchical"  # loss.topology (TOPOLOGIES): the flat ring on one node
     gpu_memory_gib: float = 80.0
     zero: ZeroSettings = field(default_factory=ZeroSettings)
     optimizer: str = "torch"

@@ -20,7 +20,8 @@ The ring loss's ops per hop and time per op, for the planner's loss-time model (
 
 runs the loss (8 samples of width 16 per rank, one tile per block) on 2 and then 3 ranks (gloo on
 the CPU, NCCL on 3 GPUs), counts with the torch profiler the aten ops at the top level of dispatch
-(not called by another aten op) in forward and in backward, and times a step (the median: in the
+(not called by another aten op) started in forward and in backward (by the loss's thread or
+autograd's), and times a step (the median: in the
 thread's CPU time on the CPU, wall time on GPUs). The third rank adds one hop: the differences are
 the ops per hop and the time per hop. The time per op comes from one process without a ring: the
 loss on 128 samples in one tile per direction and then in tiles of 16, the same flops in many more
@@ -120,18 +121,29 @@ SPLIT_BATCH, SPLIT_TILE = 128, 16  # one process: one tile per direction, then 6
 
 
 def top_level_aten_ops(events, phase: str) -> list[str]:
-    """The names of the aten ops among the profiler's ``events`` that no other aten op called, inside the
-    ``record_function`` named ``phase``."""
+    """The names of the aten ops among the profiler's ``events`` that no other aten op called, started
+    while the ``record_function`` named ``phase`` ran, on its thread or by autograd (which runs backward
+    on a thread of its own on GPUs). Not the ops of gloo's threads (its collectives copy tensors)."""
+    marker = next(event for event in events if event.name == phase)
     names = []
     for event in events:
-        ancestors = []
-        parent = event.cpu_parent
-        while parent is not None:
-            ancestors.append(parent.name)
-            parent = parent.cpu_parent
-        if event.name.startswith("aten::") and phase in ancestors and not any(
-                name.startswith("aten::") for name in ancestors):
+        if not (event.name.startswith("aten::") and
+                marker.time_range.start <= event.time_range.start <= marker.time_range.end):
+            continue
+        callers = _callers(event)
+        by_autograd = bool(callers) and callers[-1].startswith("autograd::engine::evaluate_function")
+        if (event.thread == marker.thread or by_autograd) and not any(c.startswith("aten::") for c in callers):
             names.append(event.name)
+    return names
+
+
+def _callers(event) -> list[str]:
+    """The names of the events that ``event`` runs inside, innermost first."""
+    names = []
+    parent = event.cpu_parent
+    while parent is not None:
+        names.append(parent.name)
+        parent = parent.cpu_parent
     return names
 
 
