@@ -21,9 +21,9 @@ from tuneclip_ds.plan import Setup, ZeroSettings, make_plan, model_shape, model_
 from tuneclip_ds.plan.__main__ import main
 from tuneclip_ds.plan.estimate import (LOSSES, MODEL_STATE_ROWS, activation_bytes, bucket_bytes, optimizer_step_bytes,
                                        stage3_transients)
-from tuneclip_ds.plan.loss_time import OPS_PER_HOP, HopOps, Links, loss_times
+from tuneclip_ds.plan.loss_time import OPS_PER_HOP, HopOps, Links, loss_times, nodes_where_loss_passes, towers_time
 from tuneclip_ds.plan.measure import AllocatorPeak, ring_op_counts
-from tuneclip_ds.plan.shape import count_params, largest_layer
+from tuneclip_ds.plan.shape import Tower, count_params, largest_layer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -426,6 +426,29 @@ def test_the_hierarchical_ring_is_faster_across_nodes_and_the_flat_ring_on_one(v
     for nodes, gpus_per_node in [(1, 8), (16, 1)]:  # where the loss falls back to the flat ring
         times = loss_times(512, Setup(nodes=nodes, gpus_per_node=gpus_per_node, batch_size=256, loss=loss), Links())
         assert times["hierarchical"] == times["ring"]
+
+
+def test_the_towers_time_is_their_blocks_flops_by_hand(vit_b_32):
+    towers = (Tower("image", tokens=5, width=4, layers=2, heads=1, mlp_width=16, mlp_saved=2, outer=3),
+              Tower("text", tokens=3, width=2, layers=1, heads=1, mlp_width=8, mlp_saved=2, outer=1))
+    shape = dataclasses.replace(vit_b_32, towers=towers)
+    # forward per sample: image 2 x (2 x 5 x (4 x 4^2 + 2 x 4 x 16) + 4 x 5^2 x 4) = 4640, text 360;
+    # backward twice that; 2 samples at 1e6 flop/s
+    links = Links(bf16_tflops=1e-6)
+    assert towers_time(shape, Setup(batch_size=2), links) == pytest.approx(3 * 5000 * 2 / 1e6)
+    assert towers_time(shape, Setup(batch_size=2, grad_checkpointing=True), links) == pytest.approx(4 * 5000 * 2 / 1e6)
+
+
+def test_the_loss_outlasts_the_towers_from_the_nodes_the_verdict_names(vit_b_32):
+    setup, links = Setup(gpus_per_node=8, batch_size=256), Links()
+    nodes = nodes_where_loss_passes(vit_b_32, setup, links, "hierarchical")
+
+    def loss_on(nodes):
+        return loss_times(vit_b_32.embed_dim, dataclasses.replace(setup, nodes=nodes), links)["hierarchical"].total
+
+    assert 1 < nodes and loss_on(nodes - 1) <= towers_time(vit_b_32, setup, links) < loss_on(nodes)
+    assert nodes_where_loss_passes(vit_b_32, setup, Links(op_us=1e-9, intra_node_latency_us=1e-9,
+                                                          inter_node_latency_us=1e-9), "hierarchical") > nodes
 
 
 def test_the_plan_shows_the_loss_time_models_inputs_outputs_and_verdict(capsys):

@@ -222,15 +222,14 @@ def _loss_verdict(plan: Plan, links: Links, time: LossTime) -> str:
     setup = plan.setup
     towers = towers_time(plan.shape, setup, links)
     nodes = nodes_where_loss_passes(plan.shape, setup, links, setup.topology)
+    head = (f"loss verdict: {_ring_used(setup)} (loss.topology {setup.topology}) takes {1e3 * time.total:,.1f} ms "
+            f"per micro-step, {100 * time.overhead / time.total:.0f} % of it latency and launches")
     if nodes is None:
-        scaling = "it stays under the towers' time at any size"
-    else:
-        where = "already at" if nodes <= setup.nodes else "from"
-        scaling = (f"it outlasts the towers' ~{1e3 * towers:,.1f} ms (estimate) {where} {nodes:,} node(s) "
-                   f"({nodes * setup.gpus_per_node:,} ranks): there it stops scaling, since it grows with the "
-                   "ranks and the towers do not")
-    return (f"loss verdict: {_ring_used(setup)} (loss.topology {setup.topology}) takes {1e3 * time.total:,.1f} ms "
-            f"per micro-step, {100 * time.overhead / time.total:.0f} % of it latency and launches; {scaling}")
+        return f"{head}; it stays under the towers' time at any size"
+    tense = "already outlasts" if nodes <= setup.nodes else "will outlast"
+    return (f"{head}; it {tense} the towers' ~{1e3 * towers:,.1f} ms (estimate) from {nodes:,} node(s) "
+            f"({nodes * setup.gpus_per_node:,} ranks): there it stops scaling (its time grows with the ranks, the "
+            "towers' does not)")
 
 
 def _ring_used(setup: Setup) -> str:
