@@ -19,10 +19,11 @@ import torch.distributed as dist
 from tuneclip_ds.engine import DS_CONFIG_DIR
 from tuneclip_ds.plan import Setup, ZeroSettings, make_plan, model_shape, model_states, ring_traffic
 from tuneclip_ds.plan.__main__ import main
-from tuneclip_ds.plan.estimate import (MODEL_STATE_ROWS, activation_bytes, bucket_bytes, optimizer_step_bytes,
+from tuneclip_ds.plan.estimate import (LOSSES, MODEL_STATE_ROWS, activation_bytes, bucket_bytes, optimizer_step_bytes,
                                        stage3_transients)
-from tuneclip_ds.plan.measure import AllocatorPeak
-from tuneclip_ds.plan.shape import count_params, largest_layer
+from tuneclip_ds.plan.loss_time import OPS_PER_HOP, HopOps, Links, loss_times, nodes_where_loss_passes, towers_time
+from tuneclip_ds.plan.measure import AllocatorPeak, ring_op_counts
+from tuneclip_ds.plan.shape import Tower, count_params, largest_layer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -345,6 +346,11 @@ def test_total_is_what_is_held_and_the_larger_peak(vit_b_32):
     (["--model", "ViT-B-32", "--zero", "0", "--offload"], "optimizer offload needs ZeRO stage 1, 2 or 3"),
     (["--model", "ViT-B-32", "--zero", "2", "--offload", "--offload-params"], "parameter offload needs ZeRO stage 3"),
     (["--model", "ViT-B-32", "--deepspeed-config", "nope.json"], "DeepSpeed config nope.json does not exist"),
+    (["--model", "ViT-B-32", "--inter-node-gbs", "0"], "--inter-node-gbs must be positive, got 0"),
+    (["--model", "ViT-B-32", "--intra-node-gbs", "-450"], "--intra-node-gbs must be positive, got -450"),
+    (["--model", "ViT-B-32", "--inter-node-latency-us", "-1"], "--inter-node-latency-us must be positive, got -1"),
+    (["--model", "ViT-B-32", "--op-us", "nan"], "--op-us must be positive, got nan"),
+    (["--model", "ViT-B-32", "--fp32-tflops", "0"], "--fp32-tflops must be positive, got 0"),
 ])
 def test_bad_input_is_one_message_and_exit_status_2(capsys, argv, message):
     assert main(argv) == 2
@@ -372,3 +378,121 @@ def test_bad_model_exits_2_without_traceback_from_the_shell():
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "error: --model 'ViT-Nope-99' is not an open_clip model" in done.stderr
+
+
+# ---------------------------------------------------------------- loss time
+
+
+def test_ops_per_hop_table_is_what_the_profiler_counts(gloo_pools):
+    """The table's ops per visited block are the profiler's count on 3 ranks minus 2 (one hop more)."""
+    measured = {}
+    for world_size in (2, 3):
+        per_rank = [gloo_pools(world_size).run(ring_op_counts, loss) for loss in LOSSES]
+        for loss, counts in zip(LOSSES, per_rank):
+            assert all(rank_counts == counts[0] for rank_counts in counts)  # every rank dispatches alike
+            measured[loss, world_size] = counts[0]
+    for loss in LOSSES:
+        hop = HopOps(*(measured[loss, 3][key] - measured[loss, 2][key] for key in HopOps._fields))
+        assert OPS_PER_HOP[loss] == hop, f"update OPS_PER_HOP[{loss!r}] in tuneclip_ds/plan/loss_time.py to {hop}"
+
+
+def test_loss_time_of_a_small_case_is_the_formula_by_hand(monkeypatch):
+    monkeypatch.setitem(OPS_PER_HOP, "infonce", HopOps(forward=10, backward=20, matmuls=3))
+    setup = Setup(nodes=2, gpus_per_node=2, batch_size=4, precision="fp32", loss="infonce")
+    links = Links(intra_node_gbs=0.1, inter_node_gbs=0.01, intra_node_latency_us=1, inter_node_latency_us=5, op_us=2,
+                  fp32_tflops=1e-3, bf16_tflops=1)
+    times = loss_times(8, setup, links)
+    # 4 ranks, blocks of 4 x 8 fp32: forward both features, 256 bytes; backward both features and
+    # 4 x (1 + 2 x 2) fp32 statistics, 336 bytes; one matmul 2 x 4 x 4 x 8 = 256 flops
+    launches = 4 * (10 + 20) * 2  # every block visited, its own too
+    matmuls = 4 * 3 * 256 / 1e9 * 1e6
+    expected = {
+        "ring": (3, 2 * 3 * 5, launches, 3 * 592 / 1e7 * 1e6, matmuls),  # 3 hops, all at the inter-node link
+        # 1 step of the gather inside a node, 1 hop of node blocks (2 ranks' blocks) between nodes
+        "hierarchical": (1, 2 * (1 + 5), launches, (592 / 1e8 + 2 * 592 / 1e7) * 1e6, matmuls),
+        # 3 steps of one all-gather of both features; the 16 x 16 matrix: 3 matmuls of 2 x 16 x 16 x 8 flops
+        "all-gather": (3, 3 * 5, 0, 3 * 256 / 1e7 * 1e6, 3 * 2 * 16 * 16 * 8 / 1e9 * 1e6),
+    }
+    for topology, (hops, latency, launch, transfer, matmul) in expected.items():
+        time = times[topology]
+        assert time.hops == hops
+        assert [1e6 * part for part in (time.latency, time.launch, time.transfer, time.matmul)] == pytest.approx(
+            [latency, launch, transfer, matmul], rel=1e-12), topology
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_the_hierarchical_ring_is_faster_across_nodes_and_the_flat_ring_on_one(vit_b_32, loss):
+    for nodes, gpus_per_node in [(2, 8), (32, 8), (128, 4)]:
+        times = loss_times(512, Setup(nodes=nodes, gpus_per_node=gpus_per_node, batch_size=256, loss=loss), Links())
+        assert times["hierarchical"].total < times["ring"].total
+        assert times["hierarchical"].launch == times["ring"].launch  # blocks are worked on one by one
+    for nodes, gpus_per_node in [(1, 8), (16, 1)]:  # where the loss falls back to the flat ring
+        times = loss_times(512, Setup(nodes=nodes, gpus_per_node=gpus_per_node, batch_size=256, loss=loss), Links())
+        assert times["hierarchical"] == times["ring"]
+
+
+def test_the_towers_time_is_their_blocks_flops_by_hand(vit_b_32):
+    towers = (Tower("image", tokens=5, width=4, layers=2, heads=1, mlp_width=16, mlp_saved=2, outer=3),
+              Tower("text", tokens=3, width=2, layers=1, heads=1, mlp_width=8, mlp_saved=2, outer=1))
+    shape = dataclasses.replace(vit_b_32, towers=towers)
+    # forward per sample: image 2 x (2 x 5 x (4 x 4^2 + 2 x 4 x 16) + 4 x 5^2 x 4) = 4640, text 360;
+    # backward twice that; 2 samples at 1e6 flop/s
+    links = Links(bf16_tflops=1e-6)
+    assert towers_time(shape, Setup(batch_size=2), links) == pytest.approx(3 * 5000 * 2 / 1e6)
+    assert towers_time(shape, Setup(batch_size=2, grad_checkpointing=True), links) == pytest.approx(4 * 5000 * 2 / 1e6)
+
+
+def test_the_loss_outlasts_the_towers_from_the_nodes_the_verdict_names(vit_b_32):
+    setup, links = Setup(gpus_per_node=8, batch_size=256), Links()
+    nodes = nodes_where_loss_passes(vit_b_32, setup, links, "hierarchical")
+
+    def loss_on(nodes):
+        return loss_times(vit_b_32.embed_dim, dataclasses.replace(setup, nodes=nodes), links)["hierarchical"].total
+
+    assert 1 < nodes and loss_on(nodes - 1) <= towers_time(vit_b_32, setup, links) < loss_on(nodes)
+    assert nodes_where_loss_passes(vit_b_32, setup, Links(op_us=1e-9, intra_node_latency_us=1e-9,
+                                                          inter_node_latency_us=1e-9), "hierarchical") > nodes
+
+
+def test_the_plan_shows_the_loss_time_models_inputs_outputs_and_verdict(capsys):
+    argv = ["--model", "ViT-B-16", "--nodes", "32", "--gpus-per-node", "8", "--batch-size", "256", "--loss", "hgcl",
+            "--op-us", "5", "--inter-node-gbs", "25"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    ops = OPS_PER_HOP["hgcl"]
+    assert ("256 ranks = 32 node(s) x 8 ranks per node, batch 256 per rank, features 512, hgcl: "
+            f"{ops.forward} + {ops.backward} ops per visited block (forward + backward), {ops.matmuls} matmuls") in out
+    assert "constants: intra-node 450 GB/s, 3 us; inter-node 25 GB/s, 8 us; 5 us per op;" in out
+    assert "estimates for H100/H200 nodes until measured" in out
+    assert "python -m tuneclip_ds.plan.measure --ring-ops" in out
+    links = Links(op_us=5, inter_node_gbs=25)
+    times = loss_times(512, Setup(nodes=32, gpus_per_node=8, batch_size=256, loss="hgcl"), links)
+    for topology, time in times.items():
+        parts = (time.total, time.latency, time.launch, time.transfer, time.matmul)
+        assert f"\n  {topology:<16}{time.hops:>8,}" + "".join(
+            f"{1e3 * part:>{width},.2f}" for part, width in zip(parts, (11, 10, 10, 11, 10))) + "\n" in out
+    assert (f"\nloss verdict: the hierarchical ring (loss.topology hierarchical) takes "
+            f"{1e3 * times['hierarchical'].total:,.1f} ms per micro-step") in out
+    assert main([*argv, "--topology", "ring"]) == 0
+    assert f"loss verdict: the flat ring (loss.topology ring) takes {1e3 * times['ring'].total:,.1f} ms" in \
+        capsys.readouterr().out
+
+
+def test_the_loss_verdict_follows_the_experiments_topology_and_one_node(capsys):
+    config = os.path.join(ROOT, "configs", "tuneclip_vitb16.yaml")
+    assert main(["--config", config, "loss.topology=ring", "--nodes", "2", "--gpus-per-node", "8"]) == 0
+    assert "loss verdict: the flat ring (loss.topology ring)" in capsys.readouterr().out
+    assert main(["--config", config, "--gpus-per-node", "8"]) == 0
+    assert ("loss verdict: the flat ring (hierarchical falls back to it here) (loss.topology hierarchical)"
+            in capsys.readouterr().out)
+
+
+def test_measure_ring_ops_counts_and_times_a_hop():
+    done = subprocess.run([sys.executable, "-m", "tuneclip_ds.plan.measure", "--ring-ops", "--loss", "siglip",
+                           "--repeats", "20"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["ops_per_hop"] == list(OPS_PER_HOP["siglip"]) and result["device"] == "cpu"
+    ops = sum(OPS_PER_HOP["siglip"][:2])
+    assert result["us_per_hop_beyond_ops"] == pytest.approx(1e3 * result["ms_per_hop"] - ops * result["us_per_op"])
+    assert result["ms_per_step"]["3"] > result["ms_per_step"]["2"] > 0 and result["us_per_op"] > 0

@@ -69,6 +69,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tuneclip_ds.errors import InputError
+from tuneclip_ds.losses.ring import TOPOLOGIES
 from tuneclip_ds.plan.shape import ModelShape, Tower
 
 GIB = 2**30
@@ -137,6 +138,7 @@ class Setup:
     grad_checkpointing: bool = False
     loss: str = "infonce"
     tile_size: int = 1024
+    topology: str = "hierarchical"  # loss.topology (TOPOLOGIES): the flat ring on one node
     gpu_memory_gib: float = 80.0
     zero: ZeroSettings = field(default_factory=ZeroSettings)
     optimizer: str = "torch"
@@ -161,7 +163,7 @@ class Setup:
         if self.gpu_memory_gib <= 0:
             raise InputError(f"gpu memory must be positive, got {self.gpu_memory_gib} GiB")
         choices = {"zero_stage": (0, 1, 2, 3), "precision": tuple(PRECISION_BYTES), "loss": LOSSES,
-                   "optimizer": OPTIMIZERS, "device": DEVICES, "ema": EMA_PLACES}
+                   "optimizer": OPTIMIZERS, "device": DEVICES, "ema": EMA_PLACES, "topology": TOPOLOGIES}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise InputError(f"{key} must be one of {', '.join(map(str, allowed))}, got {getattr(self, key)!r}")
@@ -385,13 +387,18 @@ def ring_traffic(embed_dim: int, setup: Setup) -> dict[str, float]:
     GCL/HGCL also all-gather each sample's id and log g and all-reduce the new log u (ring algorithms:
     an all-reduce sends twice its share). A few scalar all-reduces are left out."""
     others = setup.world_size - 1
-    forward_block = _directions(setup.loss) * setup.batch_size * embed_dim * setup.width
-    traffic = {"forward": others * forward_block, "backward": others * _backward_block(embed_dim, setup)}
+    traffic = {part: others * size for part, size in block_bytes(embed_dim, setup).items()}
     if setup.loss in ("gcl", "hgcl"):
         # per sample its id (int64) and log g (2 x fp32) to every other rank, then the all-reduce of the
         # global batch's new log u (2 x fp32 per sample)
         traffic["estimators"] = 16 * setup.batch_size * others + 2 * others * setup.batch_size * 8
     return traffic
+
+
+def block_bytes(embed_dim: int, setup: Setup) -> dict[str, int]:
+    """The bytes of one rank's ring block in forward (the column features) and in backward."""
+    forward = _directions(setup.loss) * setup.batch_size * embed_dim * setup.width
+    return {"forward": forward, "backward": _backward_block(embed_dim, setup)}
 
 
 def _directions(loss: str) -> int:

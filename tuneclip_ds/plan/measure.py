@@ -13,16 +13,35 @@ process runs with glibc's mmap threshold fixed at 64 KiB (``MALLOC_MMAP_THRESHOL
 restarts itself with it), so every tensor of 64 KiB or more is mapped when allocated and unmapped
 when freed: the RSS follows the tensors alive, and memory freed earlier cannot be reused unseen.
 One torch thread: per-thread kernel buffers stay out of the figure. Linux only.
+
+The ring loss's ops per hop and time per op, for the planner's loss-time model (``loss_time.py``):
+
+    python -m tuneclip_ds.plan.measure --ring-ops [--loss infonce ...] [--device cuda]
+
+runs the loss (8 samples of width 16 per rank, one tile per block) on 2 and then 3 ranks (gloo on
+the CPU, NCCL on 3 GPUs), counts with the torch profiler the aten ops at the top level of dispatch
+(not called by another aten op) started in forward and in backward (by the loss's thread or
+autograd's), and times a step (the median: in the
+thread's CPU time on the CPU, wall time on GPUs). The third rank adds one hop: the differences are
+the ops per hop and the time per hop. The time per op comes from one process without a ring: the
+loss on 128 samples in one tile per direction and then in tiles of 16, the same flops in many more
+ops (on one GPU, this alone: the ring on GPUs needs 3). What a hop costs beyond its ops is its send
+and receive (``--*-latency-us`` on GPUs).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import gc
 import itertools
 import json
 import os
+import statistics
 import sys
+import time
+
+from tuneclip_ds.plan.estimate import LOSSES
 
 MMAP_THRESHOLD = str(64 * 1024)
 
@@ -97,14 +116,176 @@ def _step(model, images, tokens) -> None:
     (image * text).sum().backward()
 
 
+RING_BATCH, RING_DIM, RING_TILE = 8, 16, 64  # one tile per block and direction
+SPLIT_BATCH, SPLIT_TILE = 128, 16  # one process: one tile per direction, then 64
+
+
+def top_level_aten_ops(events, phase: str) -> list[str]:
+    """The names of the aten ops among the profiler's ``events`` that no other aten op called, started
+    while the ``record_function`` named ``phase`` ran, on its thread or by autograd (which runs backward
+    on a thread of its own on GPUs). Not the ops of gloo's threads (its collectives copy tensors)."""
+    marker = next(event for event in events if event.name == phase)
+    names = []
+    for event in events:
+        if not (event.name.startswith("aten::") and
+                marker.time_range.start <= event.time_range.start <= marker.time_range.end):
+            continue
+        callers = _callers(event)
+        by_autograd = bool(callers) and callers[-1].startswith("autograd::engine::evaluate_function")
+        if (event.thread == marker.thread or by_autograd) and not any(c.startswith("aten::") for c in callers):
+            names.append(event.name)
+    return names
+
+
+def _callers(event) -> list[str]:
+    """The names of the events that ``event`` runs inside, innermost first."""
+    names = []
+    parent = event.cpu_parent
+    while parent is not None:
+        names.append(parent.name)
+        parent = parent.cpu_parent
+    return names
+
+
+def ring_op_counts(rank: int, world_size: int, loss_name: str, repeats: int = 0) -> dict:
+    """On each rank of an initialised process group: the top-level aten ops of one forward and backward
+    of the flat ring loss (``forward``, ``backward``, and of them ``matmuls``) and, over ``repeats`` more
+    steps, the median ``seconds`` of a step."""
+    import torch
+
+    device = torch.device("cuda", rank) if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+    return _count_and_time(loss_name, RING_TILE, _inputs_of_rank(rank, RING_BATCH, device), repeats)
+
+
+def seconds_per_op(loss_name: str, device: str, repeats: int) -> float:
+    """The time of one dispatched op in one process, no ring: the loss on ``SPLIT_BATCH`` samples in one
+    tile per direction, then in tiles of ``SPLIT_TILE``: the same flops in many more ops."""
+    inputs = _inputs_of_rank(0, SPLIT_BATCH, _device(device))
+    one, split = (_count_and_time(loss_name, tile, inputs, repeats) for tile in (SPLIT_BATCH, SPLIT_TILE))
+    ops = split["forward"] + split["backward"] - one["forward"] - one["backward"]
+    return (split["seconds"] - one["seconds"]) / ops
+
+
+def _device(name: str):
+    import torch
+
+    return torch.device("cuda", torch.cuda.current_device()) if name == "cuda" else torch.device("cpu")
+
+
+def _inputs_of_rank(rank: int, batch_size: int, device) -> tuple:
+    """Normalised image and text features, sample ids, logit scale and bias of one rank."""
+    import torch
+
+    generator = torch.Generator().manual_seed(rank)
+    image, text = (torch.nn.functional.normalize(torch.randn(batch_size, RING_DIM, generator=generator), dim=-1)
+                   .to(device).requires_grad_() for _ in range(2))
+    ids = torch.arange(rank * batch_size, (rank + 1) * batch_size, device=device)
+    return image, text, torch.tensor([10.0], device=device), torch.tensor([-10.0], device=device), ids
+
+
+def _count_and_time(loss_name: str, tile_size: int, inputs: tuple, repeats: int) -> dict:
+    """The top-level aten ops of one step of the loss, in ``forward``, ``backward`` and ``matmuls``,
+    and the median ``seconds`` of ``repeats`` more (None for none)."""
+    import torch
+
+    from tuneclip_ds.losses import build_loss
+
+    loss = build_loss(loss_name, tile_size=tile_size, topology="ring")
+    image, text, scale, bias, ids = inputs
+
+    def step():
+        with torch.profiler.record_function("forward"):
+            value = loss(image, text, scale, bias, sample_ids=ids)
+        with torch.profiler.record_function("backward"):
+            value.backward()
+
+    step()  # warm-up
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        step()
+    forward, backward = (top_level_aten_ops(profile.events(), phase) for phase in ("forward", "backward"))
+    matmuls = [name for name in forward + backward if name in ("aten::matmul", "aten::mm", "aten::addmm_")]
+    return {"forward": len(forward), "backward": len(backward), "matmuls": len(matmuls),
+            "seconds": _median_seconds(step, image.device, repeats) if repeats else None}
+
+
+def _median_seconds(step, device, repeats: int) -> float:
+    """The median step: on the CPU in the calling thread's CPU time (ranks that share cores do not count
+    each other's turns, nor gloo's threads), on GPUs in wall time."""
+    import torch
+    import torch.distributed as dist
+
+    clock = time.perf_counter if device.type == "cuda" else time.thread_time
+    seconds = []
+    for _ in range(repeats):
+        if dist.is_initialized():
+            dist.barrier()
+        start = clock()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds.append(clock() - start)
+    return statistics.median(seconds)
+
+
+def measure_ring_ops(loss_name: str, device: str, repeats: int, ring: bool = True) -> dict:
+    """Microseconds per op and, with ``ring``, ops per hop (forward, backward, matmuls), milliseconds per
+    step on 2 and 3 ranks and per hop, and what a hop costs beyond its ops (see the module's docstring)."""
+    per_op = seconds_per_op(loss_name, device, repeats)
+    result = {"loss": loss_name, "device": device, "us_per_op": 1e6 * per_op}
+    if not ring:
+        return result
+    on_ranks = {world_size: _spawn_ranks(world_size, device, loss_name, repeats) for world_size in (2, 3)}
+    per_hop = {key: on_ranks[3][key] - on_ranks[2][key] for key in ("forward", "backward", "matmuls", "seconds")}
+    hop_ops = per_hop["forward"] + per_hop["backward"]
+    return result | {"ops_per_hop": [per_hop["forward"], per_hop["backward"], per_hop["matmuls"]],
+                     "ms_per_step": {world_size: 1e3 * counts["seconds"] for world_size, counts in on_ranks.items()},
+                     "ms_per_hop": 1e3 * per_hop["seconds"],
+                     "us_per_hop_beyond_ops": 1e6 * (per_hop["seconds"] - hop_ops * per_op)}
+
+
+def _spawn_ranks(world_size: int, device: str, loss_name: str, repeats: int) -> dict:
+    """Rank 0's ``ring_op_counts`` from ``world_size`` fresh processes."""
+    import torch.multiprocessing as mp
+
+    from tuneclip_ds.distributed import free_port
+
+    results = mp.get_context("spawn").SimpleQueue()
+    mp.spawn(_ring_rank, args=(world_size, free_port(), device, loss_name, repeats, results), nprocs=world_size)
+    return results.get()
+
+
+def _ring_rank(rank, world_size, port, device, loss_name, repeats, results):
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(minutes=5))
+    counts = ring_op_counts(rank, world_size, loss_name, repeats)
+    if rank == 0:
+        results.put(counts)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tuneclip_ds.plan.measure", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="tiny-ViT")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--precision", nargs="+", choices=["fp32", "bf16"], default=["fp32"])
     parser.add_argument("--grad-checkpointing", nargs="+", choices=["off", "on"], default=["off"])
+    parser.add_argument("--ring-ops", action="store_true", help="the ring loss's ops per hop and time per op")
+    parser.add_argument("--loss", nargs="+", choices=LOSSES, default=["infonce"], help="with --ring-ops")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="with --ring-ops: the ring on GPUs needs 3 (with fewer, the time per op only)")
+    parser.add_argument("--repeats", type=int, default=200, help="with --ring-ops: timed steps per world size")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
+    if args.ring_ops:
+        return _print_ring_ops(parser, args)
     if os.environ.get("MALLOC_MMAP_THRESHOLD_") != MMAP_THRESHOLD:  # glibc reads it at start only
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=MMAP_THRESHOLD, OMP_NUM_THREADS="1")
         os.execve(sys.executable, [sys.executable, "-m", "tuneclip_ds.plan.measure", *argv], env)
@@ -122,6 +303,23 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"model": args.model, "batch_size": args.batch_size, "precision": precision,
                               "grad_checkpointing": checkpointing, "measured": measured, "estimated": estimated,
                               "ratio": estimated / measured}), flush=True)
+    return 0
+
+
+def _print_ring_ops(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    import torch
+
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no GPU here")
+    ring = args.device == "cpu" or torch.cuda.device_count() >= 3
+    if not ring:
+        print(f"{torch.cuda.device_count()} GPU(s): the time per op only (the ring on GPUs needs 3, NCCL takes "
+              "one per rank)", file=sys.stderr)
+    torch.set_num_threads(1)  # as in each rank
+    for loss_name in args.loss:
+        print(json.dumps(measure_ring_ops(loss_name, args.device, args.repeats, ring)), flush=True)
     return 0
 
 
