@@ -4,9 +4,9 @@ On a GPU every operation is a kernel launch of several microseconds, so at hundr
 loss is bound by the number of operations per hop rather than by arithmetic. ``ops_per_hop`` counts
 them on the CPU: one loss forward and one backward on ``W`` and ``W + 1`` gloo ranks, profiled on
 rank 0 after a warm-up call, and the difference of the counts (everything outside the ring is the
-same for both). Counted: every ``aten::`` or ``c10d::`` (send, receive, collectives) operation called
-at the top level of the dispatch, i.e. not from inside another one; the autograd engine's own
-bookkeeping is not an operation. The local batch stays within one tile, so a hop is one tile per
+same for both). Counted: every ``aten::`` or ``c10d::`` (send, receive, collectives) operation that
+the call makes at the top level of the dispatch, i.e. not from inside another one; the autograd
+engine's bookkeeping is not an operation, nor what gloo's own threads do for a collective. The local batch stays within one tile, so a hop is one tile per
 direction.
 
     python -m tuneclip_ds.losses.profile infonce siglip gcl hgcl
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 LOSS_NAMES = ("infonce", "siglip", "gcl", "hgcl")
 _DISPATCHED = ("aten::", "c10d::")
+_CALL = "tuneclip_ds.loss_call"  # the profiled range of the call
 
 
 class OpsPerHop(NamedTuple):
@@ -69,10 +70,10 @@ def count_loss_ops(rank: int, world_size: int, group, loss_name: str, dtype: tor
 
     loss_fn = build_loss(loss_name, group=group, tile_size=max(local_batch, 1), same_label_positives=labels)
     inputs = _loss_inputs(rank, local_batch, dim, dtype, labels)
-    _loss(loss_fn, inputs).backward()  # warm-up: lazily made groups and estimator tables
-    with _profile() as forward:
+    _loss(loss_fn, inputs).backward()  # warm-up: lazily made groups, estimator tables, batch size checks
+    with _profile() as forward, torch.profiler.record_function(_CALL):
         loss = _loss(loss_fn, inputs)
-    with _profile() as backward:
+    with _profile() as backward, torch.profiler.record_function(_CALL):
         loss.backward()
     return OpsPerHop(_dispatched_ops(forward), _dispatched_ops(backward))
 
@@ -102,14 +103,17 @@ def _profile():
 
 
 def _dispatched_ops(profile) -> int:
-    """Operations called at the top level of the dispatch (none of their callers is an operation)."""
-    return sum(1 for event in profile.events() if event.name.startswith(_DISPATCHED) and not _inside_op(event))
+    """Operations called from the profiled call at the top level of the dispatch (none of their callers
+    is an operation). Gloo runs parts of a collective on threads of its own: not counted (NCCL has none)."""
+    return sum(1 for event in profile.events() if event.name.startswith(_DISPATCHED) and _called_from_call(event))
 
 
-def _inside_op(event) -> bool:
+def _called_from_call(event) -> bool:
     parent = event.cpu_parent
     while parent is not None:
         if parent.name.startswith(_DISPATCHED):
+            return False
+        if parent.name == _CALL:
             return True
         parent = parent.cpu_parent
     return False
