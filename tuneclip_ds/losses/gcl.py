@@ -39,11 +39,7 @@ def linear(difference: torch.Tensor) -> torch.Tensor:
 
 def hinge_squared(difference: torch.Tensor, margin: float) -> torch.Tensor:
     """Zero (no gradient) for a negative already ``margin`` below its positive."""
-    return _hinge(difference, margin).square_()
-
-
-def _hinge(difference: torch.Tensor, margin: float) -> torch.Tensor:
-    return (difference + margin).clamp_min_(0)
+    return (difference + margin).clamp_min_(0).square_()
 
 
 def make_pairwise(name: str, margin: float = 0.1) -> Pairwise:
@@ -83,13 +79,12 @@ class _LinearTerms(_ScaledPairwiseTerms):
 
 
 class _HingeSquaredTerms(_ScaledPairwiseTerms):
-    def __init__(self, margin: float, *tile):
-        super().__init__(*tile)
-        self.margin = margin
+    """``h = [x + margin]_+^2``; the positive comes shifted by the margin (``PairReduction.positive_shift``),
+    so ``difference`` is ``x + margin``."""
 
     @cached_property
     def _hinge(self):
-        return _hinge(self.difference, self.margin)
+        return self.difference.clamp_min_(0)
 
     @cached_property
     def by_scale(self):
@@ -124,14 +119,25 @@ class _CustomTerms(_ScaledPairwiseTerms):
         return self._pairwise_and_slope[1] * self.scale
 
 
-def _pair_terms(pairwise: str | Pairwise, margin: float):
+def _pair_reduction(pairwise: str | Pairwise, margin: float) -> PairReduction:
+    """The reduction of GCL's pairs with the pairwise function ``pairwise``."""
     if pairwise == "linear":
-        return _LinearTerms
-    if pairwise == "hinge_sq":
-        return partial(_HingeSquaredTerms, margin)
-    if callable(pairwise):
-        return partial(_CustomTerms, pairwise)
-    raise ValueError(f"unknown pairwise function {pairwise!r}; available: linear, hinge_sq, or a callable")
+        terms, shift = _LinearTerms, 0.0
+    elif pairwise == "hinge_sq":
+        terms, shift = _HingeSquaredTerms, margin
+    elif callable(pairwise):
+        terms, shift = partial(_CustomTerms, pairwise), 0.0
+    else:
+        raise ValueError(f"unknown pairwise function {pairwise!r}; available: linear, hinge_sq, or a callable")
+    return PairReduction(
+        pair_terms=terms,
+        logsumexp=True,
+        exclude_positive=True,
+        both_directions=True,
+        count_positive_values=True,  # for the inside-margin fraction of metrics()
+        subtracts_positive=True,
+        positive_shift=shift,
+    )
 
 
 def gamma_schedule(epoch: float, gamma_min: float = 0.8, decay_epochs: float = 1.0) -> float:
@@ -173,14 +179,7 @@ class GlobalContrastiveLoss(RingLoss):
         same_label_positives: bool = False,
     ):
         super().__init__(tile_size, group, topology, same_label_positives)
-        self.reduction = PairReduction(
-            pair_terms=_pair_terms(pairwise, margin),
-            logsumexp=True,
-            exclude_positive=True,
-            both_directions=True,
-            count_positive_values=True,  # for the inside-margin fraction of metrics()
-            subtracts_positive=True,
-        )
+        self.reduction = _pair_reduction(pairwise, margin)
         self.gamma = gamma
         self.eps = eps
         self.estimators = EstimatorTable(num_directions=2)

@@ -67,6 +67,9 @@ class PairReduction:
     both_directions: bool  # image and text anchors; otherwise image anchors only
     count_positive_values: bool = False  # count the pairs with v_ij > 0 (a pass over every tile)
     subtracts_positive: bool = False  # v depends on s_ii, through s_ij - s_ii: dv/ds_ii = -dv/ds_ij
+    # The pair values get s_ii - positive_shift as the positive: HGCL's margin, taken once per call
+    # rather than once per tile.
+    positive_shift: float = 0.0
 
     def __post_init__(self):
         if not self.both_directions and (self.logsumexp or self.subtracts_positive):
@@ -144,7 +147,8 @@ def pair_statistics(
     """
     return _PairStatistics.apply(
         reduction, tile_size, info, inputs.wire_dtype,
-        inputs.image, inputs.text, inputs.positive, inputs.scale, inputs.bias, labels,
+        inputs.image, inputs.text, inputs.positive - reduction.positive_shift if reduction.positive_shift else
+        inputs.positive, inputs.scale, inputs.bias, labels,
     )
 
 
