@@ -175,7 +175,9 @@ class _PairStatistics(torch.autograd.Function):
         rows = _row_tiles(anchors, positive, stats[..., None], labels, tile_size, anchor_grads)
         context = _TileContext(reduction, scale, bias)
         column_blocks = torch.stack([features[1 - d] for d in directions]).to(wire_dtype)
-        for source, (columns, *column_labels) in ring_blocks(_with_labels(column_blocks, labels), info):
+        ring = ring_blocks(_with_labels(column_blocks, labels), info)
+        del column_blocks  # the ring alone holds the blocks: freed once packed
+        for source, (columns, *column_labels) in ring:
             columns = _in_dtype(columns, image.dtype)
             for row in rows:
                 for tile in _column_tiles(row, columns, column_labels, tile_size, source == info.rank):
@@ -199,9 +201,11 @@ class _PairStatistics(torch.autograd.Function):
         grad_local = torch.zeros_like(local)
         rows = _row_tiles(local, positive.detach(), stats[..., None], labels, ctx.tile_size,
                           grads=(grad_stats[..., None], grad_local, grads))
-        payload = _column_payload(features, positive, stats, grad_stats, sides, ctx.wire_dtype)
         context = _TileContext(ctx.reduction, scale.detach(), None if bias is None else bias.detach())
-        for source, (columns, *anchors_and_labels) in ring_blocks(_with_labels(payload, labels), ctx.info):
+        payload = _with_labels(_column_payload(features, positive, stats, grad_stats, sides, ctx.wire_dtype), labels)
+        ring = ring_blocks(payload, ctx.info)
+        del payload  # the ring alone holds the blocks: freed once packed
+        for source, (columns, *anchors_and_labels) in ring:
             columns = _in_dtype(columns, image.dtype)
             column_anchors, column_labels = anchors_and_labels[:3], anchors_and_labels[3:]
             for row in rows:
@@ -350,8 +354,11 @@ class _TileContext:
         column_terms = self.terms(row, tile, similarity, column_positive)
         grad_similarity = None
         if reduction.both_directions:  # the scale and bias of these anchors' pairs are this rank's share
-            row_terms = self.terms(row, tile, similarity, row.positive) if reduction.subtracts_positive else column_terms
+            row_terms = column_terms
+            if reduction.subtracts_positive:
+                row_terms = self.terms(row, tile, similarity, row.positive)
             grad_similarity = self._row_grad(row_terms, row.stats, row.grad_stats, grads)
+            del row_terms  # its tiles are freed before the column role makes its own
             if reduction.subtracts_positive:  # dv/ds_ii = -dv/ds_ij: summed here, negated at the end
                 row.grad_positive.baddbmm_(grad_similarity, self.ones_column(grad_similarity))
         weights = _pair_weights(reduction, column_terms, column_stats, column_grads)

@@ -6,8 +6,8 @@ them on the CPU: one loss forward and one backward on ``W`` and ``W + 1`` gloo r
 rank 0 after a warm-up call, and the difference of the counts (everything outside the ring is the
 same for both). Counted: every ``aten::`` or ``c10d::`` (send, receive, collectives) operation that
 the call makes at the top level of the dispatch, i.e. not from inside another one; the autograd
-engine's bookkeeping is not an operation, nor what gloo's own threads do for a collective. The local batch stays within one tile, so a hop is one tile per
-direction.
+engine's bookkeeping is not an operation, nor what gloo's own threads do for a collective. The
+local batch stays within one tile, so a hop is one tile per direction.
 
     python -m tuneclip_ds.losses.profile infonce siglip gcl hgcl
 """

@@ -123,11 +123,12 @@ def ring_blocks(
         yield info.rank, block
         return
     own = packet.pack(block)
+    del block  # the caller's tensors may be freed: the own block is yielded from the buffer
     buffers = (own, torch.empty_like(own))
     views = [packet.unpack(buffer) for buffer in buffers]  # once per call, not once per hop
     shift = _Shift.along_ranks(info)
     pending = shift.start(buffers[0], buffers[1])
-    yield info.rank, block
+    yield info.rank, views[0]
     for step in range(1, info.world_size):
         incoming = step % 2
         pending.wait()
