@@ -791,7 +791,7 @@ class LargestTensor(TorchDispatchMode):
 
 
 def _largest_tensor_worker(rank, world_size, group, name, tile_size, same_label_positives):
-    batch = make_batch(12, dim=4, bias=-5.0, num_classes=3) | {"ids": torch.arange(12)}
+    batch = make_batch(24, dim=4, bias=-5.0, num_classes=3) | {"ids": torch.arange(24)}
     loss_fn = build_loss(name, group=group, tile_size=tile_size, same_label_positives=same_label_positives)
     with LargestTensor() as largest:
         loss_and_grads(loss_fn, batch, rank, world_size)
@@ -801,11 +801,13 @@ def _largest_tensor_worker(rank, world_size, group, name, tile_size, same_label_
 @pytest.mark.parametrize("world_size", [1, 2])
 @pytest.mark.parametrize("name", ["infonce", "siglip", "gcl", "hgcl"])
 @pytest.mark.parametrize("same_label_positives", [False, True])
-def test_no_tensor_is_larger_than_a_tile_or_the_features(pool, world_size, name, same_label_positives):
-    """Global batch 12, dim 4, tile 3: nothing larger than b x max(d, tile) (never b x B)."""
-    local_batch = 12 // world_size
+def test_no_tensor_is_larger_than_a_ring_block(pool, world_size, name, same_label_positives):
+    """Global batch 24, dim 4, tile 3: nothing larger than the block a hop carries, both modalities'
+    features and 6 numbers per sample (positive, R and dLoss/dR of both directions, label), b x (2d + 6)
+    (never b x B)."""
+    local_batch = 24 // world_size
     for largest in run_on_ranks(pool, world_size, _largest_tensor_worker, name, 3, same_label_positives):
-        assert largest <= local_batch * 4
+        assert largest <= local_batch * (2 * 4 + 6) < local_batch * 24
 
 
 def _unequal_batch_worker(rank, world_size, group, name):

@@ -4,7 +4,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from tuneclip_ds.losses.ring import TOPOLOGIES, GroupInfo, resolve_group
+from tuneclip_ds.losses.ring import TOPOLOGIES, GroupInfo, check_equal_local_batch, resolve_group
 
 
 class RingLoss(nn.Module):
@@ -39,6 +39,7 @@ class RingLoss(nn.Module):
         self.group = group
         self.topology = topology  # "ring", or "hierarchical": gathered in each node, a ring across nodes
         self.same_label_positives = same_label_positives
+        self._checked_batches: set[tuple[int, int]] = set()  # (world size, local batch)
 
     def pair_labels(self, labels: torch.Tensor | None) -> torch.Tensor | None:
         """The labels that decide which pairs share a class: ``labels`` with ``same_label_positives``
@@ -52,6 +53,18 @@ class RingLoss(nn.Module):
     def group_info(self) -> GroupInfo:
         # Resolved per call: the loss may be built before torch.distributed is initialised.
         return resolve_group(self.group, self.topology)
+
+    def checked_group_info(self, local_batch: int, device: torch.device) -> GroupInfo:
+        """``group_info()``, after checking that every rank holds ``local_batch`` samples (``ValueError``
+        on every rank otherwise): collectively, the first time this loss meets a local batch of this size,
+        so that steps do not wait for the host. (Ranks whose sizes part later, one of them to a size met
+        before, would fail in the ring instead; the data pipeline drops partial batches.)"""
+        info = self.group_info()
+        key = (info.world_size, local_batch)
+        if key not in self._checked_batches:
+            check_equal_local_batch(local_batch, info, device)
+            self._checked_batches.add(key)
+        return info
 
     def metrics(self) -> dict[str, float]:
         """Global-batch statistics of the last forward, for logging."""

@@ -19,13 +19,13 @@ whole global batch is finite; otherwise the loss is NaN and the table is left as
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping
-from functools import partial
+from functools import cached_property, partial
 
 import torch
 
 from tuneclip_ds.losses.base import RingLoss, global_value_with_local_gradient, with_zero_bias_gradient
 from tuneclip_ds.losses.estimators import EstimatorTable
-from tuneclip_ds.losses.pairs import LossInputs, PairReduction, pair_statistics, same_label_counts
+from tuneclip_ds.losses.pairs import LossInputs, PairReduction, PairTerms, pair_statistics, same_label_counts
 from tuneclip_ds.losses.ring import all_reduce_max, all_reduce_sum
 
 logger = logging.getLogger(__name__)
@@ -39,23 +39,7 @@ def linear(difference: torch.Tensor) -> torch.Tensor:
 
 def hinge_squared(difference: torch.Tensor, margin: float) -> torch.Tensor:
     """Zero (no gradient) for a negative already ``margin`` below its positive."""
-    return _HingeSquared.apply(difference, margin)
-
-
-class _HingeSquared(torch.autograd.Function):
-    """``[x + margin]_+^2`` with the derivative ``2 [x + margin]_+`` written out: autograd's relu and
-    square would keep three tile-sized tensors and make five passes over them in backward."""
-
-    @staticmethod
-    def forward(ctx, difference, margin):
-        hinge = (difference + margin).clamp_min_(0)
-        ctx.save_for_backward(hinge)
-        return hinge.square()
-
-    @staticmethod
-    def backward(ctx, grad):
-        hinge, = ctx.saved_tensors
-        return (grad * hinge).mul_(2), None
+    return (difference + margin).clamp_min_(0).square_()
 
 
 def make_pairwise(name: str, margin: float = 0.1) -> Pairwise:
@@ -67,6 +51,95 @@ def make_pairwise(name: str, margin: float = 0.1) -> Pairwise:
     raise ValueError(f"unknown pairwise function {name!r}; available: linear, hinge_sq")
 
 
+class _ScaledPairwiseTerms(PairTerms):
+    """``v = t h(s_ij - s_ii)``, -inf for the pairs that are no negatives; a subclass per ``h`` gives
+    ``by_scale`` (h) and ``by_similarity`` (t h')."""
+
+    @cached_property
+    def difference(self):
+        return self.similarity - self.positive
+
+    @cached_property
+    def value(self):
+        values = self.by_scale * self.scale
+        for not_negative in (self.same_label, self.excluded):
+            if not_negative is not None:
+                values.masked_fill_(not_negative, -math.inf)
+        return values
+
+
+class _LinearTerms(_ScaledPairwiseTerms):
+    @property
+    def by_scale(self):
+        return self.difference
+
+    @property
+    def by_similarity(self):
+        return self.scale
+
+
+class _HingeSquaredTerms(_ScaledPairwiseTerms):
+    """``h = [x + margin]_+^2``; the positive comes shifted by the margin (``PairReduction.positive_shift``),
+    so ``difference`` is ``x + margin``."""
+
+    @cached_property
+    def _hinge(self):
+        return self.difference.clamp_min_(0)
+
+    @cached_property
+    def by_scale(self):
+        return self._hinge.square()
+
+    @cached_property
+    def by_similarity(self):
+        return self._hinge * (2 * self.scale)
+
+
+class _CustomTerms(_ScaledPairwiseTerms):
+    """For a pairwise function of the user's: its derivative by autograd (it must act element-wise)."""
+
+    def __init__(self, pairwise: Pairwise, *tile):
+        super().__init__(*tile)
+        self.pairwise = pairwise
+
+    @cached_property
+    def _pairwise_and_slope(self):
+        with torch.enable_grad():
+            difference = self.difference.detach().requires_grad_()
+            pairwise = self.pairwise(difference)
+            slope, = torch.autograd.grad(pairwise.sum(), difference)
+        return pairwise.detach(), slope
+
+    @property
+    def by_scale(self):
+        return self._pairwise_and_slope[0]
+
+    @cached_property
+    def by_similarity(self):
+        return self._pairwise_and_slope[1] * self.scale
+
+
+def _pair_reduction(pairwise: str | Pairwise, margin: float) -> PairReduction:
+    """The reduction of GCL's pairs with the pairwise function ``pairwise``."""
+    if pairwise == "linear":
+        terms, shift = _LinearTerms, 0.0
+    elif pairwise == "hinge_sq":
+        terms, shift = _HingeSquaredTerms, margin
+    elif callable(pairwise):
+        terms, shift = partial(_CustomTerms, pairwise), 0.0
+    else:
+        raise ValueError(f"unknown pairwise function {pairwise!r}; available: linear, hinge_sq, or a callable")
+    return PairReduction(
+        pair_terms=terms,
+        logsumexp=True,
+        exclude_positive=True,
+        both_directions=True,
+        count_positive_values=True,  # for the inside-margin fraction of metrics()
+        subtracts_positive=True,
+        positive_shift=shift,
+    )
+
+
 def gamma_schedule(epoch: float, gamma_min: float = 0.8, decay_epochs: float = 1.0) -> float:
     """FastCLIP's cosine decay of the moving-average rate from 1 at epoch 0 to ``gamma_min`` at
     ``decay_epochs``, constant afterwards. ``epoch`` (fractional allowed) counts from the start of
@@ -74,11 +147,6 @@ def gamma_schedule(epoch: float, gamma_min: float = 0.8, decay_epochs: float = 1
     if epoch >= decay_epochs:
         return gamma_min
     return gamma_min + (1.0 - gamma_min) * 0.5 * (1.0 + math.cos(math.pi * epoch / decay_epochs))
-
-
-def _scaled_pairwise(pairwise, similarity, positive, scale, bias, same_label):
-    values = scale * pairwise(similarity - positive)
-    return values if same_label is None else values.masked_fill(same_label, -math.inf)  # not a negative
 
 
 class GlobalContrastiveLoss(RingLoss):
@@ -111,14 +179,7 @@ class GlobalContrastiveLoss(RingLoss):
         same_label_positives: bool = False,
     ):
         super().__init__(tile_size, group, topology, same_label_positives)
-        pairwise_fn = make_pairwise(pairwise, margin) if isinstance(pairwise, str) else pairwise
-        self.reduction = PairReduction(
-            pair_value=partial(_scaled_pairwise, pairwise_fn),
-            logsumexp=True,
-            exclude_positive=True,
-            both_directions=True,
-            count_positive_values=True,  # for the inside-margin fraction of metrics()
-        )
+        self.reduction = _pair_reduction(pairwise, margin)
         self.gamma = gamma
         self.eps = eps
         self.estimators = EstimatorTable(num_directions=2)
@@ -127,11 +188,11 @@ class GlobalContrastiveLoss(RingLoss):
     def forward(self, image_features, text_features, logit_scale, logit_bias=None, sample_ids=None, labels=None):
         if sample_ids is None:
             raise ValueError("GlobalContrastiveLoss needs the sample_ids of the batch")
-        info = self.group_info()
         labels = self.pair_labels(labels)
         inputs = LossInputs.prepare(image_features, text_features, logit_scale)
+        info = self.checked_group_info(inputs.local_batch, inputs.image.device)
         log_sum, active_pairs = pair_statistics(self.reduction, inputs, self.tile_size, info, labels)
-        global_batch = inputs.local_batch * info.world_size  # the same on every rank: pair_statistics checked
+        global_batch = inputs.local_batch * info.world_size  # the same on every rank: checked_group_info
         if global_batch < 2:
             raise ValueError("GlobalContrastiveLoss needs a global batch of at least 2 samples")
         negatives = self._negatives_per_anchor(labels, inputs, global_batch, info)

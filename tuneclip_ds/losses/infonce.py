@@ -1,24 +1,46 @@
 """InfoNCE / CLIP loss, gather-free; equal to open_clip ``ClipLoss`` on the global batch."""
 
+from functools import cached_property
+
 import torch
 
 from tuneclip_ds.losses.base import RingLoss, global_value_with_local_gradient, with_zero_bias_gradient
-from tuneclip_ds.losses.pairs import LossInputs, PairReduction, pair_statistics, same_label_counts
+from tuneclip_ds.losses.pairs import LossInputs, PairReduction, PairTerms, pair_statistics, same_label_counts
 from tuneclip_ds.losses.ring import all_reduce_sum
 
 
-def _logits(similarity, positive, scale, bias, same_label):
-    return scale * similarity
+class _LogitTerms(PairTerms):
+    """v = t s_ij."""
+
+    @cached_property
+    def value(self):
+        return self.similarity * self.scale
+
+    @property
+    def by_similarity(self):
+        return self.scale
+
+    @property
+    def by_scale(self):
+        return self.similarity
 
 
-def _same_label_similarity(similarity, positive, scale, bias, same_label):
-    return similarity * same_label
+class _SameLabelTerms(PairTerms):
+    """v = s_ij for the pairs of one class, 0 for the others."""
+
+    @cached_property
+    def value(self):
+        return self.similarity * self.same_label
+
+    @cached_property
+    def by_similarity(self):
+        return self.same_label.to(self.similarity.dtype).expand_as(self.similarity)
 
 
 # R_i = logsumexp_j(t * s_ij) over all columns, the positive included.
-_INFONCE = PairReduction(pair_value=_logits, logsumexp=True, exclude_positive=False, both_directions=True)
+_INFONCE = PairReduction(pair_terms=_LogitTerms, logsumexp=True, exclude_positive=False, both_directions=True)
 # S_i = sum_{j: y_j = y_i} s_ij, image anchors: over the global batch, text anchors give the same sum (below).
-_SAME_LABEL = PairReduction(pair_value=_same_label_similarity, logsumexp=False, exclude_positive=False,
+_SAME_LABEL = PairReduction(pair_terms=_SameLabelTerms, logsumexp=False, exclude_positive=False,
                             both_directions=False)
 
 
@@ -50,9 +72,9 @@ class InfoNCELoss(RingLoss):
         self.label_smoothing = label_smoothing
 
     def forward(self, image_features, text_features, logit_scale, logit_bias=None, sample_ids=None, labels=None):
-        info = self.group_info()
         labels = self.pair_labels(labels)
         inputs = LossInputs.prepare(image_features, text_features, logit_scale)
+        info = self.checked_group_info(inputs.local_batch, inputs.image.device)
         stats, _ = pair_statistics(_INFONCE, inputs, self.tile_size, info)
         global_batch = inputs.local_batch * info.world_size
         smoothing = self.label_smoothing

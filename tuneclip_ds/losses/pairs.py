@@ -21,31 +21,59 @@ gradients, without communicating any gradient. For a sum over one direction (Sig
 part is taken in forward from the tiles computed there (dR_i/dv_ij = 1 needs no upstream
 gradient), and the backward computes only the columns' part. A few tiles are alive at a time:
 memory is O(b*d + tile_size^2), whatever the global batch (and within O(b*d + b*tile_size)).
+
+Few operations per hop (on GPUs each is a kernel launch, and at hundreds of ranks the launches, not
+the arithmetic, bound the loss): everything a hop carries travels in one buffer (``ring_blocks``),
+both directions' tiles are computed together, stacked as ``[2, a, c]``, and each loss writes out the
+derivatives of its pair value (``PairTerms``) instead of differentiating the tile with autograd.
+Sums over a tile's columns are accumulated by a matrix product with a column of ones, in place.
+``profile.ops_per_hop`` counts the operations.
 """
 
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
-from tuneclip_ds.losses.ring import GroupInfo, check_equal_local_batch, ring_blocks
+from tuneclip_ds.losses.ring import GroupInfo, ring_blocks
 
-# v(similarity [a, c], positive [a, 1] or [1, c], scale [], bias [] or None,
-#   same_label [a, c] bool or None without labels) -> pair values [a, c]
-PairValue = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None],
-                     torch.Tensor]
+
+class PairTerms:
+    """The pair values ``v_ij`` of a similarity tile and their derivatives, each computed when first
+    asked for. A subclass per loss defines the tiles ``value``, ``by_scale`` (dv/dscale; None if v
+    ignores it) and ``by_bias`` (dv/dbias; None if v ignores it), and ``by_similarity`` (dv/ds_ij), a
+    tile or a tensor that broadcasts over it. ``positive`` broadcasts over the tile (a column [a, 1] for
+    row anchors, a row [1, c] for column anchors); ``same_label`` [a, c] bool (None without labels);
+    ``excluded`` [a, c] bool: the anchors' own pairs, which a loss that excludes them must give the
+    reduction's empty value and zero derivatives (None: none in this tile)."""
+
+    by_scale = None
+    by_bias = None
+
+    def __init__(self, similarity, positive, scale, bias, same_label, excluded):
+        self.similarity, self.positive, self.scale, self.bias = similarity, positive, scale, bias
+        self.same_label, self.excluded = same_label, excluded
 
 
 @dataclass(frozen=True)
 class PairReduction:
     """How a loss reduces the pairs of one anchor to its row statistic R_i."""
 
-    pair_value: PairValue
+    pair_terms: Callable[..., PairTerms]  # (similarity, positive, scale, bias, same_label, excluded)
     logsumexp: bool  # R_i = log sum_j exp(v_ij); otherwise R_i = sum_j v_ij
     exclude_positive: bool  # leave out the anchor's own pair j == i
     both_directions: bool  # image and text anchors; otherwise image anchors only
     count_positive_values: bool = False  # count the pairs with v_ij > 0 (a pass over every tile)
+    subtracts_positive: bool = False  # v depends on s_ii, through s_ij - s_ii: dv/ds_ii = -dv/ds_ij
+    # The pair values get s_ii - positive_shift as the positive: HGCL's margin, taken once per call
+    # rather than once per tile.
+    positive_shift: float = 0.0
+
+    def __post_init__(self):
+        if not self.both_directions and (self.logsumexp or self.subtracts_positive):
+            raise ValueError("one direction is supported for a sum of pair values that ignore the positive")
 
     @property
     def num_directions(self) -> int:
@@ -56,12 +84,19 @@ class PairReduction:
         """For a sum over one direction (SigLIP), dR_i/dv_ij = 1 needs no upstream gradient: the
         forward can take the anchors' gradient from the tiles it computes anyway, up to a factor per
         row, and the backward then skips recomputing them (these rows have no other role)."""
-        return not self.logsumexp and self.num_directions == 1
+        return not self.both_directions
 
     @property
     def empty_value(self) -> float:
         """The value that contributes nothing to the reduction."""
         return -math.inf if self.logsumexp else 0.0
+
+    @property
+    def backward_sides(self) -> tuple[int, ...]:
+        """The modalities whose tiles the backward recomputes (0: this rank's images against the visiting
+        texts, 1: its texts against the visiting images); side 0 is done in forward for a sum over one
+        direction."""
+        return (0, 1) if self.both_directions else (1,)
 
 
 @dataclass(frozen=True)
@@ -107,42 +142,46 @@ def pair_statistics(
     ``reduction.count_positive_values``). ``labels`` ([b] integers, or None): the class of each of
     this rank's samples, for pair values that depend on which pairs share a class.
 
-    All ranks must call it, with the same ``b`` (checked: ``ValueError`` otherwise), all with
-    labels or all without, and, in backward, call backward together.
+    All ranks must call it, with the same ``b`` (``RingLoss.checked_group_info`` checks it), all
+    with labels or all without, and, in backward, call backward together.
     """
-    check_equal_local_batch(inputs.local_batch, info, inputs.image.device)
     return _PairStatistics.apply(
         reduction, tile_size, info, inputs.wire_dtype,
-        inputs.image, inputs.text, inputs.positive, inputs.scale, inputs.bias, labels,
+        inputs.image, inputs.text, inputs.positive - reduction.positive_shift if reduction.positive_shift else
+        inputs.positive, inputs.scale, inputs.bias, labels,
     )
 
 
 def same_label_counts(labels: torch.Tensor, info: GroupInfo) -> torch.Tensor:
     """For each of this rank's samples, how many samples of the global batch share its label (itself
     included). The label blocks travel around the ring; each is sorted once and searched, so nothing
-    larger than a block is made."""
-    counts = torch.zeros_like(labels)
+    larger than a block is made: the count of labels up to y, minus the count up to y - 1."""
+    bounds = torch.stack([labels, labels - 1])
+    positions = torch.zeros_like(bounds)
     for _, (visiting,) in ring_blocks((labels,), info):
-        ordered = visiting.sort().values
-        counts += torch.searchsorted(ordered, labels, right=True) - torch.searchsorted(ordered, labels)
-    return counts
+        positions += torch.searchsorted(visiting.sort().values, bounds, right=True)
+    return positions[0] - positions[1]
 
 
 class _PairStatistics(torch.autograd.Function):
     @staticmethod
     def forward(ctx, reduction, tile_size, info, wire_dtype, image, text, positive, scale, bias, labels):
-        scalars = _Scalars(positive, scale, bias)
         directions = range(reduction.num_directions)
+        features = (image, text)
+        anchors = torch.stack([features[d] for d in directions])  # [directions, b, d]
         stats = image.new_full((len(directions), image.shape[0]), reduction.empty_value)
         active = torch.zeros(len(directions), dtype=torch.int64, device=image.device)
-        features = (image, text)
-        anchor_grads = _AnchorGrads.zeros(image, scalars) if reduction.anchor_grads_in_forward else None
-        column_blocks = tuple(features[1 - d].to(wire_dtype) for d in directions)
-        for source, visiting in ring_blocks(_with_labels(column_blocks, labels), info):
-            layout = _BlockLayout(source == info.rank, labels, _labels_of(visiting, labels))
-            for d in directions:
-                _add_block_statistics(reduction, features[d], visiting[d].to(image.dtype), scalars,
-                                      layout, tile_size, stats[d], active[d], anchor_grads)
+        anchor_grads = _AnchorGrads.zeros(anchors, bias) if reduction.anchor_grads_in_forward else None
+        rows = _row_tiles(anchors, positive, stats[..., None], labels, tile_size, anchor_grads)
+        context = _TileContext(reduction, scale, bias)
+        column_blocks = torch.stack([features[1 - d] for d in directions]).to(wire_dtype)
+        ring = ring_blocks(_with_labels(column_blocks, labels), info)
+        del column_blocks  # the ring alone holds the blocks: freed once packed
+        for source, (columns, *column_labels) in ring:
+            columns = _in_dtype(columns, image.dtype)
+            for row in rows:
+                for tile in _column_tiles(row, columns, column_labels, tile_size, source == info.rank):
+                    context.add_tile_statistics(row, tile, active)
         ctx.reduction, ctx.tile_size, ctx.info, ctx.wire_dtype = reduction, tile_size, info, wire_dtype
         ctx.anchor_grads = anchor_grads
         ctx.save_for_backward(image, text, positive, scale, bias, stats, labels)
@@ -152,271 +191,251 @@ class _PairStatistics(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_stats, _grad_active):
         image, text, positive, scale, bias, stats, labels = ctx.saved_tensors
-        # Detached for the visiting anchors, whose scalars are not differentiated here: autograd then
-        # keeps no tile for their gradient. Leaves for this rank's anchors.
-        scalars = _Scalars(*(None if t is None else t.detach() for t in (positive, scale, bias)))
-        leaves = scalars.leaves()
-        local = _AnchorRows(leaves.positive, stats, grad_stats)
+        sides = ctx.reduction.backward_sides
         features = (image.detach(), text.detach())
+        grads = _ScalarGrads.zeros(positive, scale, bias)
         grad_features = [torch.zeros_like(f) for f in features]
-        grad_scalars = [torch.zeros_like(x) for x in leaves.tensors()]
-        sides = (0, 1)
         if ctx.anchor_grads is not None:  # side 0's tiles were differentiated in forward
-            ctx.anchor_grads.apply(grad_stats[0], grad_features[0], grad_scalars)
-            sides = (1,)
-        payload = (image.to(ctx.wire_dtype), text.to(ctx.wire_dtype), positive, stats, grad_stats.contiguous())
-        for source, block in ring_blocks(_with_labels(payload, labels), ctx.info):
-            v_image, v_text, v_positive, v_stats, v_grad_stats = block[:5]
-            pair = _BlockPair(ctx.reduction, local, _AnchorRows(v_positive, v_stats, v_grad_stats), scalars, leaves,
-                              _BlockLayout(source == ctx.info.rank, labels, _labels_of(block, labels)))
-            visiting_features = (v_image.detach().to(image.dtype), v_text.detach().to(image.dtype))
-            for side in sides:
-                _add_block_grads(pair, side, features[side], visiting_features[1 - side], ctx.tile_size,
-                                 grad_features[side], grad_scalars)
-        grad_positive, grad_scale, *grad_bias = grad_scalars
-        return (None, None, None, None, *grad_features, grad_positive, grad_scale, *(grad_bias or [None]), None)
+            ctx.anchor_grads.apply(grad_stats[0], grad_features[0], grads)
+        local = torch.stack([features[s] for s in sides])  # [sides, b, d]
+        grad_local = torch.zeros_like(local)
+        rows = _row_tiles(local, positive.detach(), stats[..., None], labels, ctx.tile_size,
+                          grads=(grad_stats[..., None], grad_local, grads))
+        context = _TileContext(ctx.reduction, scale.detach(), None if bias is None else bias.detach())
+        payload = _with_labels(_column_payload(features, positive, stats, grad_stats, sides, ctx.wire_dtype), labels)
+        ring = ring_blocks(payload, ctx.info)
+        del payload  # the ring alone holds the blocks: freed once packed
+        for source, (columns, *anchors_and_labels) in ring:
+            columns = _in_dtype(columns, image.dtype)
+            column_anchors, column_labels = anchors_and_labels[:3], anchors_and_labels[3:]
+            for row in rows:
+                for tile in _column_tiles(row, columns, column_labels, ctx.tile_size, source == ctx.info.rank,
+                                          column_anchors):
+                    context.add_tile_grads(row, tile, grads)
+        for index, side in enumerate(sides):
+            grad_features[side] += grad_local[index]
+        return (None, None, None, None, *grad_features, *grads.result(bias))
 
 
-def _with_labels(block: tuple, labels: torch.Tensor | None) -> tuple:
-    """A ring block with this rank's labels, if any, as its last tensor: they travel with the features."""
-    return block if labels is None else (*block, labels)
+def _with_labels(block, labels: torch.Tensor | None) -> tuple:
+    """A ring block (a tensor or a tuple of them) with this rank's labels, if any, as its last tensor,
+    shaped [1, b] for the columns of a tile: they travel with the features."""
+    block = block if isinstance(block, tuple) else (block,)
+    return block if labels is None else (*block, labels[None])
 
 
-def _labels_of(block: tuple, labels: torch.Tensor | None) -> torch.Tensor | None:
-    """The labels of a visiting block made by ``_with_labels``."""
-    return None if labels is None else block[-1]
+def _in_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
-def _add_block_statistics(reduction, anchors, columns, scalars, layout, tile_size, stats, active, anchor_grads):
-    """Combine the tiles of ``anchors`` against one visiting block's ``columns`` into the row
-    statistics ``stats`` [b] and the count ``active`` (in place), and into ``anchor_grads`` if any."""
-    for rows, tile in _tiles(len(anchors), len(columns), tile_size):
-        pairs = layout.tile_pairs(rows, tile)
-        if anchor_grads is None:
-            tile_stats, tile_active = _tile_statistics(
-                reduction, anchors[rows], columns[tile], scalars.positive[rows, None], scalars, pairs
-            )
+def _column_payload(features, positive, stats, grad_stats, sides, wire_dtype) -> tuple[torch.Tensor, ...]:
+    """What the backward ring carries, in the layout the receiving rank's tiles need for its columns:
+    the features each of its sides meets [sides, b, d] (wire dtype), and of the anchors among these
+    columns (direction ``1 - side``) the positives [1, 1, b], R and dLoss/dR [sides, 1, b]."""
+    directions = [1 - side for side in sides]
+    return (
+        torch.stack([features[d] for d in directions]).to(wire_dtype),
+        positive.detach()[None, None],
+        stats[directions, None],
+        grad_stats[directions, None],
+    )
+
+
+@dataclass(frozen=True)
+class _RowTile:
+    """One tile's worth of this rank's anchors (its rows), for every direction or side at once, and the
+    accumulators the tiles of its rows add to."""
+
+    span: slice  # the rows in the local batch
+    features: torch.Tensor  # [n, a, d]
+    positive: torch.Tensor  # [1, a, 1]
+    stats: torch.Tensor  # [n, a, 1]: in forward, updated in place; in backward R of these anchors
+    labels: torch.Tensor | None  # [a, 1]
+    anchor_grads: "_AnchorGrads | None" = None  # forward: updated in place
+    grad_stats: torch.Tensor | None = None  # [n, a, 1], backward: dLoss/dR of these anchors
+    grad_features: torch.Tensor | None = None  # [n, a, d], backward: updated in place
+    grad_positive: torch.Tensor | None = None  # [2, a, 1], backward: updated in place
+
+
+def _row_tiles(features, positive, stats, labels, tile_size, anchor_grads=None, grads=None) -> list[_RowTile]:
+    """The row tiles of ``features`` [n, b, d] and the views of the per-anchor tensors that go with
+    them, made once per call. ``grads``: in backward, dLoss/dR [n, b, 1], the features' gradient
+    [n, b, d] and the ``_ScalarGrads``."""
+    tiles = []
+    for start in range(0, features.shape[1], tile_size):
+        span = slice(start, min(start + tile_size, features.shape[1]))
+        backward = () if grads is None else (grads[0][:, span], grads[1][:, span], grads[2].positive_rows[:, span])
+        tiles.append(_RowTile(
+            span, features[:, span], positive[None, span, None], stats[:, span],
+            None if labels is None else labels[span, None],
+            None if anchor_grads is None else anchor_grads.rows(span), *backward,
+        ))
+    return tiles
+
+
+@dataclass(frozen=True)
+class _ColumnTile:
+    """One tile's worth of a visiting block's samples (its columns)."""
+
+    features: torch.Tensor  # [n, c, d]
+    labels: torch.Tensor | None  # [1, c]
+    excluded: torch.Tensor | None  # [a, c] bool: the rows' own pairs, if the tile has any
+    anchors: tuple | None  # backward: positives [1, 1, c], R and dLoss/dR [n, 1, c] of the column anchors
+
+
+def _column_tiles(row: _RowTile, columns, column_labels, tile_size, is_local_block, anchors=()):
+    """The column tiles of a visiting block against ``row``; the whole block, without any operation,
+    when it is no wider than ``tile_size``."""
+    labels = column_labels[0] if column_labels else None
+    width = columns.shape[1]
+    if width <= tile_size:
+        pieces = [(slice(0, width), columns, labels, anchors)]
+    else:
+        spans = [slice(start, min(start + tile_size, width)) for start in range(0, width, tile_size)]
+        label_pieces = [None] * len(spans) if labels is None else labels.split(tile_size, dim=1)
+        anchor_pieces = list(zip(*(t.split(tile_size, dim=2) for t in anchors))) or [()] * len(spans)
+        pieces = zip(spans, columns.split(tile_size, dim=1), label_pieces, anchor_pieces)
+    for span, features, tile_labels, tile_anchors in pieces:
+        excluded = _positive_mask(row.span, span, columns.device) if is_local_block else None
+        yield _ColumnTile(features, tile_labels, excluded, tile_anchors)
+
+
+def _positive_mask(rows: slice, columns: slice, device) -> torch.Tensor | None:
+    """True where a row sample meets its own column (equal positions in the block); None for a tile
+    without any."""
+    if max(rows.start, columns.start) >= min(rows.stop, columns.stop):
+        return None
+    row_positions = torch.arange(rows.start, rows.stop, device=device)[:, None]
+    return row_positions == torch.arange(columns.start, columns.stop, device=device)[None, :]
+
+
+class _TileContext:
+    """What every tile of one call shares: the reduction, the scale and bias, and columns of ones."""
+
+    def __init__(self, reduction: PairReduction, scale, bias):
+        self.reduction, self.scale, self.bias = reduction, scale, bias
+        self._ones = {}
+
+    def ones_column(self, tile: torch.Tensor) -> torch.Tensor:
+        """[n, c, 1] ones for a tile [n, a, c]: the tile times it is the sum over its columns, which
+        ``baddbmm_`` adds in place in one operation. Made once per shape."""
+        shape = (tile.shape[0], tile.shape[2], 1)
+        if shape not in self._ones:
+            self._ones[shape] = tile.new_ones(shape)
+        return self._ones[shape]
+
+    def terms(self, row: _RowTile, tile: _ColumnTile, similarity, positive) -> PairTerms:
+        same_label = None if row.labels is None else row.labels == tile.labels
+        excluded = tile.excluded if self.reduction.exclude_positive else None
+        return self.reduction.pair_terms(similarity, positive, self.scale, self.bias, same_label, excluded)
+
+    def add_tile_statistics(self, row: _RowTile, tile: _ColumnTile, active) -> None:
+        """Combine the tile of ``row``'s anchors against ``tile``'s columns into the row statistics (in
+        place), the count ``active`` and the row's anchor gradients if any."""
+        terms = self.terms(row, tile, torch.bmm(row.features, tile.features.mT), row.positive)
+        values = terms.value
+        if self.reduction.count_positive_values:
+            active += (values > 0).sum((1, 2))
+        if self.reduction.logsumexp:
+            torch.logaddexp(row.stats, values.logsumexp(dim=2, keepdim=True), out=row.stats)
         else:
-            tile_stats, tile_active = anchor_grads.add_tile(reduction, anchors, columns[tile], rows, scalars, pairs)
-        stats[rows] = _combine(reduction, stats[rows], tile_stats)
-        active += tile_active
+            row.stats.baddbmm_(values, self.ones_column(values))
+        if row.anchor_grads is not None:
+            row.anchor_grads.add_tile(terms, tile.features, self.ones_column(values))
+
+    def add_tile_grads(self, row: _RowTile, tile: _ColumnTile, grads: "_ScalarGrads") -> None:
+        """Add the gradients of the tile of this rank's features ``row`` against the visiting ``tile`` to
+        ``row.grad_features`` and ``grads``. The rows play two roles: anchors of direction ``side`` (with
+        both directions), and columns for the visiting anchors of direction ``1 - side``; one recomputed
+        similarity tile serves both."""
+        reduction = self.reduction
+        similarity = torch.bmm(row.features, tile.features.mT)
+        column_positive, column_stats, column_grads = tile.anchors
+        column_terms = self.terms(row, tile, similarity, column_positive)
+        grad_similarity = None
+        if reduction.both_directions:  # the scale and bias of these anchors' pairs are this rank's share
+            row_terms = column_terms
+            if reduction.subtracts_positive:
+                row_terms = self.terms(row, tile, similarity, row.positive)
+            grad_similarity = self._row_grad(row_terms, row.stats, row.grad_stats, grads)
+            del row_terms  # its tiles are freed before the column role makes its own
+            if reduction.subtracts_positive:  # dv/ds_ii = -dv/ds_ij: summed here, negated at the end
+                row.grad_positive.baddbmm_(grad_similarity, self.ones_column(grad_similarity))
+        weights = _pair_weights(reduction, column_terms, column_stats, column_grads)
+        if grad_similarity is None:
+            grad_similarity = weights * column_terms.by_similarity
+        else:
+            grad_similarity.addcmul_(weights, column_terms.by_similarity)
+        row.grad_features.baddbmm_(grad_similarity, tile.features)
+
+    def _row_grad(self, terms: PairTerms, stats, grad_stats, grads: "_ScalarGrads") -> torch.Tensor:
+        """dLoss/d``similarity`` through the row anchors' statistics, adding their share of the scale and
+        bias gradients to ``grads``."""
+        weights = _pair_weights(self.reduction, terms, stats, grad_stats)
+        if not self.reduction.logsumexp:
+            weights = weights.expand_as(terms.value)
+        for total, slope in ((grads.scale, terms.by_scale), (grads.bias, terms.by_bias)):
+            if slope is not None:
+                total += torch.tensordot(weights, slope, dims=weights.dim())
+        if self.reduction.logsumexp:
+            return weights.mul_(terms.by_similarity)  # the weights are a tile of their own
+        return weights * terms.by_similarity
 
 
-def _add_block_grads(pair, side, features, columns, tile_size, grad_features, grad_scalars):
-    """Add the gradients from the tiles of this rank's ``features`` of modality ``side`` against the
-    visiting block's ``columns`` (the other modality) to ``grad_features`` and ``grad_scalars``."""
-    for rows, tile in _tiles(len(features), len(columns), tile_size):
-        # one product per tile turns the tile's gradient into the features' gradient
-        grad_features[rows].addmm_(
-            _tile_grad(pair, side, features[rows] @ columns[tile].T, rows, tile, grad_scalars), columns[tile]
-        )
-
-
-def _tiles(num_rows: int, num_columns: int, tile_size: int):
-    """``(rows, columns)`` slices of the tiles that cover a ``num_rows`` x ``num_columns`` matrix."""
-    for row in range(0, num_rows, tile_size):
-        for column in range(0, num_columns, tile_size):
-            yield slice(row, row + tile_size), slice(column, column + tile_size)
-
-
-def _diagonal(rows: slice, columns: slice, is_local_block: bool) -> tuple[int, int] | None:
-    """Where a tile's positive pairs lie: the offsets of its first row and column in the block, or
-    None for a tile without any (every tile of a visiting block, most tiles of the local one)."""
-    if is_local_block and max(rows.start, columns.start) < min(rows.stop, columns.stop):
-        return rows.start, columns.start
-    return None
-
-
-@dataclass(frozen=True)
-class _TilePairs:
-    """The pairs of a tile that a loss treats apart: its positive pairs (``diagonal``, see ``_diagonal``)
-    and those whose samples share a label (``same_label`` [a, c] bool; None without labels)."""
-
-    diagonal: tuple[int, int] | None
-    same_label: torch.Tensor | None
-
-
-@dataclass(frozen=True)
-class _BlockLayout:
-    """How this rank's samples (a tile's rows) meet a block's samples (its columns): whether the block is
-    this rank's own, and the labels of both (None without labels)."""
-
-    is_local_block: bool
-    row_labels: torch.Tensor | None
-    column_labels: torch.Tensor | None
-
-    def tile_pairs(self, rows: slice, columns: slice) -> _TilePairs:
-        same_label = None
-        if self.row_labels is not None:
-            same_label = self.row_labels[rows, None] == self.column_labels[None, columns]
-        return _TilePairs(_diagonal(rows, columns, self.is_local_block), same_label)
+def _pair_weights(reduction, terms: PairTerms, stats, grad_stats):
+    """dLoss/dv = dLoss/dR * dR/dv (a softmax weight for log-sum-exp, 1 for a sum: then the values are
+    not computed); ``stats`` and ``grad_stats`` of the anchors broadcast over the tile like their
+    positives."""
+    if reduction.logsumexp:
+        return (terms.value - stats).exp_().mul_(grad_stats)  # in place: one tile instead of three
+    return grad_stats
 
 
 @dataclass
-class _Scalars:
-    """Per-anchor positives [a] and the scale and bias (0-dim; bias may be None)."""
+class _ScalarGrads:
+    """The gradients of this rank's positives (by side, summed at the end), scale and bias."""
 
-    positive: torch.Tensor
+    positive_rows: torch.Tensor  # [2, b, 1]: sum_j dLoss/ds_ij of the rows' anchors
     scale: torch.Tensor
     bias: torch.Tensor | None
 
-    def tensors(self) -> list[torch.Tensor]:
-        return [self.positive, self.scale] + ([] if self.bias is None else [self.bias])
+    @classmethod
+    def zeros(cls, positive, scale, bias) -> "_ScalarGrads":
+        return cls(positive.new_zeros(2, len(positive), 1), torch.zeros_like(scale),
+                   None if bias is None else torch.zeros_like(bias))
 
-    def leaves(self) -> "_Scalars":
-        """Copies that a tile can be differentiated with respect to."""
-        return _Scalars(*(None if t is None else t.detach().requires_grad_()
-                          for t in (self.positive, self.scale, self.bias)))
-
-    def row_leaves(self, rows: slice) -> "_Scalars":
-        """Leaves shaped [a, 1] for the anchors in ``rows``, the scale and bias repeated per row so
-        that their gradient comes out per row."""
-        positive = self.positive[rows, None]
-        return _Scalars(*(None if t is None else t.detach().expand_as(positive).clone().requires_grad_()
-                          for t in (positive, self.scale, self.bias)))
+    def result(self, bias) -> tuple:
+        """The gradients of (positive, scale, bias, labels) for ``_PairStatistics.backward``."""
+        return -self.positive_rows.sum(dim=(0, 2)), self.scale, None if bias is None else self.bias, None
 
 
 @dataclass
 class _AnchorGrads:
-    """dR_i/d(features, positive, scale, bias) of each anchor row of a sum reduction, gathered in
-    forward (see ``PairReduction.anchor_grads_in_forward``)."""
+    """dR_i/d(features, scale, bias) of each anchor row of a sum reduction over one direction, gathered
+    in forward (see ``PairReduction.anchor_grads_in_forward``)."""
 
-    features: torch.Tensor  # [b, d]
-    scalars: list[torch.Tensor]  # [b] each: positive, scale, bias (if any)
+    features: torch.Tensor  # [1, b, d]
+    scale: torch.Tensor  # [1, b, 1]
+    bias: torch.Tensor | None  # [1, b, 1]
 
     @classmethod
-    def zeros(cls, anchors: torch.Tensor, scalars: _Scalars) -> "_AnchorGrads":
-        return cls(torch.zeros_like(anchors), [anchors.new_zeros(len(anchors)) for _ in scalars.tensors()])
+    def zeros(cls, anchors: torch.Tensor, bias) -> "_AnchorGrads":
+        per_row = anchors.new_zeros(1, anchors.shape[1], 1)
+        return cls(torch.zeros_like(anchors), per_row, None if bias is None else torch.zeros_like(per_row))
 
-    def add_tile(self, reduction, anchors, columns, rows, scalars, pairs):
-        """``_reduce_tile`` of the tile ``anchors[rows]`` x ``columns``, adding the tile's part of the
-        anchors' gradients."""
-        leaves = scalars.row_leaves(rows)
-        similarity = (anchors[rows] @ columns.T).requires_grad_()
-        with torch.enable_grad():
-            values, (grad, *scalar_grads) = _role_grads(
-                reduction, similarity, pairs, leaves, (leaves.positive, None, similarity.new_ones(1, 1)),
-                leaves.tensors(),
-            )
-        self.features[rows].addmm_(grad, columns)
-        for total, scalar_grad in zip(self.scalars, scalar_grads):
-            if scalar_grad is not None:
-                total[rows] += scalar_grad.squeeze(1)
-        return _reduce_tile(reduction, values)
+    def rows(self, span: slice) -> "_AnchorGrads":
+        """Views of the rows ``span``."""
+        return _AnchorGrads(*(None if t is None else t[:, span] for t in (self.features, self.scale, self.bias)))
 
-    def apply(self, grad_rows, grad_features, grad_scalars) -> None:
+    def add_tile(self, terms: PairTerms, columns: torch.Tensor, ones_column: torch.Tensor) -> None:
+        self.features.baddbmm_(terms.by_similarity, columns)
+        for total, slope in ((self.scale, terms.by_scale), (self.bias, terms.by_bias)):
+            if total is not None and slope is not None:
+                total.baddbmm_(slope, ones_column)
+
+    def apply(self, grad_rows, grad_features, grads: _ScalarGrads) -> None:
         """Add the gradients for the upstream dLoss/dR ``grad_rows`` [b]: per-row factors."""
-        grad_features.addcmul_(grad_rows[:, None], self.features)
-        grad_positive, *grad_replicated = grad_scalars
-        grad_positive += grad_rows * self.scalars[0]
-        for total, partial in zip(grad_replicated, self.scalars[1:]):
-            total += (grad_rows * partial).sum()
-
-
-@dataclass
-class _AnchorRows:
-    """What the backward needs about a block's anchors: positives [b], R and dLoss/dR [directions, b]."""
-
-    positive: torch.Tensor
-    stats: torch.Tensor
-    grads: torch.Tensor
-
-    def as_rows(self, direction: int, rows: slice) -> tuple[torch.Tensor, ...]:
-        """Positives, R and dLoss/dR of the anchors in ``rows``, shaped [a, 1] to broadcast over a
-        tile's columns."""
-        return self.positive[rows, None], self.stats[direction, rows, None], self.grads[direction, rows, None]
-
-    def as_columns(self, direction: int, columns: slice) -> tuple[torch.Tensor, ...]:
-        """The same of the anchors in ``columns``, shaped [1, c] to broadcast over a tile's rows."""
-        return self.positive[None, columns], self.stats[direction, None, columns], self.grads[direction, None, columns]
-
-
-@dataclass
-class _BlockPair:
-    """This rank's anchors and a visiting block in the backward ring."""
-
-    reduction: PairReduction
-    local: _AnchorRows  # positives are leaves: their gradient is this rank's
-    visiting: _AnchorRows
-    scalars: _Scalars  # the scale and bias as the visiting anchors use them
-    leaves: _Scalars  # the scale and bias to differentiate, for this rank's anchors
-    layout: _BlockLayout
-
-
-def _pair_values(reduction, similarity, positive, scalars, pairs):
-    """Pair values of a similarity tile; ``positive`` broadcasts over the tile (a column [a, 1] for
-    row anchors, a row [1, c] for column anchors). The tile's positive pairs (``pairs.diagonal``)
-    are set to the reduction's empty value when the loss excludes them. Same-label pairs are the
-    pair value's business (a symmetric mask: the same for both roles of a tile)."""
-    values = reduction.pair_value(similarity, positive, scalars.scale, scalars.bias, pairs.same_label)
-    if reduction.exclude_positive and pairs.diagonal is not None:
-        values = values.masked_fill(_positive_mask(values.shape, *pairs.diagonal, values.device),
-                                    reduction.empty_value)
-    return values
-
-
-def _positive_mask(shape, row_start, column_start, device):
-    """True where a row sample meets its own column: equal positions in the block."""
-    rows = torch.arange(row_start, row_start + shape[0], device=device)[:, None]
-    columns = torch.arange(column_start, column_start + shape[1], device=device)[None, :]
-    return rows == columns
-
-
-def _tile_statistics(reduction, anchors, columns, positive, scalars, pairs):
-    """``_reduce_tile`` of the tile ``anchors`` x ``columns``; a function of its own so that the
-    tile is freed before the next one is allocated."""
-    return _reduce_tile(reduction, _pair_values(reduction, anchors @ columns.T, positive, scalars, pairs))
-
-
-def _reduce_tile(reduction, values):
-    """The tile's part of its rows' statistics, and its number of pairs with ``v_ij > 0`` (0 unless
-    counted)."""
-    active = (values > 0).sum() if reduction.count_positive_values else 0
-    return (torch.logsumexp(values, dim=1) if reduction.logsumexp else values.sum(dim=1)), active
-
-
-def _combine(reduction, stats, tile_stats):
-    return torch.logaddexp(stats, tile_stats) if reduction.logsumexp else stats + tile_stats
-
-
-def _tile_grad(pair, side, similarity, rows, columns, grad_scalars):
-    """dLoss/d``similarity`` for the tile ``rows`` x ``columns`` of this rank's features of modality
-    ``side`` (rows) against the visiting features of the other modality (columns), and, added to
-    ``grad_scalars``, the gradients of this rank's anchors' positives, scale and bias. The rows
-    play two roles: anchors of direction ``side``, and columns for the visiting anchors of
-    direction ``1 - side``. Each role is differentiated with respect to the tile alone, one after
-    the other, so that only a few tiles are alive at a time."""
-    reduction = pair.reduction
-    pairs = pair.layout.tile_pairs(rows, columns)
-    similarity.requires_grad_()
-    grad = None
-    with torch.enable_grad():  # backward runs without grad mode
-        if side < reduction.num_directions:  # the scale and bias of these pairs are this rank's share
-            _, (grad, *scalar_grads) = _role_grads(reduction, similarity, pairs, pair.leaves,
-                                                   pair.local.as_rows(side, rows), pair.leaves.tensors())
-            for total, scalar_grad in zip(grad_scalars, scalar_grads):
-                if scalar_grad is not None:  # a loss whose pair values ignore the positive (InfoNCE) or the bias
-                    total += scalar_grad
-        if 1 - side < reduction.num_directions:  # the visiting anchors' scalars are another rank's share
-            _, (column_grad,) = _role_grads(reduction, similarity, pairs, pair.scalars,
-                                            pair.visiting.as_columns(1 - side, columns), [])
-            grad = column_grad if grad is None else grad.add_(column_grad)
-    return grad
-
-
-def _role_grads(reduction, similarity, pairs, scalars, anchors, scalar_leaves):
-    """One role's pair values of the tile (detached) and the gradients of the loss through them
-    with respect to ``similarity`` and ``scalar_leaves`` (None for one the values ignore).
-    ``anchors``: positives, R and dLoss/dR of the role's anchors, broadcasting over the tile."""
-    positive, stats, grads = anchors
-    values = _pair_values(reduction, similarity, positive, scalars, pairs)
-    weights = _pair_weights(reduction, values.detach(), stats, grads)
-    return values.detach(), torch.autograd.grad(values, [similarity, *scalar_leaves], weights, allow_unused=True)
-
-
-def _pair_weights(reduction, values, stats, grads):
-    """dLoss/dv = dLoss/dR * dR/dv (a softmax weight for log-sum-exp, 1 for a sum); ``stats`` and
-    ``grads`` of the anchors broadcast over the tile like their positives."""
-    if reduction.logsumexp:
-        return (values - stats).exp_().mul_(grads)  # in place: one tile instead of three
-    return grads.expand_as(values)
+        grad_features.addcmul_(grad_rows[:, None], self.features[0])
+        grads.scale += grad_rows @ self.scale[0, :, 0]
+        if self.bias is not None:
+            grads.bias += grad_rows @ self.bias[0, :, 0]

@@ -110,40 +110,51 @@ def ring_blocks(
 ) -> Iterator[tuple[int, tuple[torch.Tensor, ...]]]:
     """Yield ``(source_rank, block)`` for this rank's own block, then those of ranks k-1, k-2, ...
 
-    While the caller works on one block the next one is already in flight. Yielded tensors are
-    read by the pending send: the caller must not modify them.
+    The tensors of a block (any dtypes) travel packed in one buffer: one send and one receive per hop.
+    While the caller works on one block the next one is already in flight. Yielded tensors are read
+    by the pending send and are views of one of two receive buffers that take turns: the caller must
+    not modify them, and must copy what it keeps beyond the next block.
     """
-    current = tuple(t.contiguous() for t in block)
+    packet = _Packet.of(block)
     if info.node_size > 1:
-        yield from _hierarchical_blocks(current, info)
+        yield from _hierarchical_blocks(packet, packet.pack(block), info)
         return
+    if info.world_size == 1:
+        yield info.rank, block
+        return
+    own = packet.pack(block)
+    del block  # the caller's tensors may be freed: the own block is yielded from the buffer
+    buffers = (own, torch.empty_like(own))
+    views = [packet.unpack(buffer) for buffer in buffers]  # once per call, not once per hop
     shift = _Shift.along_ranks(info)
-    for step in range(info.world_size):
-        is_last = step == info.world_size - 1
-        incoming = None if is_last else shift.start(current)
-        yield (info.rank - step) % info.world_size, current
-        if incoming is not None:
-            current = incoming.wait()
+    pending = shift.start(buffers[0], buffers[1])
+    yield info.rank, views[0]
+    for step in range(1, info.world_size):
+        incoming = step % 2
+        pending.wait()
+        if step < info.world_size - 1:  # into the buffer of the block the caller is done with
+            pending = shift.start(buffers[incoming], buffers[1 - incoming])
+        yield (info.rank - step) % info.world_size, views[incoming]
 
 
-def _hierarchical_blocks(block: tuple[torch.Tensor, ...], info: GroupInfo):
-    """``ring_blocks`` over nodes: blocks gathered in the node, node blocks (each tensor stacked over the
-    node's ranks) passed between nodes, and yielded rank by rank in the flat ring's order."""
+def _hierarchical_blocks(packet: "_Packet", buffer: torch.Tensor, info: GroupInfo):
+    """``ring_blocks`` over nodes: blocks gathered in the node, node blocks (the buffers of the node's ranks,
+    stacked) passed between nodes, and yielded rank by rank in the flat ring's order."""
     size, local = info.node_size, info.rank % info.node_size
     first_rank = info.rank - local
-    own = tuple(_gather_in_node(t, info) for t in block)
+    own = _gather_in_node(buffer, info)
     shift = _Shift.along_nodes(info)
-    incoming = shift.start(own)
+    incoming = shift.start(own, torch.empty_like(own))
     for index in range(local, -1, -1):  # this node's blocks from this rank's down
-        yield first_rank + index, tuple(t[index] for t in own)
+        yield first_rank + index, packet.unpack(own[index])
     for step in range(1, info.nodes):
         current = incoming.wait()
-        incoming = shift.start(current) if step < info.nodes - 1 else None
+        incoming = shift.start(current, torch.empty_like(current)) if step < info.nodes - 1 else None
         current_first = (first_rank - step * size) % info.world_size
         for index in range(size - 1, -1, -1):
-            yield current_first + index, tuple(t[index] for t in current)
+            yield current_first + index, packet.unpack(current[index])
     for index in range(size - 1, local, -1):  # its higher blocks close the flat ring's order
-        yield first_rank + index, tuple(t[index] for t in own)
+        yield first_rank + index, packet.unpack(own[index])
 
 
 def _gather_in_node(tensor: torch.Tensor, info: GroupInfo) -> torch.Tensor:
@@ -151,6 +162,40 @@ def _gather_in_node(tensor: torch.Tensor, info: GroupInfo) -> torch.Tensor:
     gathered = tensor.new_empty((info.node_size, *tensor.shape))
     dist.all_gather(list(gathered.unbind(0)), tensor, group=info.node_group)
     return gathered
+
+
+@dataclass(frozen=True)
+class _Packet:
+    """How the tensors of a block lie in one flat buffer, bit for bit: each tensor's bytes, viewed as the
+    buffer's dtype (the smallest element of the block). Wider elements come first and the buffer is padded
+    to a whole number of the widest, so that every view back to a tensor's dtype is aligned."""
+
+    shapes: tuple[torch.Size, ...]
+    dtypes: tuple[torch.dtype, ...]
+    order: tuple[int, ...]  # the tensors' indices, by decreasing element size
+    dtype: torch.dtype  # the buffer's
+    padding: int  # elements of the buffer after the last tensor
+
+    @classmethod
+    def of(cls, block: tuple[torch.Tensor, ...]) -> "_Packet":
+        sizes = [t.element_size() for t in block]
+        order = tuple(sorted(range(len(block)), key=lambda i: -sizes[i]))
+        narrowest = block[order[-1]]
+        total = sum(t.numel() * size for t, size in zip(block, sizes))
+        padding = -total % max(sizes) // narrowest.element_size()
+        return cls(tuple(t.shape for t in block), tuple(t.dtype for t in block), order, narrowest.dtype, padding)
+
+    def pack(self, block: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        parts = [block[i].reshape(-1).view(self.dtype) for i in self.order]
+        return torch.cat(parts + [parts[0].new_zeros(self.padding)])
+
+    def unpack(self, buffer: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        lengths = [self.shapes[i].numel() * self.dtypes[i].itemsize // self.dtype.itemsize for i in self.order]
+        parts = buffer.split(lengths + [self.padding])
+        block = [None] * len(self.order)
+        for i, part in zip(self.order, parts):
+            block[i] = part.view(self.dtypes[i]).view(self.shapes[i])
+        return tuple(block)
 
 
 @dataclass(frozen=True)
@@ -170,28 +215,21 @@ class _Shift:
         """Between the ranks of the same local index on neighbouring nodes."""
         return cls(info, (info.rank + info.node_size) % info.world_size, (info.rank - info.node_size) % info.world_size)
 
-    def start(self, block: tuple[torch.Tensor, ...]) -> "_PendingShift":
-        """Start sending ``block`` and receiving the same-shaped block."""
-        buffers = tuple(torch.empty_like(t) for t in block)
-        operations = []
-        # One tag per tensor so that tensors of a block cannot be matched out of order.
-        for tag, (outgoing, buffer) in enumerate(zip(block, buffers)):
-            operations.append(dist.P2POp(dist.isend, outgoing, group=self.info.group, group_peer=self.next_rank,
-                                         tag=tag))
-            operations.append(dist.P2POp(dist.irecv, buffer, group=self.info.group, group_peer=self.previous_rank,
-                                         tag=tag))
-        return _PendingShift(buffers, dist.batch_isend_irecv(operations))
+    def start(self, outgoing: torch.Tensor, buffer: torch.Tensor) -> "_PendingShift":
+        """Start sending ``outgoing`` and receiving the same-shaped ``buffer``."""
+        operations = [dist.P2POp(dist.isend, outgoing, group=self.info.group, group_peer=self.next_rank),
+                      dist.P2POp(dist.irecv, buffer, group=self.info.group, group_peer=self.previous_rank)]
+        return _PendingShift(buffer, dist.batch_isend_irecv(operations))
 
 
 class _PendingShift:
-    """Receive buffers of one ring step and the work handles that fill them."""
+    """The receive buffer of one ring step and the work handles that fill it."""
 
-    def __init__(self, buffers: tuple[torch.Tensor, ...], works: list[dist.Work]):
-        self.buffers = buffers
+    def __init__(self, buffer: torch.Tensor, works: list[dist.Work]):
+        self.buffer = buffer
         self.works = works
 
-    def wait(self) -> tuple[torch.Tensor, ...]:
+    def wait(self) -> torch.Tensor:
         for work in self.works:
             work.wait()
-        return self.buffers
-
+        return self.buffer

@@ -7,22 +7,53 @@ With ``same_label_positives``, ``z_ij = 1`` also for the pairs of one class (Sig
 multi-positive form: each pair is an independent binary label), ``softplus(-(t s_ij + bias))``.
 """
 
+from functools import cached_property
+
 import torch
 import torch.nn.functional as F
 
 from tuneclip_ds.losses.base import RingLoss, global_value_with_local_gradient
-from tuneclip_ds.losses.pairs import LossInputs, PairReduction, pair_statistics
+from tuneclip_ds.losses.pairs import LossInputs, PairReduction, PairTerms, pair_statistics
 from tuneclip_ds.losses.ring import all_reduce_sum
 
 
-def _pair_loss(similarity, positive, scale, bias, same_label):
-    """``softplus(-z_ij logit_ij)``: ``z = -1`` for a negative, ``+1`` for a pair of one class."""
-    logits = scale * similarity
-    logits = logits if bias is None else logits + bias
-    return F.softplus(logits if same_label is None else torch.where(same_label, -logits, logits))
+class _PairLossTerms(PairTerms):
+    """``softplus(-z_ij logit_ij)``, ``logit = t s_ij + bias``: ``z = -1`` for a negative, ``+1`` for a pair
+    of one class; 0 for an anchor's own pair, which the ring leaves out (it is added in forward)."""
+
+    @cached_property
+    def _signed_logits(self):
+        logits = self.similarity * self.scale if self.bias is None else torch.addcmul(self.bias, self.similarity,
+                                                                                        self.scale)
+        return logits if self.same_label is None else torch.where(self.same_label, -logits, logits)
+
+    @cached_property
+    def value(self):
+        return self._without_excluded(F.softplus(self._signed_logits))
+
+    @cached_property
+    def _slope(self):
+        """dv/dlogit = -z sigmoid(-z logit)."""
+        slope = self._signed_logits.sigmoid()
+        return self._without_excluded(slope if self.same_label is None else torch.where(self.same_label, -slope, slope))
+
+    def _without_excluded(self, tile):
+        return tile if self.excluded is None else tile.masked_fill_(self.excluded, 0.0)
+
+    @cached_property
+    def by_similarity(self):
+        return self._slope * self.scale
+
+    @cached_property
+    def by_scale(self):
+        return self._slope * self.similarity
+
+    @property
+    def by_bias(self):
+        return None if self.bias is None else self._slope
 
 
-_SIGLIP = PairReduction(pair_value=_pair_loss, logsumexp=False, exclude_positive=True, both_directions=False)
+_SIGLIP = PairReduction(pair_terms=_PairLossTerms, logsumexp=False, exclude_positive=True, both_directions=False)
 
 
 class SigLipLoss(RingLoss):
@@ -32,8 +63,8 @@ class SigLipLoss(RingLoss):
     value/gradient contract."""
 
     def forward(self, image_features, text_features, logit_scale, logit_bias=None, sample_ids=None, labels=None):
-        info = self.group_info()
         inputs = LossInputs.prepare(image_features, text_features, logit_scale, logit_bias)
+        info = self.checked_group_info(inputs.local_batch, inputs.image.device)
         other_pairs, _ = pair_statistics(_SIGLIP, inputs, self.tile_size, info, self.pair_labels(labels))
         positive_logits = inputs.scale * inputs.positive
         if inputs.bias is not None:
