@@ -352,8 +352,9 @@ def _gcl_steps_worker(rank, world_size, group, loss_kwargs, steps, initial_state
     for gamma, batch_kwargs in steps:
         loss_fn.gamma = gamma
         result = loss_and_grads(loss_fn, make_batch(**batch_kwargs), rank, world_size)
-        table = loss_fn.estimators.log_u
-        results.append(result | {"metrics": loss_fn.metrics(), "table": (table.data_ptr(), len(table))})
+        table = loss_fn.estimators.log_u if hasattr(loss_fn, "estimators") else None  # GCL/HGCL
+        results.append(result | {"metrics": loss_fn.metrics(),
+                                 "table": None if table is None else (table.data_ptr(), len(table))})
     return results, loss_fn.state_dict()
 
 

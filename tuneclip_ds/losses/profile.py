@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 LOSS_NAMES = ("infonce", "siglip", "gcl", "hgcl")
 _DISPATCHED = ("aten::", "c10d::")
-_CALL = "tuneclip_ds.loss_call"  # the profiled range of the call
+CALL = "tuneclip_ds.loss_call"  # the profiled range of a call
 
 
 class OpsPerHop(NamedTuple):
@@ -71,11 +71,11 @@ def count_loss_ops(rank: int, world_size: int, group, loss_name: str, dtype: tor
     loss_fn = build_loss(loss_name, group=group, tile_size=max(local_batch, 1), same_label_positives=labels)
     inputs = _loss_inputs(rank, local_batch, dim, dtype, labels)
     _loss(loss_fn, inputs).backward()  # warm-up: lazily made groups, estimator tables, batch size checks
-    with _profile() as forward, torch.profiler.record_function(_CALL):
+    with _profile() as forward, torch.profiler.record_function(CALL):
         loss = _loss(loss_fn, inputs)
-    with _profile() as backward, torch.profiler.record_function(_CALL):
+    with _profile() as backward, torch.profiler.record_function(CALL):
         loss.backward()
-    return OpsPerHop(_dispatched_ops(forward), _dispatched_ops(backward))
+    return OpsPerHop(*(len(dispatched_ops(profile.events())) for profile in (forward, backward)))
 
 
 def _loss_inputs(rank: int, local_batch: int, dim: int, dtype: torch.dtype, labels: bool) -> dict:
@@ -102,21 +102,28 @@ def _profile():
     return torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
 
 
-def _dispatched_ops(profile) -> int:
-    """Operations called from the profiled call at the top level of the dispatch (none of their callers
-    is an operation). Gloo runs parts of a collective on threads of its own: not counted (NCCL has none)."""
-    return sum(1 for event in profile.events() if event.name.startswith(_DISPATCHED) and _called_from_call(event))
+def dispatched_ops(events, call: str = CALL) -> list[str]:
+    """The names of the operations that the ``record_function`` range named ``call`` dispatched at the top
+    level (no operation among their callers): those on its thread, and those that autograd's engine ran for
+    it (on GPUs backward runs on a thread of its own). Gloo runs parts of a collective on threads of its
+    own: not counted (NCCL has none)."""
+    marker = next(event for event in events if event.name == call)
+    return [event.name for event in events
+            if event.name.startswith(_DISPATCHED) and _called_at_top_level(event, marker)]
 
 
-def _called_from_call(event) -> bool:
+def _called_at_top_level(event, marker) -> bool:
+    callers = []
     parent = event.cpu_parent
     while parent is not None:
         if parent.name.startswith(_DISPATCHED):
             return False
-        if parent.name == _CALL:
-            return True
+        callers.append(parent)
         parent = parent.cpu_parent
-    return False
+    if marker in callers:
+        return True
+    by_autograd = bool(callers) and callers[-1].name.startswith("autograd::engine::evaluate_function")
+    return by_autograd and marker.time_range.start <= event.time_range.start <= marker.time_range.end
 
 
 def _spawn_gloo(world_size: int, worker, *args) -> list:

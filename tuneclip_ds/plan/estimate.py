@@ -406,8 +406,8 @@ def _directions(loss: str) -> int:
 
 
 def _backward_block(embed_dim: int, setup: Setup) -> int:
-    """Both features in the training precision, and in fp32 the positives and, per direction, the
-    row statistics and their upstream gradients."""
-    b = setup.batch_size
-    features = 2 * b * embed_dim * setup.width
-    return features + 4 * b * (1 + 2 * _directions(setup.loss))
+    """Per direction the features its anchors' columns meet, in the training precision, and in fp32 the
+    positives and, per direction, the row statistics and their upstream gradients (SigLIP: the text side
+    only, the image anchors' gradients were taken in forward)."""
+    b, directions = setup.batch_size, _directions(setup.loss)
+    return directions * b * embed_dim * setup.width + 4 * b * (1 + 2 * directions)

@@ -24,8 +24,8 @@ per rank, blocks of ``B_f`` bytes in forward and ``B_b`` in backward (``estimate
 
       (W-1) latency + (W-1) 2 b d w / bandwidth + 3 x 2 (Wb)^2 d / flops
 
-``ops_f``, ``ops_b`` and ``matmuls`` are the top-level aten ops (and matmuls of ``b x b x d``) the
-loss dispatches per visited block, from ``OPS_PER_HOP``; each rank visits ``W`` blocks, its own
+``ops_f``, ``ops_b`` and ``matmuls`` are the ops (and products of ``b x b x d``) the loss dispatches
+per visited block, from ``OPS_PER_HOP``; each rank visits ``W`` blocks, its own
 included. The ring losses compute in fp32 (``pairs.LossInputs``), no TF32.
 
 Left out: the transfer overlapping the work on the previous block (so the ring's time lies between
@@ -47,19 +47,21 @@ from tuneclip_ds.plan.shape import ModelShape, Tower
 
 
 class HopOps(NamedTuple):
-    forward: int  # top-level aten ops dispatched per visited block in forward
+    forward: int  # ops dispatched per visited block in forward
     backward: int  # ... in backward
-    matmuls: int  # of them, matmuls of b x b x d (forward and backward)
+    matmuls: int  # b x b x d products per visited block, forward and backward (a batched product counts each)
 
 
-# The one place to update when the losses change: the profiler's count on gloo, ranks 3 minus ranks 2,
-# local batch <= tile size (one tile per block and direction); tests/test_plan.py measures it again
-# (tuneclip_ds.plan.measure.ring_op_counts).
+# The one place to update when the losses change: ops per hop from ``losses.profile.ops_per_hop`` (gloo,
+# ranks 3 minus ranks 2, local batch <= tile size: one tile per block and direction; fp32, no labels), which
+# tests/test_ring_ops.py measures again. Products: forward one per direction; backward, per modality, one
+# similarity tile and one product turning its gradient into the features' (SigLIP: the image anchors'
+# gradient comes from forward's tiles, at one more product there, and backward has the text side only).
 OPS_PER_HOP = {
-    "infonce": HopOps(30, 79, 6),
-    "siglip": HopOps(45, 29, 4),
-    "gcl": HopOps(36, 91, 6),
-    "hgcl": HopOps(42, 111, 6),
+    "infonce": HopOps(7, 16, 6),
+    "siglip": HopOps(13, 9, 4),
+    "gcl": HopOps(11, 20, 6),
+    "hgcl": HopOps(13, 28, 6),
 }
 MEASURE_COMMAND = "python -m tuneclip_ds.plan.measure --ring-ops [--device cuda]"
 

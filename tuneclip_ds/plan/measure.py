@@ -19,9 +19,8 @@ The ring loss's ops per hop and time per op, for the planner's loss-time model (
     python -m tuneclip_ds.plan.measure --ring-ops [--loss infonce ...] [--device cuda]
 
 runs the loss (8 samples of width 16 per rank, one tile per block) on 2 and then 3 ranks (gloo on
-the CPU, NCCL on 3 GPUs), counts with the torch profiler the aten ops at the top level of dispatch
-(not called by another aten op) started in forward and in backward (by the loss's thread or
-autograd's), and times a step (the median: in the
+the CPU, NCCL on 3 GPUs), counts with the torch profiler the ops dispatched at the top level in
+forward and in backward (``losses.profile.dispatched_ops``: by the loss's thread or autograd's), and times a step (the median: in the
 thread's CPU time on the CPU, wall time on GPUs). The third rank adds one hop: the differences are
 the ops per hop and the time per hop. The time per op comes from one process without a ring: the
 loss on 128 samples in one tile per direction and then in tiles of 16, the same flops in many more
@@ -120,37 +119,10 @@ RING_BATCH, RING_DIM, RING_TILE = 8, 16, 64  # one tile per block and direction
 SPLIT_BATCH, SPLIT_TILE = 128, 16  # one process: one tile per direction, then 64
 
 
-def top_level_aten_ops(events, phase: str) -> list[str]:
-    """The names of the aten ops among the profiler's ``events`` that no other aten op called, started
-    while the ``record_function`` named ``phase`` ran, on its thread or by autograd (which runs backward
-    on a thread of its own on GPUs). Not the ops of gloo's threads (its collectives copy tensors)."""
-    marker = next(event for event in events if event.name == phase)
-    names = []
-    for event in events:
-        if not (event.name.startswith("aten::") and
-                marker.time_range.start <= event.time_range.start <= marker.time_range.end):
-            continue
-        callers = _callers(event)
-        by_autograd = bool(callers) and callers[-1].startswith("autograd::engine::evaluate_function")
-        if (event.thread == marker.thread or by_autograd) and not any(c.startswith("aten::") for c in callers):
-            names.append(event.name)
-    return names
-
-
-def _callers(event) -> list[str]:
-    """The names of the events that ``event`` runs inside, innermost first."""
-    names = []
-    parent = event.cpu_parent
-    while parent is not None:
-        names.append(parent.name)
-        parent = parent.cpu_parent
-    return names
-
-
 def ring_op_counts(rank: int, world_size: int, loss_name: str, repeats: int = 0) -> dict:
-    """On each rank of an initialised process group: the top-level aten ops of one forward and backward
-    of the flat ring loss (``forward``, ``backward``, and of them ``matmuls``) and, over ``repeats`` more
-    steps, the median ``seconds`` of a step."""
+    """On each rank of an initialised process group: the ops of one forward and backward of the flat ring
+    loss (``forward``, ``backward``; see ``losses.profile.dispatched_ops``) and, over ``repeats`` more steps,
+    the median ``seconds`` of a step."""
     import torch
 
     device = torch.device("cuda", rank) if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
@@ -184,11 +156,12 @@ def _inputs_of_rank(rank: int, batch_size: int, device) -> tuple:
 
 
 def _count_and_time(loss_name: str, tile_size: int, inputs: tuple, repeats: int) -> dict:
-    """The top-level aten ops of one step of the loss, in ``forward``, ``backward`` and ``matmuls``,
-    and the median ``seconds`` of ``repeats`` more (None for none)."""
+    """The ops of one step of the loss dispatched in ``forward`` and ``backward``, and the median ``seconds``
+    of ``repeats`` more (None for none)."""
     import torch
 
     from tuneclip_ds.losses import build_loss
+    from tuneclip_ds.losses.profile import dispatched_ops
 
     loss = build_loss(loss_name, tile_size=tile_size, topology="ring")
     image, text, scale, bias, ids = inputs
@@ -202,9 +175,8 @@ def _count_and_time(loss_name: str, tile_size: int, inputs: tuple, repeats: int)
     step()  # warm-up
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
         step()
-    forward, backward = (top_level_aten_ops(profile.events(), phase) for phase in ("forward", "backward"))
-    matmuls = [name for name in forward + backward if name in ("aten::matmul", "aten::mm", "aten::addmm_")]
-    return {"forward": len(forward), "backward": len(backward), "matmuls": len(matmuls),
+    forward, backward = (dispatched_ops(profile.events(), phase) for phase in ("forward", "backward"))
+    return {"forward": len(forward), "backward": len(backward),
             "seconds": _median_seconds(step, image.device, repeats) if repeats else None}
 
 
@@ -228,16 +200,16 @@ def _median_seconds(step, device, repeats: int) -> float:
 
 
 def measure_ring_ops(loss_name: str, device: str, repeats: int, ring: bool = True) -> dict:
-    """Microseconds per op and, with ``ring``, ops per hop (forward, backward, matmuls), milliseconds per
+    """Microseconds per op and, with ``ring``, ops per hop (forward, backward), milliseconds per
     step on 2 and 3 ranks and per hop, and what a hop costs beyond its ops (see the module's docstring)."""
     per_op = seconds_per_op(loss_name, device, repeats)
     result = {"loss": loss_name, "device": device, "us_per_op": 1e6 * per_op}
     if not ring:
         return result
     on_ranks = {world_size: _spawn_ranks(world_size, device, loss_name, repeats) for world_size in (2, 3)}
-    per_hop = {key: on_ranks[3][key] - on_ranks[2][key] for key in ("forward", "backward", "matmuls", "seconds")}
+    per_hop = {key: on_ranks[3][key] - on_ranks[2][key] for key in ("forward", "backward", "seconds")}
     hop_ops = per_hop["forward"] + per_hop["backward"]
-    return result | {"ops_per_hop": [per_hop["forward"], per_hop["backward"], per_hop["matmuls"]],
+    return result | {"ops_per_hop": [per_hop["forward"], per_hop["backward"]],
                      "ms_per_step": {world_size: 1e3 * counts["seconds"] for world_size, counts in on_ranks.items()},
                      "ms_per_hop": 1e3 * per_hop["seconds"],
                      "us_per_hop_beyond_ops": 1e6 * (per_hop["seconds"] - hop_ops * per_op)}
