@@ -19,7 +19,7 @@ Every run is a fresh world of ``--world-size`` ranks (``python -m tuneclip_ds.tr
   pandas, kept apart from the project's environment:
   ``.venv/bin/pip install --target /tmp/peer-site --no-deps webdataset==0.2.86 pandas``.
   Its step time is its ``Batch (t)`` (logged every step), its data share ``Data (t)``, its first step
-  read from its log's one-second timestamps.
+  the moment that step's log line reaches the benchmark.
 
 Per case: the median step time (``train/step_time``) of the steps after the first ``--warmup`` of each
 stage, samples/s of the global batch at that median, the seconds from spawning the ranks to the end of
@@ -32,8 +32,8 @@ alone, per step of five phases.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
+import multiprocessing
 import os
 import re
 import resource
@@ -85,6 +85,9 @@ def rank_main(rank: int, world_size: int, port: int, overrides: list[str], untim
     ``untimed_parity`` (0 or 1), rank 0 leaves the steps of that parity untimed."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))
+    # mp.spawn's children inherit its start method: the data workers would start as fresh interpreters
+    # (~3 s before the first batch); ranks that torchrun starts have the platform's default
+    multiprocessing.set_start_method(None, force=True)
     from tuneclip_ds.builders import build_run
     from tuneclip_ds.config import load_config
     from tuneclip_ds.distributed import init_distributed, shutdown
@@ -135,18 +138,33 @@ def run_peer(options: argparse.Namespace, shards: str) -> list[dict]:
                  "--save-frequency", "0", "--zeroshot-frequency", "0", "--val-frequency", "0", "--name", "peer"]
     with tempfile.TemporaryDirectory() as out:  # open_clip_train logs to ./logs (torchrun takes --logs* itself)
         launched = time.time()
-        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(options.world_size),
-                        str(REPO / "benchmarks" / "open_clip_peer.py"), *arguments],
-                       cwd=out, env=peer_environment(options.peer_site), check=True, stdout=subprocess.DEVNULL)
+        first_step = _first_line_seconds(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(options.world_size),
+             str(REPO / "benchmarks" / "open_clip_peer.py"), *arguments],
+            out, peer_environment(options.peer_site), "Train Epoch:", launched)
         log = Path(out, "logs", "peer", "out.log").read_text()
         peaks = [float(Path(out, f"peak_mib_rank{rank}.txt").read_text()) for rank in range(options.world_size)]
-    steps = [{"stage": 2, "seconds": float(batch), "phases": {"data": float(data)}, "since_launch":
-              datetime.datetime.strptime(stamp, "%Y-%m-%d,%H:%M:%S").timestamp() - launched}
-             for stamp, data, batch in PEER_STEP.findall(log)]
+    steps = [{"stage": 2, "seconds": float(batch), "phases": {"data": float(data)}}
+             for data, batch in PEER_STEP.findall(log)]
+    steps[0]["since_launch"] = first_step
     return [{"steps": steps, "peak_mib": peaks[0]}] + [{"steps": [], "peak_mib": peak} for peak in peaks[1:]]
 
 
-PEER_STEP = re.compile(r"^(\S+) \| INFO \| Train Epoch: .* Data \(t\): ([\d.]+) Batch \(t\): ([\d.]+)", re.M)
+def _first_line_seconds(command: list[str], cwd: str, env: dict, marker: str, launched: float) -> float:
+    """Run ``command`` to its end; the seconds from ``launched`` to its first output line holding ``marker``
+    (its log's own timestamps count whole seconds)."""
+    first = None
+    with subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True) as process:
+        for line in process.stdout:
+            if first is None and marker in line:
+                first = time.time() - launched
+    if process.returncode:
+        raise subprocess.CalledProcessError(process.returncode, command)
+    return first
+
+
+PEER_STEP = re.compile(r"^\S+ \| INFO \| Train Epoch: .* Data \(t\): ([\d.]+) Batch \(t\): ([\d.]+)", re.M)
 
 
 def steady(steps: list[dict], stage: int, warmup: int) -> list[dict]:

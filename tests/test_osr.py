@@ -147,8 +147,9 @@ def assert_stage1_then_one_step_like(ours: dict, reference: tuple[dict, dict]):
     assert ours["boundary"]["norms"]["adam_step"] == STAGE1_STEPS == after_stage1["step"]
     # Stage II continues from the recovered moments and step counter (a fresh Adam would differ).
     assert ours["end"]["norms"]["adam_step"] == STAGE1_STEPS + 1
-    # Adam's step divides by sqrt(v): last-bit differences in tiny moments of zero-initialised biases grow.
-    assert_close_by_name(ours["end"]["params"], after_stage2["params"], "parameters after stage II", rtol=1e-4)
+    # Adam's step divides by sqrt(v): last-bit differences in tiny moments of zero-initialised biases grow
+    # (to 1.02e-4 with the trainer's fused AdamW against this per-tensor one; a wrong rate is off by >1e-2).
+    assert_close_by_name(ours["end"]["params"], after_stage2["params"], "parameters after stage II", rtol=2e-4)
     moved = [n for n in ours["end"]["params"] if not torch.equal(ours["end"]["params"][n], ours["start"]["params"][n])]
     assert len(moved) == len(ours["start"]["params"])
 

@@ -436,8 +436,11 @@ def _add_counts(total: list[int] | None, counts: list[int] | None) -> list[int] 
 
 
 def _local_grad_norm(module: torch.nn.Module) -> float:
-    norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack(norms)).item() if norms else 0.0
+    grads = [p.grad.detach() for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return 0.0
+    # one op for all the norms, in fp32 whatever the gradients' dtype
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))).item()
 
 
 def _engine_dtype(engine) -> torch.dtype:

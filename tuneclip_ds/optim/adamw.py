@@ -178,8 +178,9 @@ def tower_mean_rates(model: torch.nn.Module, optim: OptimConfig) -> dict[str, fl
 
 
 def build_optimizer(groups: list[dict], optim: OptimConfig, offload: bool) -> torch.optim.Optimizer:
-    """``optim.implementation``: ``torch`` (torch.optim.AdamW) or ``deepspeed`` (FusedAdam, compiled on
-    first use). ZeRO-Offload always steps on the CPU with DeepSpeed's vectorised Adam."""
+    """``optim.implementation``: ``torch`` (torch.optim.AdamW, its fused kernel: 5-10x faster than its
+    per-tensor default on CPUs, one kernel for all parameters on GPUs) or ``deepspeed`` (FusedAdam, compiled
+    on first use). ZeRO-Offload always steps on the CPU with DeepSpeed's vectorised Adam."""
     kwargs = dict(lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay)
     if offload:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
@@ -189,4 +190,4 @@ def build_optimizer(groups: list[dict], optim: OptimConfig, offload: bool) -> to
         from deepspeed.ops.adam import FusedAdam
 
         return FusedAdam(groups, adam_w_mode=True, **kwargs)
-    return torch.optim.AdamW(groups, **kwargs)
+    return torch.optim.AdamW(groups, fused=True, **kwargs)
