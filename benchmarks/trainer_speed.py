@@ -216,7 +216,21 @@ def markdown(results: dict[str, dict], overhead: dict[str, float], timer_cost: f
                  f"({100 * timer_cost / results['zero2 timed']['median_s']:.4f}% of a zero2 step)")
     stage1, stage2 = results["osr stage I"]["median_s"], results["osr stage II"]["median_s"]
     lines.append(f"OSR stage I / stage II step: {stage1 / stage2:.3f}x")
+    if "open_clip_train" in results:
+        lines += ["", *peer_ratios(results)]
     return "\n".join(lines)
+
+
+def peer_ratios(results: dict[str, dict]) -> list[str]:
+    """Ours / open_clip_train's: step time, time to the first step and rank 0's peak memory, per ZeRO stage."""
+    peer = results["open_clip_train"]
+    lines = []
+    for stage in ("zero0", "zero2"):
+        ours = results[f"{stage} untimed"]
+        lines.append(f"{stage} / open_clip_train: step {ours['median_s'] / peer['median_s']:.3f}x, first step "
+                     f"{ours['first_step_s'] / peer['first_step_s']:.3f}x, peak RSS "
+                     f"{ours['peak_mib'][0] / peer['peak_mib'][0]:.3f}x")
+    return lines
 
 
 def main(argv=None) -> None:
