@@ -44,6 +44,7 @@ def two_steps(rank, world_size, loss_name, model_name, zero_stage=2):
 @pytest.mark.parametrize("loss_name, model_name, zero_stage", [
     ("infonce", "tiny-ViT", 2), ("siglip", "tiny-ViT-sigmoid", 2), ("hgcl", "tiny-ViT", 2),
     ("siglip", "tiny-ViT-sigmoid", 3),  # the temperature and the bias partitioned like every parameter
+    ("infonce", "tiny-ViT", 0),  # the trainer's own gradient norm (stage 0 reports none) against ZeRO-2's
 ])
 def test_two_ranks_equal_one_rank(pools, loss_name, model_name, zero_stage):
     (losses_1, norms_1, params_1), = pools[1].run(two_steps, loss_name, model_name)

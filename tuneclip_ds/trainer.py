@@ -276,7 +276,7 @@ class Trainer:
             if self.engine.is_gradient_accumulation_boundary():
                 lr_factor = 0.0 if self.osr.active else _schedule_factor(self.engine)  # of this update's rates
                 if self.engine.zero_optimization_stage() == 0:
-                    grad_norm = _local_grad_norm(self.engine.module)  # stage 0 does not report it
+                    grad_norm = _local_grad_norm(self.engine.module)  # stage 0 does not report it; read after the step
             with self.timer.phase("step"):
                 self.engine.step()
             losses.append(loss.item())  # waits for the step: the timer's events are done
@@ -285,7 +285,7 @@ class Trainer:
         return StepResult(
             loss=sum(losses) / len(losses),
             lr_factor=lr_factor,
-            grad_norm=_as_float(engine_norm) if engine_norm is not None else grad_norm,
+            grad_norm=_as_float(engine_norm if engine_norm is not None else grad_norm),
             logit_scale=outputs[2].detach().float().mean().item(),
             step_time=time.perf_counter() - began,
             samples=self.global_batch,
@@ -435,12 +435,13 @@ def _add_counts(total: list[int] | None, counts: list[int] | None) -> list[int] 
     return [a + b for a, b in zip(total, counts)]
 
 
-def _local_grad_norm(module: torch.nn.Module) -> float:
+def _local_grad_norm(module: torch.nn.Module) -> torch.Tensor | float:
+    """The gradients' norm, a 0-dim tensor (no host sync) or 0.0 without gradients."""
     grads = [p.grad.detach() for p in module.parameters() if p.grad is not None]
     if not grads:
         return 0.0
     # one op for all the norms, in fp32 whatever the gradients' dtype
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))).item()
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)))
 
 
 def _engine_dtype(engine) -> torch.dtype:
@@ -449,7 +450,9 @@ def _engine_dtype(engine) -> torch.dtype:
     return torch.float16 if engine.fp16_enabled() else torch.float32
 
 
-def _as_float(value) -> float:
+def _as_float(value) -> float | None:
+    if value is None:
+        return None
     return value.item() if isinstance(value, torch.Tensor) else float(value)
 
 
