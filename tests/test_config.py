@@ -116,6 +116,11 @@ def test_bad_override_names_the_override(tmp_path, overrides, message):
         ("data.num_workers=-1", "data.num_workers must be at least 0, got -1"),
         ("train.wait_timeout_minutes=0", "train.wait_timeout_minutes must be greater than 0, got 0.0"),
         ("train.wait_timeout_minutes=-5", "train.wait_timeout_minutes must be greater than 0, got -5.0"),
+        ("ema.decay=1.0", "ema.decay must be in [0, 1), got 1.0"),
+        ("ema.decay=-0.1", "ema.decay must be in [0, 1), got -0.1"),
+        ("ema.every=0", "ema.every must be at least 1, got 0"),
+        ("ema.start_step=-1", "ema.start_step must be at least 0, got -1"),
+        ("ema.device=gpu", "ema.device must be one of ['same', 'cpu'], got 'gpu'"),
     ],
 )
 def test_numbers_out_of_range_are_refused(override, message):

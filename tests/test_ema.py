@@ -240,19 +240,6 @@ def test_parameters_are_assembled_from_the_ranks_fragments_and_a_gap_is_an_error
         read_averages(tmp_path, {"w": torch.Size([3, 4]), "b": torch.Size([3])})
 
 
-@pytest.mark.parametrize("override, message", [
-    ("ema.decay=1.0", "ema.decay must be in [0, 1), got 1.0"),
-    ("ema.decay=-0.1", "ema.decay must be in [0, 1), got -0.1"),
-    ("ema.every=0", "ema.every must be at least 1, got 0"),
-    ("ema.start_step=-1", "ema.start_step must be at least 0, got -1"),
-    ("ema.device=gpu", "ema.device must be one of ['same', 'cpu'], got 'gpu'"),
-])
-def test_bad_ema_settings_are_refused(override, message):
-    with pytest.raises(ConfigError) as error:
-        load_config(None, ["train.steps=1", override])
-    assert str(error.value) == f"override {override}: {message}"
-
-
 @pytest.mark.parametrize("overrides, message", [
     (["eval.weights=ema"], "eval.weights=ema evaluates the EMA of the weights: set ema.decay (e.g. 0.999)"),
     (["ema.decay=0.9", "eval.weights=ema", "eval.select=average"],
