@@ -276,3 +276,18 @@ def test_the_corpus_of_several_sources_is_their_sum():
     config = load_config(None, ["train.steps=1", "data.sources=[{shards: a, num_samples: 4}, "
                                 "{shards: b, weight: 3, num_samples: 6}]"])
     assert corpus_size(config) == 10 and config.data.sources[1].weight == 3.0
+
+
+def test_ds_config_on_cpu_reduces_in_buckets_glibc_reuses(tmp_path):
+    """Buckets the JSON leaves to DeepSpeed (5e8 elements) are made small on CPUs; a JSON's own size is kept."""
+    from tuneclip_ds.engine import CPU_BUCKET_ELEMENTS
+
+    config = load_config(None, ["train.steps=1", "train.zero_stage=2"])
+    zero = build_ds_config(config, 2)["zero_optimization"]
+    assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == CPU_BUCKET_ELEMENTS
+    assert CPU_BUCKET_ELEMENTS * 4 <= 32 << 20  # a float32 bucket within glibc's largest mmap threshold
+    user_json = tmp_path / "ds.json"
+    user_json.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 123456}}))
+    config = load_config(None, ["train.steps=1", "train.zero_stage=2", f"train.deepspeed_config={user_json}"])
+    zero = build_ds_config(config, 2)["zero_optimization"]
+    assert (zero["reduce_bucket_size"], zero["allgather_bucket_size"]) == (123456, CPU_BUCKET_ELEMENTS)

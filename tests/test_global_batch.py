@@ -17,8 +17,10 @@ def fixed_global_batch(step: int) -> dict:
     }
 
 
-def two_steps(rank, world_size, loss_name, model_name, zero_stage=2):
-    """Two optimizer steps on fixed global batches, this rank taking its contiguous share."""
+def two_steps(rank, world_size, loss_name, model_name, zero_stage=2, bucket_elements=None):
+    """Two optimizer steps on fixed global batches, this rank taking its contiguous share (``bucket_elements``:
+    gradients reduced in buckets of that size, counted)."""
+    import tuneclip_ds.engine
     from tuneclip_ds.builders import build_loss_from_config
     from tuneclip_ds.config import load_config
     from tuneclip_ds.engine import build_engine
@@ -34,11 +36,15 @@ def two_steps(rank, world_size, loss_name, model_name, zero_stage=2):
     ])
     torch.manual_seed(0)
     model = build_model(config.model).model
+    tuneclip_ds.engine.CPU_BUCKET_ELEMENTS = bucket_elements or tuneclip_ds.engine.CPU_BUCKET_ELEMENTS
     engine = build_engine(config, model, total_steps=2)
+    buckets = []
+    reduce_bucket = engine.allreduce_bucket
+    engine.allreduce_bucket = lambda bucket, *args, **kwargs: buckets.append(bucket) or reduce_bucket(bucket, *args, **kwargs)
     shares = ({k: v[rank * local:(rank + 1) * local] for k, v in fixed_global_batch(s).items()} for s in range(2))
     trainer = Trainer(config, engine, shares, build_loss_from_config(config.loss), total_steps=2)
     results = [trainer.train_step() for _ in range(2)]
-    return [r.loss for r in results], [r.grad_norm for r in results], full_parameters(engine)
+    return [r.loss for r in results], [r.grad_norm for r in results], full_parameters(engine), len(buckets)
 
 
 @pytest.mark.parametrize("loss_name, model_name, zero_stage", [
@@ -47,8 +53,13 @@ def two_steps(rank, world_size, loss_name, model_name, zero_stage=2):
     ("infonce", "tiny-ViT", 0),  # the trainer's own gradient norm (stage 0 reports none) against ZeRO-2's
 ])
 def test_two_ranks_equal_one_rank(pools, loss_name, model_name, zero_stage):
-    (losses_1, norms_1, params_1), = pools[1].run(two_steps, loss_name, model_name)
-    (losses_2, norms_2, params_2), _ = pools[2].run(two_steps, loss_name, model_name, zero_stage)
+    # stage 0 reduces its gradients in buckets of reduce_bucket_size elements: many small ones here
+    bucket_elements = 20_000 if zero_stage == 0 else None
+    (losses_1, norms_1, params_1, _), = pools[1].run(two_steps, loss_name, model_name)
+    (losses_2, norms_2, params_2, buckets), _ = pools[2].run(two_steps, loss_name, model_name, zero_stage,
+                                                             bucket_elements)
+    if bucket_elements:
+        assert buckets >= 2 * 5  # in each of the 2 steps (1 a step unbucketed: tiny-ViT has 3.4 M parameters)
     assert losses_2 == pytest.approx(losses_1, rel=1e-5)
     # Adam's first steps hide a wrongly scaled gradient; the gradient norm does not.
     assert norms_2 == pytest.approx(norms_1, rel=1e-4)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from pathlib import Path
@@ -18,6 +19,11 @@ logger = logging.getLogger(__name__)
 
 DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
 _AUTO = "auto"
+# On CPUs glibc maps a buffer over its mmap threshold (32 MiB at most) afresh at each allocation and the kernel
+# faults its pages in at first touch: DeepSpeed's gradient buckets (5e8 elements by default), made in every
+# backward, then cost more than the reduction itself. Buckets of this many elements are reused from the heap.
+# GPUs keep DeepSpeed's defaults: their caching allocator reuses any bucket.
+CPU_BUCKET_ELEMENTS = 5_000_000
 
 
 def default_ds_config_path(zero_stage: int, offload_optimizer: bool) -> Path:
@@ -63,6 +69,10 @@ def build_ds_config(config: Config, world_size: int) -> dict:
             + "\n  ".join(conflicts)
             + "\nRemove the key from the JSON (or set it to \"auto\"), or change the experiment config."
         )
+    if _accelerator_name() == "cpu":
+        zero = ds.setdefault("zero_optimization", {})
+        for key in ("reduce_bucket_size", "allgather_bucket_size"):  # those the JSON leaves to DeepSpeed
+            zero.setdefault(key, CPU_BUCKET_ELEMENTS)
     return ds
 
 
@@ -91,6 +101,12 @@ def _fill(ds: dict, dotted: str, value: Any, experiment_key: str, conflicts: lis
     if current != _AUTO and current != value:
         conflicts.append(f"{dotted} = {current!r} but {experiment_key} gives {value!r}")
     node[leaf] = value
+
+
+def _accelerator_name() -> str:
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().device_name()
 
 
 def _check_precision_supported(precision: str) -> None:
@@ -133,6 +149,9 @@ def build_engine(config: Config, model: torch.nn.Module, total_steps: int, clock
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
     )
     reset_moments(engine)
+    if config.train.zero_stage == 0:  # DeepSpeed reduces stage 0's gradients in buckets of a fixed 5e8 elements
+        engine.allreduce_gradients = functools.partial(engine.allreduce_gradients,
+                                                       bucket_size=engine.zero_reduce_bucket_size())
     logger.info(
         "DeepSpeed engine: ZeRO stage %d%s, %s, micro-batch %d x accumulation %d x %d ranks",
         config.train.zero_stage, " + CPU offload" if config.train.offload_optimizer else "",
