@@ -685,17 +685,29 @@ def test_labels_count_only_with_same_label_positives():
 
 
 def test_a_one_class_batch_has_no_negatives_for_gcl(caplog):
-    """Its loss is NaN (the trainer skips or stops on it) and the estimators stay as they were."""
+    """Its loss is NaN (the trainer skips or stops on it) and the estimators stay as they were. ``metrics`` warns
+    of such batches once each, also after later batches (the trainer reads it after a step's finite batches);
+    the forward does not, since it would wait for the device."""
     loss_fn = build_loss("hgcl", tile_size=4, same_label_positives=True)
     loss_and_grads(loss_fn, make_batch(global_batch=6, num_classes=2))
     before = loss_fn.state_dict()
+    one_class = make_batch(global_batch=6, seed=1) | {"labels": torch.full((6,), 4)}
     with caplog.at_level("WARNING"):
-        one_class = make_batch(global_batch=6, seed=1) | {"labels": torch.full((6,), 4)}
-        loss = loss_fn(one_class["image"], one_class["text"], one_class["scale"], sample_ids=one_class["ids"],
-                       labels=one_class["labels"])
-    assert torch.isnan(loss) and "6 samples of one class" in caplog.text
-    after = loss_fn.state_dict()
-    assert torch.equal(after["ids"], before["ids"]) and torch.equal(after["log_u"], before["log_u"])
+        for _ in range(2):
+            loss = loss_fn(one_class["image"], one_class["text"], one_class["scale"], sample_ids=one_class["ids"],
+                           labels=one_class["labels"])
+            assert torch.isnan(loss) and caplog.text == ""
+        assert math.isnan(loss_fn.metrics()["inside_margin_fraction"])  # of no negative pairs
+        assert caplog.text.count("WARNING") == 1 and "2 global batch(es) of one class" in caplog.text
+        after = loss_fn.state_dict()
+        assert torch.equal(after["ids"], before["ids"]) and torch.equal(after["log_u"], before["log_u"])
+        caplog.clear()
+        loss_fn(one_class["image"], one_class["text"], one_class["scale"], sample_ids=one_class["ids"],
+                labels=one_class["labels"])
+        loss_and_grads(loss_fn, make_batch(global_batch=6, num_classes=2, seed=2))
+        loss_fn.metrics()
+        loss_fn.metrics()
+    assert caplog.text.count("WARNING") == 1 and "1 global batch(es) of one class" in caplog.text
 
 
 # ---------------------------------------------------------------- numerics

@@ -65,10 +65,10 @@ def _host_syncs_worker(rank, world_size, group, name, labels):
 @pytest.mark.parametrize("name,labels", list(BEFORE))
 def test_a_loss_call_does_not_wait_for_the_host(pool, name, labels):
     """Several tiles per block, 2 ranks. GCL/HGCL keep the estimator table's one: its size follows the
-    largest sample id (``EstimatorTable._ensure_table``); with labels, the warning on a batch of one class
-    reads one more. The local batch sizes were checked in the warm-up call: the only all_reduces left in
-    InfoNCE and SigLIP are the loss value's (and the smoothing's, not used here)."""
-    syncs = 0 if name in ("infonce", "siglip") else 1 + labels
+    largest sample id (``EstimatorTable._ensure_table``). The local batch sizes were checked in the warm-up
+    call: the only all_reduces left in InfoNCE and SigLIP are the loss value's (and the smoothing's, not used
+    here)."""
+    syncs = 0 if name in ("infonce", "siglip") else 1
     for forward, backward in run_on_ranks(pool, 2, _host_syncs_worker, name, labels):
         assert forward.count(HOST_SYNC) == syncs and backward == []
         if name in ("infonce", "siglip"):
