@@ -19,7 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from gloo_pool import GlooPool
 from tuneclip_ds.losses import build_loss, gamma_schedule
-from tuneclip_ds.losses.estimators import EstimatorTable
+from tuneclip_ds.losses.estimators import EstimatorTable, slots_for_corpus
 from tuneclip_ds.losses.ring import GroupInfo, resolve_group, ring_blocks
 
 POOL_SIZE = 4
@@ -342,7 +342,8 @@ def gcl_step_batches(world_size, dtype=torch.float64):
 
 def _gcl_steps_worker(rank, world_size, group, loss_kwargs, steps, initial_states=None, reserve_for=None):
     """The steps' results (with the estimator table's address and size after each) and the final state; with
-    ``reserve_for``, the table is allocated for the ids [0, reserve_for) first, as the trainer does."""
+    ``reserve_for``, the table is allocated for the ids [0, reserve_for) first, and after each step makes room
+    for ids beyond it, as the trainer does."""
     loss_fn = build_loss(group=group, **loss_kwargs)
     if reserve_for is not None:
         loss_fn.estimators.reserve(reserve_for, loss_fn.group_info(), torch.device("cpu"), torch.float64)
@@ -352,6 +353,8 @@ def _gcl_steps_worker(rank, world_size, group, loss_kwargs, steps, initial_state
     for gamma, batch_kwargs in steps:
         loss_fn.gamma = gamma
         result = loss_and_grads(loss_fn, make_batch(**batch_kwargs), rank, world_size)
+        if reserve_for is not None:
+            loss_fn.estimators.make_room()
         table = loss_fn.estimators.log_u if hasattr(loss_fn, "estimators") else None  # GCL/HGCL
         results.append(result | {"metrics": loss_fn.metrics(),
                                  "table": None if table is None else (table.data_ptr(), len(table))})
@@ -421,15 +424,15 @@ def test_gcl_state_dict_resumes_on_another_world_size(pool, new_world_size, rese
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
 def test_a_table_allocated_for_the_corpus_is_never_reallocated_and_gives_the_same_results(pool, world_size):
-    """Allocated for the ids [0, 8W) the batches draw from: each rank's table has its 8 slots (and with several
-    ranks the spare one) from the start and keeps them, and every step's results and the estimators equal
-    those of a table that grows as ids arrive, bit for bit."""
+    """Allocated for the ids [0, 8W) the batches draw from: each rank's table has its 8 slots and the spare one
+    from the start and keeps them, and every step's results and the estimators equal those of a table that
+    grows as ids arrive, bit for bit."""
     steps = gcl_step_batches(world_size)
     grown = run_on_ranks(pool, world_size, _gcl_steps_worker, dict(name="hgcl"), steps)
     allocated = run_on_ranks(pool, world_size, _gcl_steps_worker, dict(name="hgcl"), steps, None, 8 * world_size)
     for (grown_steps, grown_state), (allocated_steps, allocated_state) in zip(grown, allocated):
         assert {step["table"] for step in allocated_steps} == {allocated_steps[0]["table"]}
-        assert allocated_steps[0]["table"][1] == (8 if world_size == 1 else 9)
+        assert allocated_steps[0]["table"][1] == 9
         for grown_step, allocated_step in zip(grown_steps, allocated_steps):
             assert grown_step["metrics"] == allocated_step["metrics"]
             for key in ("loss", "image", "text", "scale"):
@@ -440,12 +443,12 @@ def test_a_table_allocated_for_the_corpus_is_never_reallocated_and_gives_the_sam
 @pytest.mark.parametrize("num_samples,world_size", [(10, 1), (10, 3), (1, 4), (12, 4)])
 def test_the_table_is_allocated_for_the_largest_id_a_rank_owns(num_samples, world_size):
     """Each rank's size is that of the largest slot ``id // W`` of any id below ``num_samples`` (every rank
-    makes room for every rank's ids: the global batch's), plus with several ranks the spare last slot."""
+    makes room for every rank's ids: the global batch's), plus the spare last slot."""
     for rank in range(world_size):
         table = EstimatorTable(num_directions=2)
         table.reserve(num_samples, GroupInfo(None, rank, world_size), torch.device("cpu"))
         largest_slot = max(sample // world_size for sample in range(num_samples))
-        assert table.log_u.shape == (largest_slot + 1 + (world_size > 1), 2) and table.log_u.dtype == torch.float32
+        assert table.log_u.shape == (largest_slot + 2, 2) and table.log_u.dtype == torch.float32
         assert table.seen.shape == (len(table.log_u),) and not table.seen.any()
 
 
@@ -460,6 +463,42 @@ def test_growing_past_the_allocation_warns_once_on_rank_0_naming_the_key(caplog)
             assert table.state_dict(info)["ids"].tolist() == [100 + rank]
     assert caplog.text.count("WARNING") == 1
     assert "corpus size 4 (data.num_samples" in caplog.text and "past the 3 slots" in caplog.text
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_ids_beyond_a_reserved_table_count_as_new_until_it_grows_after_the_step(pool, world_size):
+    """Reserved for [0, 4W), the first step meets ids up to 8W: their estimates are not kept (no other sample's
+    either lost or changed) and the table grows after the step; the later steps equal the reference's with the
+    first step's estimates of those ids forgotten."""
+    steps, reserve_for = gcl_step_batches(world_size), 4 * world_size
+    reference = ReferenceGCL("hinge_sq")
+    expected = reference_gcl_steps(reference, steps[:1])
+    beyond = {sample for sample in reference.u if sample >= reserve_for}
+    later_ids = {i for _, kwargs in steps[1:] for i in make_batch(**kwargs)["ids"].tolist()}
+    assert beyond & later_ids and set(reference.u) - beyond  # they recur, and some ids fit
+    reference.u = {sample: u for sample, u in reference.u.items() if sample not in beyond}
+    expected += reference_gcl_steps(reference, steps[1:])
+    per_rank = run_on_ranks(pool, world_size, _gcl_steps_worker, dict(name="hgcl"), steps, None, reserve_for)
+    assert_steps_match(per_rank, expected, world_size)
+    for steps_of_rank, _ in per_rank:
+        assert steps_of_rank[0]["table"][1] > slots_for_corpus(reserve_for, world_size)
+    ids = torch.cat([state["ids"] for _, state in per_rank])
+    assert sorted(ids.tolist()) == sorted(reference.u)
+
+
+def test_a_reserved_table_grows_for_an_id_beyond_it_at_make_room_with_a_warning(caplog):
+    table, single = EstimatorTable(num_directions=1), resolve_group(None)
+    table.reserve(4, single, torch.device("cpu"))
+    with caplog.at_level(logging.WARNING, logger="tuneclip_ds.losses.estimators"):
+        log_u = update_and_commit(table, [1, 9], torch.tensor([[1.0], [2.0]]), 0.5)
+        assert log_u.tolist() == [[1.0], [2.0]] and table.state_dict(single)["ids"].tolist() == [1]
+        assert len(table.log_u) == 5 and caplog.text == ""  # no host synchronisation in the step
+        table.make_room()
+        assert update_and_commit(table, [9], torch.tensor([[3.0]]), 0.5).tolist() == [[3.0]]  # 2.0 was not kept
+        averaged = update_and_commit(table, [9], torch.tensor([[5.0]]), 0.5)
+    assert averaged.item() == pytest.approx(math.log(0.5 * math.exp(3.0) + 0.5 * math.exp(5.0)))
+    assert len(table.log_u) == 11 and table.state_dict(single)["ids"].tolist() == [1, 9]
+    assert caplog.text.count("WARNING") == 1 and "corpus size 4 (data.num_samples" in caplog.text
 
 
 def _on_nodes_of(rank, world_size, group, node_size, worker, *args):

@@ -46,13 +46,15 @@ def test_each_hop_takes_at_least_three_times_fewer_operations(pool, name, labels
         assert 3 * now <= before
 
 
-def _host_syncs_worker(rank, world_size, group, name, labels):
+def _host_syncs_worker(rank, world_size, group, name, labels, reserve=True):
     """The host synchronisations and all_reduces of a forward and of a backward of the loss (after a
-    warm-up call)."""
+    warm-up call); GCL/HGCL with the estimator table reserved for the corpus, as the trainer does, or not."""
     from tuneclip_ds.losses import build_loss
 
     loss_fn = build_loss(name, group=group, tile_size=4, same_label_positives=labels)
-    inputs = profile._loss_inputs(rank, 8, 16, torch.float32, labels)
+    if reserve and hasattr(loss_fn, "estimators"):
+        loss_fn.estimators.reserve(8 * world_size, loss_fn.group_info(), torch.device("cpu"))
+    inputs = profile._loss_inputs(rank, 8, 16, torch.float32, labels)  # ids in [0, 8 W)
     profile._loss(loss_fn, inputs).backward()
     with profile._profile() as forward:
         loss = profile._loss(loss_fn, inputs)
@@ -62,14 +64,18 @@ def _host_syncs_worker(rank, world_size, group, name, labels):
             for p in (forward, backward)]
 
 
+@pytest.mark.parametrize("world_size", [1, 2])
 @pytest.mark.parametrize("name,labels", list(BEFORE))
-def test_a_loss_call_does_not_wait_for_the_host(pool, name, labels):
-    """Several tiles per block, 2 ranks. GCL/HGCL keep the estimator table's one: its size follows the
-    largest sample id (``EstimatorTable._ensure_table``). The local batch sizes were checked in the warm-up
-    call: the only all_reduces left in InfoNCE and SigLIP are the loss value's (and the smoothing's, not used
-    here)."""
-    syncs = 0 if name in ("infonce", "siglip") else 1
-    for forward, backward in run_on_ranks(pool, 2, _host_syncs_worker, name, labels):
-        assert forward.count(HOST_SYNC) == syncs and backward == []
+def test_a_loss_call_does_not_wait_for_the_host(pool, name, labels, world_size):
+    """Several tiles per block. The local batch sizes were checked in the warm-up call: the only all_reduces
+    left in InfoNCE and SigLIP are the loss value's (and the smoothing's, not used here)."""
+    for forward, backward in run_on_ranks(pool, world_size, _host_syncs_worker, name, labels):
+        assert HOST_SYNC not in forward and backward == []
         if name in ("infonce", "siglip"):
-            assert forward == ["c10d::allreduce_"]
+            assert forward == ["c10d::allreduce_"] * (world_size > 1)
+
+
+@pytest.mark.parametrize("name", ["gcl", "hgcl"])
+def test_an_unreserved_estimator_table_reads_the_largest_id_to_grow(pool, name):
+    for forward, backward in run_on_ranks(pool, 2, _host_syncs_worker, name, False, False):
+        assert forward.count(HOST_SYNC) == 1 and backward == []
