@@ -59,7 +59,7 @@ class HopOps(NamedTuple):
 # gradient comes from forward's tiles, at one more product there, and backward has the text side only).
 OPS_PER_HOP = {
     "infonce": HopOps(7, 16, 6),
-    "siglip": HopOps(13, 9, 4),
+    "siglip": HopOps(10, 8, 4),
     "gcl": HopOps(11, 20, 6),
     "hgcl": HopOps(13, 28, 6),
 }
