@@ -8,7 +8,8 @@ multi-positive form: each pair is an independent binary label), ``softplus(-(t s
 
 The ring gets the image features scaled by ``t``: its tiles' similarities are then the logits less the
 bias, and the scale's gradient follows by autograd from the image features' (one product per call instead
-of two operations per tile).
+of two operations per tile). For 16-bit features the scaled images are rounded to 16 bits for the tiles'
+products, as open_clip's logits are under autocast.
 """
 
 from dataclasses import replace
