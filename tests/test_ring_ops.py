@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import tuneclip_ds.losses.profile as profile
+from tuneclip_ds.distributed import spawn_ranks
 from tuneclip_ds.plan.loss_time import OPS_16BIT_EXTRA, OPS_PER_HOP
 from gloo_pool import GlooPool
 from test_losses import run_on_ranks
@@ -116,3 +117,22 @@ def test_the_tiles_products_run_in_the_features_dtype(pool, name, labels):
     assert len(products[torch.float32]) >= 4  # a similarity and a gradient product in forward and backward
     for dtype, name_in_profile in dtypes.items():
         assert products[dtype] == [{name_in_profile}] * len(products[torch.float32]), dtype
+
+
+def _rank_and_sum(rank, world_size, group, offset):
+    total = torch.tensor([rank + offset])
+    torch.distributed.all_reduce(total, group=group)
+    return rank, world_size, total.item()
+
+
+def _fails_on_rank_1(rank, world_size, group):
+    if rank == 1:
+        raise ValueError("rank 1 gives up")
+    return rank
+
+
+def test_spawned_ranks_form_a_group_and_raise_a_ranks_error():
+    """What ``ops_per_hop`` and ``plan.measure --ring-ops`` run their ranks with."""
+    assert spawn_ranks(3, _rank_and_sum, 10) == [(rank, 3, 33) for rank in range(3)]
+    with pytest.raises(Exception, match="ValueError: rank 1 gives up"):
+        spawn_ranks(2, _fails_on_rank_1)
