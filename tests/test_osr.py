@@ -456,6 +456,21 @@ def test_the_run_allocates_the_estimators_of_its_share_of_the_corpus_once(pool):
     assert pool.run(estimator_table_through_a_run) == [(torch.Size([501, 2]), True, True)] * 2
 
 
+def estimators_after_a_run_beyond_the_corpus(rank, world_size):
+    trainer = build_fixed_run(rank, world_size, ["loss.name=hgcl", "data.num_samples=8", "osr.steps=2",
+                                                 "train.steps=1"])
+    trainer.run()
+    return trainer.loss_fn.state_dict()["ids"].tolist(), len(trainer.loss_fn.estimators.log_u)
+
+
+def test_the_trainer_makes_room_for_ids_beyond_the_corpus_after_each_step(pool):
+    """data.num_samples=8 on 2 ranks: 4 slots and the spare each. Steps 0, 1, 2 hold the ids 100 * step + 0..15;
+    a step keeps no estimate of the ids beyond the table, which grows after it: to 10, 59 (slot 57 of id 115
+    and the spare), then 118 slots (doubling)."""
+    (ids_0, size_0), (ids_1, size_1) = pool.run(estimators_after_a_run_beyond_the_corpus)
+    assert sorted(ids_0 + ids_1) == list(range(8)) and size_0 == size_1 == 118
+
+
 def mean_u_after_updates(rank, world_size):
     from tuneclip_ds.losses import build_loss
 

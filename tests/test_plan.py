@@ -21,7 +21,8 @@ from tuneclip_ds.plan import Setup, ZeroSettings, make_plan, model_shape, model_
 from tuneclip_ds.plan.__main__ import main
 from tuneclip_ds.plan.estimate import (LOSSES, MODEL_STATE_ROWS, activation_bytes, bucket_bytes, optimizer_step_bytes,
                                        stage3_transients)
-from tuneclip_ds.plan.loss_time import OPS_PER_HOP, HopOps, Links, loss_times, nodes_where_loss_passes, towers_time
+from tuneclip_ds.plan.loss_time import (OPS_PER_HOP, HopOps, Links, hop_ops, loss_times, nodes_where_loss_passes,
+                                        towers_time)
 from tuneclip_ds.plan.measure import AllocatorPeak
 from tuneclip_ds.plan.shape import Tower, count_params, largest_layer
 
@@ -408,6 +409,17 @@ def test_loss_time_of_a_small_case_is_the_formula_by_hand(monkeypatch):
 
 
 @pytest.mark.parametrize("loss", LOSSES)
+def test_16bit_features_take_the_16bit_matmul_rate_and_the_ops_their_casts_add(loss):
+    fp32 = Setup(nodes=2, gpus_per_node=4, batch_size=64, precision="fp32", loss=loss)
+    links = Links(fp32_tflops=1, bf16_tflops=8)
+    bf16 = dataclasses.replace(fp32, precision="bf16")
+    ring32, ring16 = (loss_times(128, setup, links)["ring"] for setup in (fp32, bf16))
+    assert ring16.matmul == pytest.approx(ring32.matmul / 8, rel=1e-12)
+    extra = sum(hop_ops(loss, "bf16")[:2]) - sum(OPS_PER_HOP[loss][:2])
+    assert extra > 0 and ring16.launch - ring32.launch == pytest.approx(8 * extra * links.op_us / 1e6, rel=1e-12)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
 def test_the_hierarchical_ring_is_faster_across_nodes_and_the_flat_ring_on_one(vit_b_32, loss):
     for nodes, gpus_per_node in [(2, 8), (32, 8), (128, 4)]:
         times = loss_times(512, Setup(nodes=nodes, gpus_per_node=gpus_per_node, batch_size=256, loss=loss), Links())
@@ -446,7 +458,8 @@ def test_the_plan_shows_the_loss_time_models_inputs_outputs_and_verdict(capsys):
             "--op-us", "5", "--inter-node-gbs", "25"]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    ops = OPS_PER_HOP["hgcl"]
+    ops = hop_ops("hgcl", "bf16")  # the default precision
+    assert ops.forward > OPS_PER_HOP["hgcl"].forward
     assert ("256 ranks = 32 node(s) x 8 ranks per node, batch 256 per rank, features 512, hgcl: "
             f"{ops.forward} + {ops.backward} ops per visited block (forward + backward), {ops.matmuls} matmuls") in out
     assert "constants: intra-node 450 GB/s, 3 us; inter-node 25 GB/s, 8 us; 5 us per op;" in out

@@ -27,6 +27,36 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def spawn_ranks(world_size: int, worker: Callable[..., T], *args, backend: str = "gloo") -> list[T]:
+    """``worker(rank, world_size, None, *args)`` (``None``: the world's group) on each of ``world_size`` fresh
+    processes forming a process group on this machine, one torch thread each (``backend`` gloo: on the CPU; nccl:
+    rank r on GPU r); their results in rank order. A rank's error is raised here (the others are ended).
+    For measurements and tools, not training."""
+    import torch.multiprocessing as mp
+
+    results = mp.get_context("spawn").SimpleQueue()
+    ranks = mp.spawn(_spawned_rank, args=(world_size, free_port(), backend, results, worker, args), nprocs=world_size,
+                     join=False)
+    outcomes, done = {}, False
+    while not done:
+        done = ranks.join(timeout=0.1)  # raises if a rank failed
+        while not results.empty():  # read as they come: a rank writing a large result waits for the reader
+            rank, result = results.get()
+            outcomes[rank] = result
+    return [outcomes[rank] for rank in range(world_size)]
+
+
+def _spawned_rank(rank: int, world_size: int, port: int, backend: str, results, worker, args) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_WORLD_SIZE=str(world_size))
+    torch.set_num_threads(1)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    torch.distributed.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(minutes=5))
+    results.put((rank, worker(rank, world_size, None, *args)))
+    torch.distributed.barrier()  # no rank leaves the group while another still talks to it
+    torch.distributed.destroy_process_group()
+
+
 def init_distributed() -> tuple[int, int]:
     """Start the process group from the launcher's environment; return (rank, world size).
 

@@ -261,12 +261,13 @@ class Trainer:
             with self.timer.phase("data"):
                 batch = next(self.batches)
                 image, text = to_model_input(batch, device, self.input_dtype), batch["text"].to(device)
+                targets = _loss_targets(batch, device)
             data_skipped += batch.get("num_skipped", 0)
             source_counts = _add_counts(source_counts, batch.get("source_counts"))
             with self.timer.phase("forward"):
                 outputs = self.engine(image, text)
             with self.timer.phase("loss"):
-                loss = self._loss(outputs, batch, device)
+                loss = self._loss(outputs, targets)
             if not torch.isfinite(loss):
                 skipped += 1
                 self._on_nonfinite(loss, skipped)
@@ -280,6 +281,8 @@ class Trainer:
             with self.timer.phase("step"):
                 self.engine.step()
             losses.append(loss.item())  # waits for the step: the timer's events are done
+            if hasattr(self.loss_fn, "estimators"):  # the host has waited anyway: room for ids beyond the table
+                self.loss_fn.estimators.make_room()
         self.history.skipped_batches += skipped
         engine_norm = self.engine.get_global_grad_norm()
         return StepResult(
@@ -302,12 +305,10 @@ class Trainer:
             loss = self.config.loss
             self.loss_fn.gamma = gamma_schedule(epoch, loss.gamma_min, loss.gamma_decay_epochs)
 
-    def _loss(self, outputs, batch: dict, device) -> torch.Tensor:
+    def _loss(self, outputs, targets: dict) -> torch.Tensor:
         image_features, text_features, logit_scale = outputs[:3]
         logit_bias = outputs[3] if len(outputs) > 3 else None
-        labels = batch["label"].to(device) if "label" in batch else None  # labelled data
-        return self.loss_fn(image_features, text_features, logit_scale, logit_bias=logit_bias,
-                            sample_ids=batch["sample_id"].to(device), labels=labels)
+        return self.loss_fn(image_features, text_features, logit_scale, logit_bias=logit_bias, **targets)
 
     def _on_nonfinite(self, loss: torch.Tensor, skipped_in_a_row: int) -> None:
         where = f"step {self.step + 1}: loss is {loss.item()}"
@@ -448,6 +449,13 @@ def _engine_dtype(engine) -> torch.dtype:
     if engine.bfloat16_enabled():
         return torch.bfloat16
     return torch.float16 if engine.fp16_enabled() else torch.float32
+
+
+def _loss_targets(batch: dict, device) -> dict:
+    """The batch's sample ids and labels (labelled data) for the loss, on ``device``: copied before the model's
+    forward, asynchronously from pinned memory, since a copy after it would wait for the forward to end."""
+    return {"sample_ids": batch["sample_id"].to(device, non_blocking=True),
+            "labels": batch["label"].to(device, non_blocking=True) if "label" in batch else None}
 
 
 def _as_float(value) -> float | None:

@@ -2,14 +2,21 @@
 
 Ownership: sample ``id`` lives on rank ``id % W`` at local slot ``id // W`` (``W`` ranks in the
 loss's group), so a rank stores O(n/W) entries for a corpus of ``n`` samples. The table holds
-``log u`` for each direction (image anchors, text anchors); it is allocated for the corpus when its
-size is known (``reserve``), else grows on demand up to the largest slot it has seen. In a step, the
-``(id, log g)`` of the global batch are all-gathered (a few bytes per sample; unlike ``all_to_all``,
-no rank opens a connection to every other); each owner computes the new ``log u`` of its samples, one
+``log u`` for each direction (image anchors, text anchors), and a spare last slot that no sample uses;
+it is allocated for the corpus when its size is known (``reserve``), else grows on demand up to the
+largest slot it has seen. In a step, the ``(id, log g)`` of the global batch are all-gathered (a few
+bytes per sample; unlike ``all_to_all``, no rank opens a connection to every other); each owner
+computes the new ``log u`` of its samples, one
 all-reduce of the global batch's values (zero where another rank owns the sample) returns every rank
 its own, and the owner stores them only when the loss commits the step: a global batch that is not
 finite anywhere (NaN features of one rank reach every anchor through the ring) must leave the table
 as it was, or every later batch with one of its samples would be NaN too.
+
+A reserved table does not wait for the host in a step (on GPUs the step's kernels then queue without a
+break): growing on demand would read the largest id first. An id beyond it (a ``data.num_samples`` too
+small) gets the spare slot instead, whose update is dropped: the sample counts as seen for the first time.
+The table notes the largest id on the device, and ``make_room``, called where the host waits anyway (the
+trainer: after each step), reads it and grows the table, with a warning.
 """
 
 import logging
@@ -35,7 +42,7 @@ class PendingUpdate:
 
     slots: torch.Tensor
     log_u: torch.Tensor
-    owned: torch.Tensor | None = None  # [n]: the rows of samples this rank owns (None: all)
+    kept: torch.Tensor  # [n] bool: the rows this rank stores (samples it owns that have a slot)
 
 
 class EstimatorTable:
@@ -48,15 +55,24 @@ class EstimatorTable:
         self._layout: tuple[int, int] | None = None  # (rank, world size) the slots are laid out for
         self._reserved_for: int | None = None  # the corpus size the table was allocated for (reserve)
         self._warn_on_growth = False  # rank 0, until it has warned once that the table outgrew the reservation
+        self._largest_id: torch.Tensor | None = None  # [] on the device, once reserved: for make_room
 
     def reserve(self, num_samples: int, info: GroupInfo, device: torch.device, dtype=torch.float32) -> None:
         """Allocate the slots of the ids in [0, ``num_samples``) this rank owns, once, now: otherwise the table
         doubles as new ids arrive during the first epoch, each time holding the old and the new table at once.
-        ``dtype``: the loss's compute dtype (float32 for float32, bfloat16 and float16 features). An id beyond
-        the corpus still grows the table, with a warning on rank 0."""
+        ``dtype``: the loss's compute dtype (float32 for float32, bfloat16 and float16 features). Steps then
+        do not wait for the host; an id beyond the corpus grows the table at the next ``make_room``."""
         self._check_layout(info)
         self._ensure_table(slots_for_corpus(num_samples, info.world_size), torch.empty(0, dtype=dtype, device=device))
         self._reserved_for, self._warn_on_growth = num_samples, info.rank == 0
+        self._largest_id = torch.full((), -1, dtype=torch.int64, device=device)
+
+    def make_room(self) -> None:
+        """Grow a reserved table for the largest id that has reached it (with a warning on rank 0 the first
+        time it outgrows the reservation). Reads a number from the device: call it where the host waits for
+        the step anyway. Until then the updates of ids beyond the table are dropped (see the module's doc)."""
+        if self._largest_id is not None and self._layout is not None:
+            self._ensure_table(int(self._largest_id) // self._layout[1] + 2, self.log_u)
 
     def update(
         self, ids: torch.Tensor, log_g: torch.Tensor, gamma: float, info: GroupInfo
@@ -67,23 +83,30 @@ class EstimatorTable:
         the global batch gets both updates from its old value; the table keeps one of them."""
         self._check_layout(info)
         if info.world_size == 1:
-            if ids.numel():
-                self._ensure_table(int(ids.max()) + 1, log_g)
-            owned_log_u = self._update_owned(ids, log_g, gamma)
-            return owned_log_u, PendingUpdate(ids, owned_log_u)
+            slots, kept = self._owned_slots(ids, None, info.world_size, log_g)
+            owned_log_u = self._update_owned(slots, log_g, gamma)
+            return owned_log_u, PendingUpdate(slots, owned_log_u, kept)
         global_ids, global_log_g = _all_gather(ids, info), _all_gather(log_g, info)
         mine = global_ids % info.world_size == info.rank
-        slots = self._owned_slots(global_ids, mine, info.world_size, global_log_g)
+        slots, kept = self._owned_slots(global_ids, mine, info.world_size, global_log_g)
         owned_log_u = torch.where(mine[:, None], self._update_owned(slots, global_log_g, gamma), 0.0)
         local = slice(info.rank * len(ids), (info.rank + 1) * len(ids))
         log_u = all_reduce_sum(owned_log_u.clone(), info)[local]  # each sample's value from its owner alone
-        return log_u, PendingUpdate(slots, owned_log_u, mine)
+        return log_u, PendingUpdate(slots, owned_log_u, kept)
 
-    def _owned_slots(self, ids: torch.Tensor, mine: torch.Tensor, world_size: int, like: torch.Tensor):
-        """The slots of the samples of ``ids`` this rank owns, and for the others the table's last slot, which
-        no sample uses: their updates are dropped there (the table grows to keep it last)."""
-        self._ensure_table(int((ids // world_size).max()) + 2, like)
-        return torch.where(mine, ids // world_size, self.log_u.shape[0] - 1)
+    def _owned_slots(self, ids: torch.Tensor, mine: torch.Tensor | None, world_size: int, like: torch.Tensor):
+        """The slots of ``ids`` and which of them this rank keeps: the samples it owns (``mine``; None: all)
+        that fit in the table. The others get the spare last slot, where their updates are dropped. An
+        unreserved table first grows to fit every id, reading the largest (a host synchronisation); a
+        reserved one notes it on the device for ``make_room``."""
+        slots = ids // world_size
+        if self._largest_id is None:
+            self._ensure_table(int(slots.max()) + 2 if ids.numel() else 1, like)
+        elif ids.numel():
+            torch.maximum(self._largest_id, ids.max(), out=self._largest_id)
+        spare = self.log_u.shape[0] - 1
+        kept = slots < spare if mine is None else mine & (slots < spare)
+        return torch.where(kept, slots, spare), kept
 
     def commit(self, update: PendingUpdate, accept: torch.Tensor) -> None:
         """Store ``update`` if ``accept`` (a bool tensor; every rank of the group must pass the same value,
@@ -94,7 +117,7 @@ class EstimatorTable:
         slots = update.slots.to(self.log_u.device)
         accept = accept.to(self.log_u.device)
         self.log_u[slots] = torch.where(accept, update.log_u.to(self.log_u), self.log_u[slots])
-        self.seen[slots] |= accept if update.owned is None else accept & update.owned.to(accept.device)
+        self.seen[slots] |= accept & update.kept.to(accept.device)
 
     def log_mean_u(self, info: GroupInfo, device: torch.device) -> float:
         """``log`` of the mean of ``u`` over every seen sample and direction of the whole table (collective;
@@ -163,13 +186,15 @@ class EstimatorTable:
         return torch.where(self.seen[slots, None], averaged, log_g)
 
     def _store(self, slots: torch.Tensor, log_u: torch.Tensor) -> None:
-        self._ensure_table(int(slots.max()) + 1, log_u if self.log_u is None else self.log_u)  # where it is
+        """Store a state dict's ``log_u`` (CPU tensors: reading their largest slot does not wait for a device)."""
+        self._ensure_table(int(slots.max()) + 2, log_u if self.log_u is None else self.log_u)  # where it is
         slots = slots.to(self.log_u.device)
         self.log_u[slots] = log_u.to(self.log_u)
         self.seen[slots] = True
 
     def _ensure_table(self, size: int, like: torch.Tensor) -> None:
-        """A table of at least ``size`` slots on the device (and in the dtype) of ``like``."""
+        """A table of at least ``size`` slots (the spare last one included) on the device (and in the dtype) of
+        ``like``."""
         if self.log_u is None:
             self.log_u = like.new_zeros(0, self.num_directions)
             self.seen = torch.zeros(0, dtype=torch.bool, device=like.device)
@@ -186,15 +211,17 @@ class EstimatorTable:
         if self._reserved_for is not None and self._warn_on_growth:
             logger.warning("a sample id at or beyond the corpus size %d (data.num_samples, or the sum of the "
                            "data.sources' num_samples): the estimator table grows past the %d slots allocated for it, "
-                           "by doubling; set data.num_samples to the corpus size, with ids in [0, data.num_samples) "
-                           "(python -m tuneclip_ds.data.shards numbers them so)", self._reserved_for, capacity)
+                           "by doubling (in training after the step that met such an id, whose estimate that "
+                           "step does not keep); set data.num_samples to the corpus size, with ids in "
+                           "[0, data.num_samples) (python -m tuneclip_ds.data.shards numbers them so)",
+                           self._reserved_for, capacity)
             self._warn_on_growth = False
 
 
 def slots_for_corpus(num_samples: int, world_size: int) -> int:
-    """The table size that holds every id in [0, ``num_samples``) a rank owns: ``ceil(n / W)`` slots, and with
-    several ranks the spare last slot that ``_owned_slots`` drops the others' updates into."""
-    return -(-num_samples // world_size) + (world_size > 1)
+    """The table size that holds every id in [0, ``num_samples``) a rank owns: ``ceil(n / W)`` slots, and the
+    spare last slot that ``_owned_slots`` drops the other updates into."""
+    return -(-num_samples // world_size) + 1
 
 
 def _all_gather(tensor: torch.Tensor, info: GroupInfo) -> torch.Tensor:

@@ -8,7 +8,7 @@ with the pairwise function ``h``: ``linear`` (GCL) or ``hinge_sq``, ``[x + margi
 With ``same_label_positives`` the pairs of one class are no negatives: the sum runs over the
 samples of other classes and ``B - 1`` becomes their number (the mean over the anchor's negatives,
 as SogCLR defines ``g``). A global batch of one class has none: its loss is NaN, and it is
-skipped like any non-finite batch.
+skipped like any non-finite batch (``metrics`` warns of it: ``forward`` does not wait for the host).
 ``u_i`` tracks ``g_i`` across steps (``estimators.py``); everything is kept in log space so that
 ``exp(h / tau)`` never overflows. Reported loss: ``tau/B * sum_i log(eps + u_i)``; gradient: that
 of the surrogate ``tau/B * sum_i g_i / stopgrad(eps + u_i)``, with ``u`` already updated with this
@@ -184,6 +184,8 @@ class GlobalContrastiveLoss(RingLoss):
         self.eps = eps
         self.estimators = EstimatorTable(num_directions=2)
         self._last_statistics = None
+        self._one_class_batches = None  # [] on the device: labelled global batches without negatives
+        self._one_class_batches_warned = 0
 
     def forward(self, image_features, text_features, logit_scale, logit_bias=None, sample_ids=None, labels=None):
         if sample_ids is None:
@@ -208,6 +210,8 @@ class GlobalContrastiveLoss(RingLoss):
         reported = tau.detach() * log_denominator.mean(dim=0).sum() / global_batch
         global_value, finite = self._reduce_statistics(reported, log_u, log_g, active_pairs, negatives, global_batch,
                                                        info)
+        if labels is not None:
+            self._count_one_class_batches()
         self.estimators.commit(pending, finite)
         return global_value_with_local_gradient(global_value.to(reported.dtype), surrogate, info.world_size)
 
@@ -216,11 +220,16 @@ class GlobalContrastiveLoss(RingLoss):
         the samples of other classes."""
         if labels is None:
             return torch.full((inputs.local_batch,), global_batch - 1, dtype=torch.int64, device=inputs.image.device)
-        negatives = global_batch - same_label_counts(labels, info)
-        if not negatives.all():  # then every label is the same, on every rank
-            logger.warning("a global batch of %d samples of one class: with same_label_positives, %s has no "
-                           "negatives and its loss is NaN", global_batch, type(self).__name__)
-        return negatives
+        return global_batch - same_label_counts(labels, info)
+
+    def _count_one_class_batches(self) -> None:
+        """Count the last global batch if it has no negative pair (all-reduced: the same on every rank), for
+        ``metrics`` to warn of: a warning here would wait for the device."""
+        one_class = self._last_statistics[0][4] == 0
+        if self._one_class_batches is None:
+            self._one_class_batches = one_class.long()
+        else:
+            self._one_class_batches += one_class
 
     def _reduce_statistics(self, reported, log_u, log_g, active_pairs, negatives, global_batch, info):
         """Global reported loss, kept with the metrics' statistics: two small all_reduces, in float64
@@ -250,13 +259,22 @@ class GlobalContrastiveLoss(RingLoss):
         """
         if self._last_statistics is None:
             return {}
+        self._warn_of_one_class_batches()
         sums, extremes, global_batch = self._last_statistics
+        negative_pairs = sums[4].item()
         return {
             "batch_log_u_mean": sums[1].item() / (2 * global_batch),
             "batch_log_u_min": -extremes[0].item(),
             "batch_log_u_max": extremes[1].item(),
-            "inside_margin_fraction": sums[2].item() / sums[4].item(),
+            "inside_margin_fraction": sums[2].item() / negative_pairs if negative_pairs else math.nan,
         }
+
+    def _warn_of_one_class_batches(self) -> None:
+        count = 0 if self._one_class_batches is None else int(self._one_class_batches)
+        if count > self._one_class_batches_warned:
+            logger.warning("%d global batch(es) of one class: with same_label_positives, %s has no negatives "
+                           "and its loss is NaN", count - self._one_class_batches_warned, type(self).__name__)
+            self._one_class_batches_warned = count
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """This rank's estimators: ``ids`` [m] and ``log_u`` [m, 2] (image, text anchors), on CPU.

@@ -105,7 +105,9 @@ class LossInputs:
 
     Casting once here makes autograd sum every gradient of a feature in the compute dtype and round
     to the input dtype once. Ring blocks travel in ``wire_dtype``, the features' own dtype, which
-    is lossless since they were cast up from it.
+    is lossless since they were cast up from it, and the tiles' products run in it: for 16-bit
+    features 16-bit products, as open_clip's logits under autocast, with everything element-wise
+    (exp, log-sum-exp, hinge, statistics, accumulators) in the compute dtype.
     """
 
     image: torch.Tensor  # [b, d]
@@ -172,13 +174,12 @@ class _PairStatistics(torch.autograd.Function):
         stats = image.new_full((len(directions), image.shape[0]), reduction.empty_value)
         active = torch.zeros(len(directions), dtype=torch.int64, device=image.device)
         anchor_grads = _AnchorGrads.zeros(anchors, bias) if reduction.anchor_grads_in_forward else None
-        rows = _row_tiles(anchors, positive, stats[..., None], labels, tile_size, anchor_grads)
+        rows = _row_tiles(_in_dtype(anchors, wire_dtype), positive, stats[..., None], labels, tile_size, anchor_grads)
         context = _TileContext(reduction, scale, bias)
         column_blocks = torch.stack([features[1 - d] for d in directions]).to(wire_dtype)
         ring = ring_blocks(_with_labels(column_blocks, labels), info)
         del column_blocks  # the ring alone holds the blocks: freed once packed
         for source, (columns, *column_labels) in ring:
-            columns = _in_dtype(columns, image.dtype)
             for row in rows:
                 for tile in _column_tiles(row, columns, column_labels, tile_size, source == info.rank):
                     context.add_tile_statistics(row, tile, active)
@@ -199,14 +200,13 @@ class _PairStatistics(torch.autograd.Function):
             ctx.anchor_grads.apply(grad_stats[0], grad_features[0], grads)
         local = torch.stack([features[s] for s in sides])  # [sides, b, d]
         grad_local = torch.zeros_like(local)
-        rows = _row_tiles(local, positive.detach(), stats[..., None], labels, ctx.tile_size,
+        rows = _row_tiles(_in_dtype(local, ctx.wire_dtype), positive.detach(), stats[..., None], labels, ctx.tile_size,
                           grads=(grad_stats[..., None], grad_local, grads))
         context = _TileContext(ctx.reduction, scale.detach(), None if bias is None else bias.detach())
         payload = _with_labels(_column_payload(features, positive, stats, grad_stats, sides, ctx.wire_dtype), labels)
         ring = ring_blocks(payload, ctx.info)
         del payload  # the ring alone holds the blocks: freed once packed
         for source, (columns, *anchors_and_labels) in ring:
-            columns = _in_dtype(columns, image.dtype)
             column_anchors, column_labels = anchors_and_labels[:3], anchors_and_labels[3:]
             for row in rows:
                 for tile in _column_tiles(row, columns, column_labels, ctx.tile_size, source == ctx.info.rank,
@@ -228,6 +228,16 @@ def _in_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
+def _add_product(total: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
+    """``total += left @ right`` (batched), the product in the dtype of ``right`` (features): in place in one
+    operation when ``total`` has it too; else (16-bit features, a float32 total, which ``baddbmm_`` does not
+    mix) a 16-bit product of ``left`` rounded to it, then added."""
+    if total.dtype == right.dtype:
+        total.baddbmm_(left, right)
+    else:
+        total += torch.bmm(left.to(right.dtype), right)
+
+
 def _column_payload(features, positive, stats, grad_stats, sides, wire_dtype) -> tuple[torch.Tensor, ...]:
     """What the backward ring carries, in the layout the receiving rank's tiles need for its columns:
     the features each of its sides meets [sides, b, d] (wire dtype), and of the anchors among these
@@ -247,7 +257,7 @@ class _RowTile:
     accumulators the tiles of its rows add to."""
 
     span: slice  # the rows in the local batch
-    features: torch.Tensor  # [n, a, d]
+    features: torch.Tensor  # [n, a, d], in the features' own dtype (the products')
     positive: torch.Tensor  # [1, a, 1]
     stats: torch.Tensor  # [n, a, 1]: in forward, updated in place; in backward R of these anchors
     labels: torch.Tensor | None  # [a, 1]
@@ -324,6 +334,10 @@ class _TileContext:
             self._ones[shape] = tile.new_ones(shape)
         return self._ones[shape]
 
+    def similarity(self, row: _RowTile, tile: _ColumnTile) -> torch.Tensor:
+        """The tile's similarities [n, a, c] in the compute dtype, from a product in the features' dtype."""
+        return _in_dtype(torch.bmm(row.features, tile.features.mT), self.scale.dtype)
+
     def terms(self, row: _RowTile, tile: _ColumnTile, similarity, positive) -> PairTerms:
         same_label = None if row.labels is None else row.labels == tile.labels
         excluded = tile.excluded if self.reduction.exclude_positive else None
@@ -332,7 +346,7 @@ class _TileContext:
     def add_tile_statistics(self, row: _RowTile, tile: _ColumnTile, active) -> None:
         """Combine the tile of ``row``'s anchors against ``tile``'s columns into the row statistics (in
         place), the count ``active`` and the row's anchor gradients if any."""
-        terms = self.terms(row, tile, torch.bmm(row.features, tile.features.mT), row.positive)
+        terms = self.terms(row, tile, self.similarity(row, tile), row.positive)
         values = terms.value
         if self.reduction.count_positive_values:
             active += (values > 0).sum((1, 2))
@@ -349,7 +363,7 @@ class _TileContext:
         both directions), and columns for the visiting anchors of direction ``1 - side``; one recomputed
         similarity tile serves both."""
         reduction = self.reduction
-        similarity = torch.bmm(row.features, tile.features.mT)
+        similarity = self.similarity(row, tile)
         column_positive, column_stats, column_grads = tile.anchors
         column_terms = self.terms(row, tile, similarity, column_positive)
         grad_similarity = None
@@ -366,7 +380,7 @@ class _TileContext:
             grad_similarity = weights * column_terms.by_similarity
         else:
             grad_similarity.addcmul_(weights, column_terms.by_similarity)
-        row.grad_features.baddbmm_(grad_similarity, tile.features)
+        _add_product(row.grad_features, grad_similarity, tile.features)
 
     def _row_grad(self, terms: PairTerms, stats, grad_stats, grads: "_ScalarGrads") -> torch.Tensor:
         """dLoss/d``similarity`` through the row anchors' statistics, adding their share of the scale and
@@ -428,7 +442,7 @@ class _AnchorGrads:
         return _AnchorGrads(*(None if t is None else t[:, span] for t in (self.features, self.scale, self.bias)))
 
     def add_tile(self, terms: PairTerms, columns: torch.Tensor, ones_column: torch.Tensor) -> None:
-        self.features.baddbmm_(terms.by_similarity, columns)
+        _add_product(self.features, terms.by_similarity, columns)
         for total, slope in ((self.scale, terms.by_scale), (self.bias, terms.by_bias)):
             if total is not None and slope is not None:
                 total.baddbmm_(slope, ones_column)

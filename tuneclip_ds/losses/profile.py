@@ -13,15 +13,13 @@ local batch stays within one tile, so a hop is one tile per direction.
 """
 
 import argparse
-import datetime
-import os
 from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+
+from tuneclip_ds.distributed import spawn_ranks
 
 LOSS_NAMES = ("infonce", "siglip", "gcl", "hgcl")
 _DISPATCHED = ("aten::", "c10d::")
@@ -49,13 +47,14 @@ def ops_per_hop(
     """Operations that one more hop of the ring adds to a forward and a backward of ``loss_name``
     (features of ``dtype``; ``labels``: built with ``same_label_positives``), per hop between the two
     world sizes of ``world_size_pair``. ``run`` runs a worker on the ranks of a gloo group (see
-    ``RunOnRanks``; tests pass their process pool); by default fresh processes are spawned."""
+    ``RunOnRanks``; tests pass their process pool); by default fresh processes are spawned
+    (``distributed.spawn_ranks``)."""
     if loss_name not in LOSS_NAMES:
         raise ValueError(f"unknown loss {loss_name!r}; one of {', '.join(LOSS_NAMES)}")
     smaller, larger = world_size_pair
     if not 1 <= smaller < larger:
         raise ValueError(f"world_size_pair needs two world sizes, the first smaller: got {world_size_pair}")
-    run = run or _spawn_gloo
+    run = run or spawn_ranks
     counts = [run(world_size, count_loss_ops, loss_name, dtype, labels, local_batch, dim)[0]
               for world_size in world_size_pair]
     hops = larger - smaller
@@ -124,37 +123,6 @@ def _called_at_top_level(event, marker) -> bool:
         return True
     by_autograd = bool(callers) and callers[-1].name.startswith("autograd::engine::evaluate_function")
     return by_autograd and marker.time_range.start <= event.time_range.start <= marker.time_range.end
-
-
-def _spawn_gloo(world_size: int, worker, *args) -> list:
-    """``worker(rank, world_size, None, *args)`` on ``world_size`` fresh processes forming a gloo group."""
-    from tuneclip_ds.distributed import free_port
-
-    context = mp.get_context("spawn")
-    results = context.SimpleQueue()
-    port = free_port()
-    processes = [context.Process(target=_gloo_rank, args=(rank, world_size, port, results, worker, args))
-                 for rank in range(world_size)]
-    for process in processes:
-        process.start()
-    outcomes = dict(results.get() for _ in processes)
-    for process in processes:
-        process.join()
-    failures = [outcome for outcome in outcomes.values() if isinstance(outcome, str)]
-    if failures:
-        raise RuntimeError("\n".join(failures))
-    return [outcomes[rank] for rank in range(world_size)]
-
-
-def _gloo_rank(rank, world_size, port, results, worker, args):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_WORLD_SIZE=str(world_size))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=120))
-    try:
-        results.put((rank, worker(rank, world_size, None, *args)))
-    except Exception as error:  # reported by the parent, which would otherwise wait forever
-        results.put((rank, f"rank {rank}: {error!r}"))
-    dist.destroy_process_group()
 
 
 def main(argv=None) -> None:

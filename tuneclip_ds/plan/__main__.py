@@ -22,7 +22,7 @@ from pathlib import Path
 from tuneclip_ds.errors import command
 from tuneclip_ds.plan.estimate import (DEVICES, EMA_PLACES, GIB, LOSSES, OPTIMIZERS, PRECISION_BYTES, TOPOLOGIES,
                                        Plan, Setup, ZeroSettings, make_plan)
-from tuneclip_ds.plan.loss_time import (MEASURE_COMMAND, OPS_PER_HOP, Links, LossTime, loss_times,
+from tuneclip_ds.plan.loss_time import (MEASURE_COMMAND, Links, LossTime, hop_ops, loss_times,
                                         nodes_where_loss_passes, towers_time)
 
 MIB = 2**20
@@ -191,7 +191,7 @@ def _verdict(plan: Plan) -> str:
 def _loss_time_lines(plan: Plan, links: Links) -> list[str]:
     """The loss-time model's inputs, its time per topology and a verdict."""
     setup, embed_dim = plan.setup, plan.shape.embed_dim
-    ops = OPS_PER_HOP[setup.loss]
+    ops = hop_ops(setup.loss, setup.precision)
     times = loss_times(embed_dim, setup, links)
     lines = [
         f"loss time per micro-step (a model, tuneclip_ds/plan/loss_time.py): {setup.world_size} ranks = {setup.nodes} "

@@ -25,8 +25,8 @@ per rank, blocks of ``B_f`` bytes in forward and ``B_b`` in backward (``estimate
       (W-1) latency + (W-1) 2 b d w / bandwidth + 3 x 2 (Wb)^2 d / flops
 
 ``ops_f``, ``ops_b`` and ``matmuls`` are the ops (and products of ``b x b x d``) the loss dispatches
-per visited block, from ``OPS_PER_HOP``; each rank visits ``W`` blocks, its own
-included. The ring losses compute in fp32 (``pairs.LossInputs``), no TF32.
+per visited block, from ``hop_ops``; each rank visits ``W`` blocks, its own included. The ring losses'
+products run in the training precision (``pairs.LossInputs``; fp32 without TF32), the rest in fp32.
 
 Left out: the transfer overlapping the work on the previous block (so the ring's time lies between
 the largest of its parts and their sum, which is given); the per-step ops outside the ring (a few
@@ -59,10 +59,14 @@ class HopOps(NamedTuple):
 # gradient comes from forward's tiles, at one more product there, and backward has the text side only).
 OPS_PER_HOP = {
     "infonce": HopOps(7, 16, 6),
-    "siglip": HopOps(13, 9, 4),
+    "siglip": HopOps(10, 8, 4),
     "gcl": HopOps(11, 20, 6),
     "hgcl": HopOps(13, 28, 6),
 }
+# What 16-bit features add to a hop, their products being 16-bit: the similarities' cast to fp32, each way; in
+# backward the pair gradients' cast to 16 bits and their product added apart (``baddbmm_`` takes one dtype), and so
+# in SigLIP's forward, which takes its image anchors' gradient there.
+OPS_16BIT_EXTRA = {"infonce": (1, 3), "siglip": (3, 3), "gcl": (1, 3), "hgcl": (1, 3)}
 MEASURE_COMMAND = "python -m tuneclip_ds.plan.measure --ring-ops [--device cuda]"
 
 
@@ -78,8 +82,8 @@ class Links:
     # one eager op, dispatch to launch and run: 12-19 us measured on one H200 (infonce 18.0, siglip 12.2, gcl 15.9,
     # hgcl 18.9; the loss in tiles as in ``measure.seconds_per_op``; no host sync inside a call)
     op_us: float = 16.0
-    fp32_tflops: float = 50.0  # achieved fp32 matmul rate (the ring losses)
-    bf16_tflops: float = 400.0  # achieved 16-bit matmul rate (the towers, the all-gather loss under autocast)
+    fp32_tflops: float = 50.0  # achieved fp32 matmul rate (fp32 training)
+    bf16_tflops: float = 400.0  # achieved 16-bit matmul rate (the towers and the losses in 16-bit training)
 
     def check(self) -> None:
         for item in fields(self):
@@ -159,14 +163,24 @@ def _pass_bytes(embed_dim: int, setup: Setup) -> int:
     return sum(block_bytes(embed_dim, setup).values())
 
 
+def hop_ops(loss: str, precision: str) -> HopOps:
+    """The ops per visited block of ``loss`` with features in ``precision``: ``OPS_PER_HOP``'s, and for 16-bit
+    features ``OPS_16BIT_EXTRA``."""
+    ops = OPS_PER_HOP[loss]
+    if precision == "fp32":
+        return ops
+    forward, backward = OPS_16BIT_EXTRA[loss]
+    return ops._replace(forward=ops.forward + forward, backward=ops.backward + backward)
+
+
 def _launch(setup: Setup, links: Links) -> float:
-    ops = OPS_PER_HOP[setup.loss]
+    ops = hop_ops(setup.loss, setup.precision)
     return setup.world_size * (ops.forward + ops.backward) * links.op_us / 1e6
 
 
 def _ring_matmul(embed_dim: int, setup: Setup, links: Links) -> float:
     flops = OPS_PER_HOP[setup.loss].matmuls * 2 * setup.batch_size**2 * embed_dim
-    return setup.world_size * flops / links.matmul_flops("fp32")
+    return setup.world_size * flops / links.matmul_flops(setup.precision)
 
 
 def towers_time(shape: ModelShape, setup: Setup, links: Links) -> float:

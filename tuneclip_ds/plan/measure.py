@@ -31,7 +31,6 @@ and receive (``--*-latency-us`` on GPUs).
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import itertools
 import json
@@ -119,14 +118,14 @@ RING_BATCH, RING_DIM, RING_TILE = 8, 16, 64  # one tile per block and direction
 SPLIT_BATCH, SPLIT_TILE = 128, 16  # one process: one tile per direction, then 64
 
 
-def ring_op_counts(rank: int, world_size: int, loss_name: str, repeats: int = 0) -> dict:
-    """On each rank of an initialised process group: the ops of one forward and backward of the flat ring
-    loss (``forward``, ``backward``; see ``losses.profile.dispatched_ops``) and, over ``repeats`` more steps,
-    the median ``seconds`` of a step."""
+def ring_op_counts(rank: int, world_size: int, group, loss_name: str, repeats: int = 0) -> dict:
+    """On each rank of an initialised process group (``group``; None: the world): the ops of one forward and
+    backward of the flat ring loss (``forward``, ``backward``; see ``losses.profile.dispatched_ops``) and, over
+    ``repeats`` more steps, the median ``seconds`` of a step."""
     import torch
 
-    device = torch.device("cuda", rank) if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
-    return _count_and_time(loss_name, RING_TILE, _inputs_of_rank(rank, RING_BATCH, device), repeats)
+    device = torch.device("cuda", rank) if torch.distributed.get_backend(group) == "nccl" else torch.device("cpu")
+    return _count_and_time(loss_name, RING_TILE, _inputs_of_rank(rank, RING_BATCH, device), repeats, group)
 
 
 def seconds_per_op(loss_name: str, device: str, repeats: int) -> float:
@@ -155,7 +154,7 @@ def _inputs_of_rank(rank: int, batch_size: int, device) -> tuple:
     return image, text, torch.tensor([10.0], device=device), torch.tensor([-10.0], device=device), ids
 
 
-def _count_and_time(loss_name: str, tile_size: int, inputs: tuple, repeats: int) -> dict:
+def _count_and_time(loss_name: str, tile_size: int, inputs: tuple, repeats: int, group=None) -> dict:
     """The ops of one step of the loss dispatched in ``forward`` and ``backward``, and the median ``seconds``
     of ``repeats`` more (None for none)."""
     import torch
@@ -163,7 +162,7 @@ def _count_and_time(loss_name: str, tile_size: int, inputs: tuple, repeats: int)
     from tuneclip_ds.losses import build_loss
     from tuneclip_ds.losses.profile import dispatched_ops
 
-    loss = build_loss(loss_name, tile_size=tile_size, topology="ring")
+    loss = build_loss(loss_name, tile_size=tile_size, group=group, topology="ring")
     image, text, scale, bias, ids = inputs
 
     def step():
@@ -206,41 +205,17 @@ def measure_ring_ops(loss_name: str, device: str, repeats: int, ring: bool = Tru
     result = {"loss": loss_name, "device": device, "us_per_op": 1e6 * per_op}
     if not ring:
         return result
-    on_ranks = {world_size: _spawn_ranks(world_size, device, loss_name, repeats) for world_size in (2, 3)}
+    from tuneclip_ds.distributed import spawn_ranks
+
+    backend = "nccl" if device == "cuda" else "gloo"
+    on_ranks = {world_size: spawn_ranks(world_size, ring_op_counts, loss_name, repeats, backend=backend)[0]
+                for world_size in (2, 3)}
     per_hop = {key: on_ranks[3][key] - on_ranks[2][key] for key in ("forward", "backward", "seconds")}
     hop_ops = per_hop["forward"] + per_hop["backward"]
     return result | {"ops_per_hop": [per_hop["forward"], per_hop["backward"]],
                      "ms_per_step": {world_size: 1e3 * counts["seconds"] for world_size, counts in on_ranks.items()},
                      "ms_per_hop": 1e3 * per_hop["seconds"],
                      "us_per_hop_beyond_ops": 1e6 * (per_hop["seconds"] - hop_ops * per_op)}
-
-
-def _spawn_ranks(world_size: int, device: str, loss_name: str, repeats: int) -> dict:
-    """Rank 0's ``ring_op_counts`` from ``world_size`` fresh processes."""
-    import torch.multiprocessing as mp
-
-    from tuneclip_ds.distributed import free_port
-
-    results = mp.get_context("spawn").SimpleQueue()
-    mp.spawn(_ring_rank, args=(world_size, free_port(), device, loss_name, repeats, results), nprocs=world_size)
-    return results.get()
-
-
-def _ring_rank(rank, world_size, port, device, loss_name, repeats, results):
-    import torch
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    if device == "cuda":
-        torch.cuda.set_device(rank)
-    dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(minutes=5))
-    counts = ring_op_counts(rank, world_size, loss_name, repeats)
-    if rank == 0:
-        results.put(counts)
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> int:
