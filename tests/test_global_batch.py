@@ -17,9 +17,18 @@ def fixed_global_batch(step: int) -> dict:
     }
 
 
-def two_steps(rank, world_size, loss_name, model_name, zero_stage=2, bucket_elements=None):
+def two_steps(rank, world_size, loss_name, model_name, zero_stage=2, bucket_elements=None, node_size=None):
     """Two optimizer steps on fixed global batches, this rank taking its contiguous share (``bucket_elements``:
-    gradients reduced in buckets of that size, counted)."""
+    gradients reduced in buckets of that size, counted; ``node_size``: ranks per node, for the loss's
+    hierarchical ring)."""
+    import os
+
+    if node_size is not None:
+        os.environ["LOCAL_WORLD_SIZE"] = str(node_size)  # the pool's process: restored below
+        try:
+            return two_steps(rank, world_size, loss_name, model_name, zero_stage, bucket_elements)
+        finally:
+            os.environ["LOCAL_WORLD_SIZE"] = str(world_size)
     import tuneclip_ds.engine
     from tuneclip_ds.builders import build_loss_from_config
     from tuneclip_ds.config import load_config
@@ -60,6 +69,18 @@ def test_two_ranks_equal_one_rank(pools, loss_name, model_name, zero_stage):
                                                              bucket_elements)
     if bucket_elements:
         assert buckets >= 2 * 5  # in each of the 2 steps (1 a step unbucketed: tiny-ViT has 3.4 M parameters)
+    assert_equal_training(losses_1, norms_1, params_1, losses_2, norms_2, params_2)
+
+
+def test_four_ranks_as_two_nodes_equal_one_rank(pools, gloo_pools):
+    """loss.topology=hierarchical (the default) on 2 nodes of 2 ranks: blocks gathered in each node, a ring
+    between the nodes, estimators and all."""
+    (losses_1, norms_1, params_1, _), = pools[1].run(two_steps, "hgcl", "tiny-ViT")
+    (losses_4, norms_4, params_4, _), *_ = gloo_pools(4).run(two_steps, "hgcl", "tiny-ViT", 2, None, 2)
+    assert_equal_training(losses_1, norms_1, params_1, losses_4, norms_4, params_4)
+
+
+def assert_equal_training(losses_1, norms_1, params_1, losses_2, norms_2, params_2):
     assert losses_2 == pytest.approx(losses_1, rel=1e-5)
     # Adam's first steps hide a wrongly scaled gradient; the gradient norm does not.
     assert norms_2 == pytest.approx(norms_1, rel=1e-4)
