@@ -1,9 +1,10 @@
 """Our trainer's speed on CPU ranks (or GPUs): step time, samples/s, start-up, memory, where the time goes, and what
 logging that costs.
 
-    .venv/bin/python benchmarks/trainer_speed.py                   # 2 ranks, tiny-ViT, b 64, 40 steps, 2 repeats
+    .venv/bin/python benchmarks/trainer_speed.py                   # 2 ranks, tiny-ViT, b 64, 40 steps, 2 rounds
     .venv/bin/python benchmarks/trainer_speed.py --steps 20 --repeats 1
     .venv/bin/python benchmarks/trainer_speed.py --peer-site /tmp/peer-site   # open_clip_train's trainer too
+    .venv/bin/python benchmarks/trainer_speed.py --peer-site /tmp/peer-site --cases zero0,open_clip_train --repeats 8
 
 Every run is a fresh world of ``--world-size`` ranks (``python -m tuneclip_ds.train``'s own
 ``init_distributed``, hence its threads per rank: gloo on CPUs, nccl on GPUs), InfoNCE, ``--precision``
@@ -21,12 +22,15 @@ Every run is a fresh world of ``--world-size`` ranks (``python -m tuneclip_ds.tr
   Its step time is its ``Batch (t)`` (logged every step), its data share ``Data (t)``, its first step
   the moment that step's log line reaches the benchmark.
 
-Per case: the median step time (``train/step_time``) of the steps after the first ``--warmup`` of each
+The cases run in rounds, each case once a round, each round in an order rotated from the last. Per case: the
+median step time (``train/step_time``) of the steps after the first ``--warmup`` of each
 stage, samples/s of the global batch at that median, the seconds from spawning the ranks to the end of
 the first step (interpreter, imports, model, engine and data pipeline included), each rank's peak
 resident memory (its own process, not its data workers), and each phase's median share of the step.
 The logging overhead is the timed steps' median over the untimed ones', and the timer's own cost, timed
-alone, per step of five phases.
+alone, per step of five phases. Ours / open_clip_train is taken round by round, from runs minutes apart at
+most, and given as the median and range over the rounds: this shared machine's speed drifts by up to 1.5x
+between windows of a few minutes, which pooling all runs of a case would mix into the ratio.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from open_clip_peer import REPO, peer_environment
 from tuneclip_ds.distributed import free_port
 
 PHASES = ["data", "forward", "loss", "backward", "step"]
+CASES = ["zero0", "zero2", "osr", "open_clip_train"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -59,13 +64,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=64, help="per rank")
     parser.add_argument("--steps", type=int, default=40, help="steps of each run (and of each OSR stage)")
     parser.add_argument("--warmup", type=int, default=5, help="first steps of each stage left out of the medians")
-    parser.add_argument("--repeats", type=int, default=2, help="runs of each case")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="rounds: each runs every case once, in an order rotated from round to round")
+    parser.add_argument("--cases", help=f"comma-separated, of {', '.join(CASES)} (default: all; open_clip_train "
+                                         "only with --peer-site)")
     parser.add_argument("--image-size", type=int, help="the model's image size forced to this (both trainers)")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                         help="bf16: ours DeepSpeed bf16 (fp32 masters), the peer's amp_bf16")
     parser.add_argument("--workers", type=int, default=1, help="data.num_workers per rank")
     parser.add_argument("--peer-site", help="a folder with webdataset 0.2.86 and pandas: time open_clip_train too")
-    return parser.parse_args(argv)
+    options = parser.parse_args(argv)
+    if options.cases is None:
+        options.cases = [case for case in CASES if case != "open_clip_train" or options.peer_site]
+    else:
+        options.cases = options.cases.split(",")
+    unknown = set(options.cases) - set(CASES)
+    if unknown or not options.cases:
+        parser.error(f"--cases: {', '.join(sorted(unknown)) or 'none given'}; choose among {', '.join(CASES)}")
+    if "open_clip_train" in options.cases and not options.peer_site:
+        parser.error("--cases open_clip_train needs --peer-site (a folder with webdataset 0.2.86 and pandas)")
+    return options
 
 
 def case_overrides(case: str, options: argparse.Namespace, shards: str, output_dir: str) -> list[str]:
@@ -202,7 +220,7 @@ def timer_cost_per_step(repeats: int = 20000) -> float:
     return (time.perf_counter() - began) / repeats
 
 
-def markdown(results: dict[str, dict], overhead: dict[str, float], timer_cost: float) -> str:
+def markdown(results: dict[str, dict], options: argparse.Namespace, runs: dict[str, list], timer_cost: float) -> str:
     lines = ["| case | median step (s) | samples/s | first step (s) | peak RSS per rank (MiB) | "
              + " | ".join(PHASES) + " |", "|---" * (5 + len(PHASES)) + "|"]
     for case, found in results.items():
@@ -211,26 +229,46 @@ def markdown(results: dict[str, dict], overhead: dict[str, float], timer_cost: f
         lines.append(f"| {case} | {found['median_s']:.3f} | {found['samples_per_s']:.0f} | "
                      f"{found['first_step_s']:.1f} | {rss} | " + " | ".join(shares) + " |")
     lines.append("")
-    lines += [f"timed / untimed steps, {stage}: {ratio:.4f}x" for stage, ratio in overhead.items()]
-    lines.append(f"the timer's own cost: {1e6 * timer_cost:.1f} us per step "
-                 f"({100 * timer_cost / results['zero2 timed']['median_s']:.4f}% of a zero2 step)")
-    stage1, stage2 = results["osr stage I"]["median_s"], results["osr stage II"]["median_s"]
-    lines.append(f"OSR stage I / stage II step: {stage1 / stage2:.3f}x")
-    if "open_clip_train" in results:
-        lines += ["", *peer_ratios(results)]
+    for case in ("zero0", "zero2"):
+        if f"{case} timed" in results:
+            ratio = results[f"{case} timed"]["median_s"] / results[f"{case} untimed"]["median_s"]
+            lines.append(f"timed / untimed steps, {case}: {ratio:.4f}x")
+    any_step = next(iter(results.values()))["median_s"]
+    lines.append(f"the timer's own cost: {1e6 * timer_cost:.1f} us per step ({100 * timer_cost / any_step:.4f}% of "
+                 f"the first case's step)")
+    if "osr" in runs:
+        stage1, stage2 = results["osr stage I"]["median_s"], results["osr stage II"]["median_s"]
+        lines.append(f"OSR stage I / stage II step: {stage1 / stage2:.3f}x")
+    if "open_clip_train" in runs:
+        lines += ["", *peer_ratios(runs, options)]
     return "\n".join(lines)
 
 
-def peer_ratios(results: dict[str, dict]) -> list[str]:
-    """Ours / open_clip_train's: step time, time to the first step and rank 0's peak memory, per ZeRO stage."""
-    peer = results["open_clip_train"]
-    lines = []
-    for stage in ("zero0", "zero2"):
-        ours = results[f"{stage} untimed"]
-        lines.append(f"{stage} / open_clip_train: step {ours['median_s'] / peer['median_s']:.3f}x, first step "
-                     f"{ours['first_step_s'] / peer['first_step_s']:.3f}x, peak RSS "
-                     f"{ours['peak_mib'][0] / peer['peak_mib'][0]:.3f}x")
+def peer_ratios(runs: dict[str, list], options: argparse.Namespace) -> list[str]:
+    """Ours / open_clip_train's per round (each round's runs follow one another, so a drift of the machine's speed
+    between rounds cancels): step time (our untimed steps), time to the first step, rank 0's peak memory; the
+    median and range over the rounds."""
+    lines = ["| ours / open_clip_train, per round | step | first step | peak RSS rank 0 |", "|---|---|---|---|"]
+    for case in ("zero0", "zero2"):
+        if case not in runs:
+            continue
+        ratios = {"step": [], "first": [], "rss": []}
+        for ours, peer in zip(runs[case], runs["open_clip_train"]):
+            ours_one = summary([ours], options, timed=False)
+            peer_one = summary([peer], options)
+            ratios["step"].append(ours_one["median_s"] / peer_one["median_s"])
+            ratios["first"].append(ours_one["first_step_s"] / peer_one["first_step_s"])
+            ratios["rss"].append(ours_one["peak_mib"][0] / peer_one["peak_mib"][0])
+        lines.append(f"| {case} | " + " | ".join(
+            f"{statistics.median(values):.3f}x ({min(values):.3f}-{max(values):.3f})" for values in ratios.values())
+            + " |")
     return lines
+
+
+def rotated(cases: list[str], round_index: int) -> list[str]:
+    """The round's order: each case leads in turn, so none always follows the same neighbour."""
+    shift = round_index % len(cases)
+    return cases[shift:] + cases[:shift]
 
 
 def main(argv=None) -> None:
@@ -239,27 +277,24 @@ def main(argv=None) -> None:
     from tuneclip_ds.config import SyntheticConfig
     from tuneclip_ds.data.synthetic import write_synthetic_corpus
 
-    cases = ["zero0", "zero2", "osr"]
-    cases += ["open_clip_train"] if options.peer_site else []
-    runs: dict[str, list] = {case: [] for case in cases}
+    runs: dict[str, list] = {case: [] for case in options.cases}
     with tempfile.TemporaryDirectory() as folder:
         spec = SyntheticConfig()
         write_synthetic_corpus(folder, spec.num_samples, spec.samples_per_shard, spec.image_size,
                                difficulty=spec.difficulty, seed=spec.seed, progress=False)
         for repeat in range(options.repeats):
-            for case in cases:
-                print(f"repeat {repeat + 1}/{options.repeats}: {case}", file=sys.stderr, flush=True)
+            for case in rotated(options.cases, repeat):
+                print(f"round {repeat + 1}/{options.repeats}: {case}", file=sys.stderr, flush=True)
                 peer = case == "open_clip_train"
                 runs[case].append(run_peer(options, folder) if peer else run_case(case, options, folder, repeat))
     results = {f"{case} {kind}": summary(runs[case], options, timed=kind == "timed")
-               for case in ("zero0", "zero2") for kind in ("timed", "untimed")}
-    results["osr stage I"] = summary(runs["osr"], options, stage=1)
-    results["osr stage II"] = summary(runs["osr"], options, stage=2)
-    if options.peer_site:
+               for case in ("zero0", "zero2") if case in runs for kind in ("timed", "untimed")}
+    if "osr" in runs:
+        results["osr stage I"] = summary(runs["osr"], options, stage=1)
+        results["osr stage II"] = summary(runs["osr"], options, stage=2)
+    if "open_clip_train" in runs:
         results["open_clip_train"] = summary(runs["open_clip_train"], options)
-    overhead = {case: results[f"{case} timed"]["median_s"] / results[f"{case} untimed"]["median_s"]
-                for case in ("zero0", "zero2")}
-    print(markdown(results, overhead, timer_cost_per_step()))
+    print(markdown(results, options, runs, timer_cost_per_step()))
 
 
 if __name__ == "__main__":

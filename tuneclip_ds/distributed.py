@@ -70,12 +70,19 @@ def init_distributed() -> tuple[int, int]:
         srun_task = "SLURM_STEP_ID" in os.environ
         os.environ.update(_slurm_environment() if srun_task else _single_process_environment())
     _limit_cpu_threads()
-    if get_accelerator().device_name() == "cpu":
+    if on_cpu():
         keep_freed_memory()
     else:
         get_accelerator().set_device(local_rank())
     start_deepspeed_comm()
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def on_cpu() -> bool:
+    """Whether DeepSpeed's accelerator is the CPU (gloo ranks) rather than a GPU."""
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().device_name() == "cpu"
 
 
 def start_deepspeed_comm() -> None:
@@ -90,7 +97,7 @@ def start_deepspeed_comm() -> None:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    if get_accelerator().device_name() == "cpu":
+    if on_cpu():
         shared_memory_op = get_accelerator().get_op_builder("ShareMemCommBuilder")
         if shared_memory_op is not None:
             deepspeed.ops.__compatible_ops__[shared_memory_op.NAME] = False
@@ -168,8 +175,9 @@ def cpus_per_rank() -> int:
     return max(1, available // max(1, ranks_per_node()))
 
 
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8  # glibc's mallopt parameters (malloc.h)
 _KEEP_BELOW = 1 << 30  # bytes: buffers up to this size come from the process's heap
+_MALLOC_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_ARENA_MAX")
 
 
 def keep_freed_memory() -> bool:
@@ -179,13 +187,17 @@ def keep_freed_memory() -> bool:
     that the next one's pages are faulted in again: DeepSpeed makes several such buffers in every step (ZeRO-2's
     flat gradient partition, its flattened copy, the gathered parameters), which cost a CPU rank more system time
     than the gradient reduction itself. (PyTorch's CPU tuning guide swaps in tcmalloc or jemalloc for the same
-    reason.) The resident memory keeps its peak instead of shrinking after it. A user's own
-    ``MALLOC_MMAP_THRESHOLD_`` or ``MALLOC_TRIM_THRESHOLD_`` is left as it is."""
-    if any(name in os.environ for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
+    reason.) Every thread allocates from the one heap: a buffer that gloo's threads make (ZeRO-2's gathered
+    parameters, 4 bytes a parameter each step) is otherwise mapped afresh in a thread's own arena whatever the
+    threshold, since those arenas hold nothing over 64 MiB. The resident memory keeps its peak instead of
+    shrinking after it. A user's own ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_`` or
+    ``MALLOC_ARENA_MAX`` leaves all three as they are; call this before the process group starts its threads."""
+    if any(name in os.environ for name in _MALLOC_SETTINGS):
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, _KEEP_BELOW) and libc.mallopt(_M_TRIM_THRESHOLD, _KEEP_BELOW))
+        return all(libc.mallopt(parameter, value) for parameter, value in
+                   [(_M_MMAP_THRESHOLD, _KEEP_BELOW), (_M_TRIM_THRESHOLD, _KEEP_BELOW), (_M_ARENA_MAX, 1)])
     except (OSError, AttributeError):  # not glibc
         return False
 

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from tuneclip_ds.config import Config, ConfigError
-from tuneclip_ds.distributed import start_deepspeed_comm
+from tuneclip_ds.distributed import on_cpu, start_deepspeed_comm
 from tuneclip_ds.optim import StageClock, build_optimizer, lr_lambda, param_groups
 from tuneclip_ds.optim.osr import reset_moments
 
@@ -69,7 +69,7 @@ def build_ds_config(config: Config, world_size: int) -> dict:
             + "\n  ".join(conflicts)
             + "\nRemove the key from the JSON (or set it to \"auto\"), or change the experiment config."
         )
-    if _accelerator_name() == "cpu":
+    if on_cpu():
         zero = ds.setdefault("zero_optimization", {})
         for key in ("reduce_bucket_size", "allgather_bucket_size"):  # those the JSON leaves to DeepSpeed
             zero.setdefault(key, CPU_BUCKET_ELEMENTS)
@@ -101,12 +101,6 @@ def _fill(ds: dict, dotted: str, value: Any, experiment_key: str, conflicts: lis
     if current != _AUTO and current != value:
         conflicts.append(f"{dotted} = {current!r} but {experiment_key} gives {value!r}")
     node[leaf] = value
-
-
-def _accelerator_name() -> str:
-    from deepspeed.accelerator import get_accelerator
-
-    return get_accelerator().device_name()
 
 
 def _check_precision_supported(precision: str) -> None:

@@ -281,8 +281,8 @@ class Trainer:
             with self.timer.phase("step"):
                 self.engine.step()
             losses.append(loss.item())  # waits for the step: the timer's events are done
-            if hasattr(self.loss_fn, "estimators"):  # the host has waited anyway: room for ids beyond the table
-                self.loss_fn.estimators.make_room()
+        if hasattr(self.loss_fn, "estimators"):  # the host has waited anyway: room for ids beyond the table
+            self.loss_fn.estimators.make_room()
         self.history.skipped_batches += skipped
         engine_norm = self.engine.get_global_grad_norm()
         return StepResult(
