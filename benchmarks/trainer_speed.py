@@ -73,6 +73,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="bf16: ours DeepSpeed bf16 (fp32 masters), the peer's amp_bf16")
     parser.add_argument("--workers", type=int, default=1, help="data.num_workers per rank")
     parser.add_argument("--peer-site", help="a folder with webdataset 0.2.86 and pandas: time open_clip_train too")
+    parser.add_argument("--override", action="append", default=[],
+                        help="a config override for our trainer's runs (repeatable), e.g. train.deepspeed_config=FILE")
+    parser.add_argument("--record", help="a JSON file to write every run's steps to (per case, round and rank)")
     options = parser.parse_args(argv)
     if options.cases is None:
         options.cases = [case for case in CASES if case != "open_clip_train" or options.peer_site]
@@ -94,7 +97,7 @@ def case_overrides(case: str, options: argparse.Namespace, shards: str, output_d
               "checkpoint.save_at_end=false", f"log.every={options.steps}"]
     osr = [f"osr.steps={options.steps}"] if case == "osr" else []
     image_size = [f"model.force_image_size={options.image_size}"] if options.image_size else []
-    return common + osr + image_size + [f"train.zero_stage={zero}"]
+    return common + osr + image_size + [f"train.zero_stage={zero}"] + options.override
 
 
 def rank_main(rank: int, world_size: int, port: int, overrides: list[str], untimed_parity: int | None,
@@ -287,6 +290,8 @@ def main(argv=None) -> None:
                 print(f"round {repeat + 1}/{options.repeats}: {case}", file=sys.stderr, flush=True)
                 peer = case == "open_clip_train"
                 runs[case].append(run_peer(options, folder) if peer else run_case(case, options, folder, repeat))
+    if options.record:
+        Path(options.record).write_text(json.dumps(runs))
     results = {f"{case} {kind}": summary(runs[case], options, timed=kind == "timed")
                for case in ("zero0", "zero2") if case in runs for kind in ("timed", "untimed")}
     if "osr" in runs:

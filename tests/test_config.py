@@ -291,3 +291,15 @@ def test_ds_config_on_cpu_reduces_in_buckets_glibc_reuses(tmp_path):
     config = load_config(None, ["train.steps=1", "train.zero_stage=2", f"train.deepspeed_config={user_json}"])
     zero = build_ds_config(config, 2)["zero_optimization"]
     assert (zero["reduce_bucket_size"], zero["allgather_bucket_size"]) == (123456, CPU_BUCKET_ELEMENTS)
+    assert "stage3_allgather_sequential" not in zero
+
+
+def test_ds_config_on_cpu_gathers_zero3_parameters_one_at_a_time(tmp_path):
+    """At ZeRO-3 on CPUs parameters are gathered one synchronous all-gather each (gloo may finish a batch of
+    asynchronous ones out of order); a JSON's own choice is kept."""
+    config = load_config(None, ["train.steps=1", "train.zero_stage=3"])
+    assert build_ds_config(config, 2)["zero_optimization"]["stage3_allgather_sequential"] is True
+    user_json = tmp_path / "ds.json"
+    user_json.write_text(json.dumps({"zero_optimization": {"stage3_allgather_sequential": False}}))
+    config = load_config(None, ["train.steps=1", "train.zero_stage=3", f"train.deepspeed_config={user_json}"])
+    assert build_ds_config(config, 2)["zero_optimization"]["stage3_allgather_sequential"] is False

@@ -70,10 +70,20 @@ def build_ds_config(config: Config, world_size: int) -> dict:
             + "\nRemove the key from the JSON (or set it to \"auto\"), or change the experiment config."
         )
     if on_cpu():
-        zero = ds.setdefault("zero_optimization", {})
-        for key in ("reduce_bucket_size", "allgather_bucket_size"):  # those the JSON leaves to DeepSpeed
-            zero.setdefault(key, CPU_BUCKET_ELEMENTS)
+        _fill_cpu_defaults(ds.setdefault("zero_optimization", {}))
     return ds
+
+
+def _fill_cpu_defaults(zero: dict) -> None:
+    """Settings for CPU ranks (gloo) where the JSON leaves them to DeepSpeed."""
+    for key in ("reduce_bucket_size", "allgather_bucket_size"):
+        zero.setdefault(key, CPU_BUCKET_ELEMENTS)
+    if zero.get("stage") == 3:
+        # ZeRO-3 gathers several parameters at once (those kept whole between steps, after each step) by
+        # launching one asynchronous all-gather per parameter and waiting for the last: on gloo, whose threads
+        # run collectives side by side, the others may still be writing, and a forward can read a half-gathered
+        # parameter. One synchronous all-gather per parameter instead (nccl orders them on its stream).
+        zero.setdefault("stage3_allgather_sequential", True)
 
 
 def _experiment_values(config: Config, world_size: int) -> list[tuple[str, Any, str]]:
