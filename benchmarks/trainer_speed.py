@@ -19,13 +19,15 @@ Every run is a fresh world of ``--world-size`` ranks (``python -m tuneclip_ds.tr
   steps and data workers. It needs webdataset 0.2.86 (it fails with 1.0.2: KeyError 'fname') and
   pandas, kept apart from the project's environment:
   ``.venv/bin/pip install --target /tmp/peer-site --no-deps webdataset==0.2.86 pandas``.
-  Its step time is its ``Batch (t)`` (logged every step), its data share ``Data (t)``, its first step
-  the moment that step's log line reaches the benchmark.
+  Its step time is its ``Batch (t)`` (logged every step), its data share ``Data (t)``, the end of a
+  step the moment that step's log line reaches the benchmark.
 
 The cases run in rounds, each case once a round, each round in an order rotated from the last. Per case: the
 median step time (``train/step_time``) of the steps after the first ``--warmup`` of each
 stage, samples/s of the global batch at that median, the seconds from spawning the ranks to the end of
-the first step (interpreter, imports, model, engine and data pipeline included), each rank's peak
+the first step (interpreter, imports, model, engine and data pipeline included) and of the third (the
+first steps touch most of a rank's memory, and a trainer that allocates early pays for it in its first
+step where another pays in its second: see ``first_touch.py``), each rank's peak
 resident memory (its own process, not its data workers), and each phase's median share of the step.
 The logging overhead is the timed steps' median over the untimed ones', and the timer's own cost, timed
 alone, per step of five phases. Ours / open_clip_train is taken round by round, from runs minutes apart at
@@ -86,6 +88,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--cases: {', '.join(sorted(unknown)) or 'none given'}; choose among {', '.join(CASES)}")
     if "open_clip_train" in options.cases and not options.peer_site:
         parser.error("--cases open_clip_train needs --peer-site (a folder with webdataset 0.2.86 and pandas)")
+    if options.steps < max(3, options.warmup + 1):
+        parser.error(f"--steps {options.steps}: at least 3 (the third step's time is reported) and more than "
+                     f"--warmup {options.warmup}")
     return options
 
 
@@ -159,30 +164,29 @@ def run_peer(options: argparse.Namespace, shards: str) -> list[dict]:
                  "--save-frequency", "0", "--zeroshot-frequency", "0", "--val-frequency", "0", "--name", "peer"]
     with tempfile.TemporaryDirectory() as out:  # open_clip_train logs to ./logs (torchrun takes --logs* itself)
         launched = time.time()
-        first_step = _first_line_seconds(
+        ends = _line_seconds(
             [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(options.world_size),
              str(REPO / "benchmarks" / "open_clip_peer.py"), *arguments],
             out, peer_environment(options.peer_site), "Train Epoch:", launched)
         log = Path(out, "logs", "peer", "out.log").read_text()
         peaks = [float(Path(out, f"peak_mib_rank{rank}.txt").read_text()) for rank in range(options.world_size)]
-    steps = [{"stage": 2, "seconds": float(batch), "phases": {"data": float(data)}}
-             for data, batch in PEER_STEP.findall(log)]
-    steps[0]["since_launch"] = first_step
+    steps = [{"stage": 2, "seconds": float(batch), "phases": {"data": float(data)}, "since_launch": end}
+             for (data, batch), end in zip(PEER_STEP.findall(log), ends)]
     return [{"steps": steps, "peak_mib": peaks[0]}] + [{"steps": [], "peak_mib": peak} for peak in peaks[1:]]
 
 
-def _first_line_seconds(command: list[str], cwd: str, env: dict, marker: str, launched: float) -> float:
-    """Run ``command`` to its end; the seconds from ``launched`` to its first output line holding ``marker``
+def _line_seconds(command: list[str], cwd: str, env: dict, marker: str, launched: float) -> list[float]:
+    """Run ``command`` to its end; the seconds from ``launched`` to each of its output lines holding ``marker``
     (its log's own timestamps count whole seconds)."""
-    first = None
+    seconds = []
     with subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True) as process:
         for line in process.stdout:
-            if first is None and marker in line:
-                first = time.time() - launched
+            if marker in line:
+                seconds.append(time.time() - launched)
     if process.returncode:
         raise subprocess.CalledProcessError(process.returncode, command)
-    return first
+    return seconds
 
 
 PEER_STEP = re.compile(r"^\S+ \| INFO \| Train Epoch: .* Data \(t\): ([\d.]+) Batch \(t\): ([\d.]+)", re.M)
@@ -204,6 +208,7 @@ def summary(runs: list[list[dict]], options: argparse.Namespace, stage: int = 2,
         "median_s": median,
         "samples_per_s": options.batch_size * options.world_size / median,
         "first_step_s": statistics.median(ranks[0]["steps"][0]["since_launch"] for ranks in runs),
+        "third_step_s": statistics.median(ranks[0]["steps"][2]["since_launch"] for ranks in runs),
         "peak_mib": [max(ranks[rank]["peak_mib"] for ranks in runs) for rank in range(options.world_size)],
         "shares": shares,
     }
@@ -224,13 +229,14 @@ def timer_cost_per_step(repeats: int = 20000) -> float:
 
 
 def markdown(results: dict[str, dict], options: argparse.Namespace, runs: dict[str, list], timer_cost: float) -> str:
-    lines = ["| case | median step (s) | samples/s | first step (s) | peak RSS per rank (MiB) | "
-             + " | ".join(PHASES) + " |", "|---" * (5 + len(PHASES)) + "|"]
+    lines = ["| case | median step (s) | samples/s | first step (s) | third step (s) | peak RSS per rank (MiB) | "
+             + " | ".join(PHASES) + " |", "|---" * (6 + len(PHASES)) + "|"]
     for case, found in results.items():
         shares = [f"{100 * found['shares'][phase]:.0f}%" if phase in found["shares"] else "-" for phase in PHASES]
         rss = " / ".join(f"{mib:.0f}" for mib in found["peak_mib"])
         lines.append(f"| {case} | {found['median_s']:.3f} | {found['samples_per_s']:.0f} | "
-                     f"{found['first_step_s']:.1f} | {rss} | " + " | ".join(shares) + " |")
+                     f"{found['first_step_s']:.1f} | {found['third_step_s']:.1f} | {rss} | " + " | ".join(shares)
+                     + " |")
     lines.append("")
     for case in ("zero0", "zero2"):
         if f"{case} timed" in results:
@@ -249,18 +255,20 @@ def markdown(results: dict[str, dict], options: argparse.Namespace, runs: dict[s
 
 def peer_ratios(runs: dict[str, list], options: argparse.Namespace) -> list[str]:
     """Ours / open_clip_train's per round (each round's runs follow one another, so a drift of the machine's speed
-    between rounds cancels): step time (our untimed steps), time to the first step, rank 0's peak memory; the
-    median and range over the rounds."""
-    lines = ["| ours / open_clip_train, per round | step | first step | peak RSS rank 0 |", "|---|---|---|---|"]
+    between rounds cancels): step time (our untimed steps), time to the end of the first and the third step,
+    rank 0's peak memory; the median and range over the rounds."""
+    lines = ["| ours / open_clip_train, per round | step | first step | third step | peak RSS rank 0 |",
+             "|---|---|---|---|---|"]
     for case in ("zero0", "zero2"):
         if case not in runs:
             continue
-        ratios = {"step": [], "first": [], "rss": []}
+        ratios = {"step": [], "first": [], "third": [], "rss": []}
         for ours, peer in zip(runs[case], runs["open_clip_train"]):
             ours_one = summary([ours], options, timed=False)
             peer_one = summary([peer], options)
             ratios["step"].append(ours_one["median_s"] / peer_one["median_s"])
             ratios["first"].append(ours_one["first_step_s"] / peer_one["first_step_s"])
+            ratios["third"].append(ours_one["third_step_s"] / peer_one["third_step_s"])
             ratios["rss"].append(ours_one["peak_mib"][0] / peer_one["peak_mib"][0])
         lines.append(f"| {case} | " + " | ".join(
             f"{statistics.median(values):.3f}x ({min(values):.3f}-{max(values):.3f})" for values in ratios.values())
