@@ -86,32 +86,29 @@ def _fill_cpu_defaults(zero: dict) -> None:
         zero.setdefault("stage3_allgather_sequential", True)
 
 
-def _gather_zero12_parameters_in_buckets() -> None:
-    """Make ZeRO-1/2 on CPU ranks gather the updated parameters after a step in ``allgather_bucket_size`` pieces.
+def _gather_in_buckets(groups_flat, partitioned_param_groups, dp_process_group, start_alignment_factor,
+                       allgather_bucket_size) -> None:
+    """ZeRO-1/2's gather of the updated parameters after a step (DeepSpeed's ``all_gather_dp_groups``, same
+    arguments), in pieces of ``allgather_bucket_size`` elements, for CPU ranks.
 
     DeepSpeed gathers each flat group with one ``all_gather_into_tensor`` whenever torch has it, whatever the
     bucket size; gloo does that through a temporary of the whole group (4 bytes a parameter in fp32) and a copy
     of the rank's partition, which a CPU rank faults in at its first step and keeps as its peak memory after.
-    Gathered in buckets (DeepSpeed's own way where ``all_gather_into_tensor`` is missing) the temporaries are a
-    bucket's size and reused. GPUs keep the single call: nccl gathers in place.
+    In buckets (DeepSpeed's own way where ``all_gather_into_tensor`` is missing) the temporaries are a bucket's
+    size and reused. GPUs keep the single call: nccl gathers in place.
     """
     from deepspeed import comm
-    from deepspeed.runtime.zero import stage_1_and_2
 
-    def gather(groups_flat, partitioned_param_groups, dp_process_group, start_alignment_factor,
-               allgather_bucket_size):
-        for partitions, group in zip(partitioned_param_groups, dp_process_group):
-            world, rank = comm.get_world_size(group=group), comm.get_rank(group=group)
-            if world == 1:
-                continue
-            size = partitions[rank].numel()  # every rank's partition has this size (DeepSpeed pads the group)
-            bucket = max(1, int(allgather_bucket_size) // world)
-            for start in range(0, size, bucket):
-                length = min(bucket, size - start)
-                pieces = [partition.narrow(0, start, length) for partition in partitions]
-                comm.all_gather(pieces, pieces[rank], group=group)
-
-    stage_1_and_2.all_gather_dp_groups = gather
+    for partitions, group in zip(partitioned_param_groups, dp_process_group):
+        world, rank = comm.get_world_size(group=group), comm.get_rank(group=group)
+        if world == 1:
+            continue
+        size = partitions[rank].numel()  # every rank's partition has this size (DeepSpeed pads the group)
+        bucket = max(1, int(allgather_bucket_size) // world)
+        for start in range(0, size, bucket):
+            length = min(bucket, size - start)
+            pieces = [partition.narrow(0, start, length) for partition in partitions]
+            comm.all_gather(pieces, pieces[rank], group=group)
 
 
 def _experiment_values(config: Config, world_size: int) -> list[tuple[str, Any, str]]:
@@ -182,7 +179,9 @@ def build_engine(config: Config, model: torch.nn.Module, total_steps: int, clock
     )
     reset_moments(engine)
     if on_cpu() and config.train.zero_stage in (1, 2):
-        _gather_zero12_parameters_in_buckets()
+        from deepspeed.runtime.zero import stage_1_and_2
+
+        stage_1_and_2.all_gather_dp_groups = _gather_in_buckets
     if config.train.zero_stage == 0:  # DeepSpeed reduces stage 0's gradients in buckets of a fixed 5e8 elements
         engine.allreduce_gradients = functools.partial(engine.allreduce_gradients,
                                                        bucket_size=engine.zero_reduce_bucket_size())
