@@ -190,8 +190,9 @@ def keep_freed_memory() -> bool:
     reason.) Every thread allocates from the one heap: a buffer over 64 MiB that gloo's threads make (ZeRO-2's
     gathered parameters, where a JSON's ``allgather_bucket_size`` asks for large pieces) is otherwise mapped
     afresh in a thread's own arena whatever the threshold, since those arenas hold nothing that large. The
-    resident memory keeps its peak instead of shrinking after it. A user's own ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_`` or
-    ``MALLOC_ARENA_MAX`` leaves all three as they are; call this before the process group starts its threads."""
+    resident memory keeps its peak instead of shrinking after it. A user's own ``MALLOC_MMAP_THRESHOLD_``,
+    ``MALLOC_TRIM_THRESHOLD_`` or ``MALLOC_ARENA_MAX`` leaves all three as they are; call this before the process
+    group starts its threads."""
     if any(name in os.environ for name in _MALLOC_SETTINGS):
         return False
     try:
