@@ -66,7 +66,7 @@ def test_deepspeed_starts_on_cpu_without_compiling_its_shared_memory_all_reduce(
 
 
 _CPU_RANKS = """
-import json, os, resource, sys
+import ctypes, json, os, resource, sys
 import torch
 import torch.multiprocessing as mp
 
@@ -98,19 +98,21 @@ def step_faults(engine, pages):
     return min(faults[2:])
 
 
-def peak_growth(gather, optimizer, rank, pages):
-    \"\"\"Peak resident pages per parameter page that gathering the partitions adds; checks what it gathered.\"\"\"
+def gather_faults(gather, optimizer, rank, pages):
+    \"\"\"Pages faulted in while gathering the partitions, per parameter page, with every freed page of the heap
+    handed back first (so that no earlier buffer can serve a temporary unseen); checks what it gathered.\"\"\"
     for partitions in optimizer.parallel_partitioned_bit16_groups:
         partitions[rank].data.fill_(rank + 1)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     gather(optimizer.bit16_groups_flat, optimizer.parallel_partitioned_bit16_groups,
            optimizer.real_dp_process_group, optimizer.nccl_start_alignment_factor, optimizer.allgather_bucket_size)
-    growth = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024 / PAGE / pages
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / pages
     for partitions in optimizer.parallel_partitioned_bit16_groups:
         for owner, partition in enumerate(partitions):
             assert torch.all(partition == owner + 1), f"rank {rank}: partition {owner} not gathered"
             partition.data.zero_()  # the next gather must bring the others' again
-    return growth
+    return faults
 
 
 def rank_main(rank, port, mode, zero_stage, gather_bucket, folder):
@@ -127,8 +129,8 @@ def rank_main(rank, port, mode, zero_stage, gather_bucket, folder):
         from deepspeed.runtime import utils
         from deepspeed.runtime.zero import stage_1_and_2
 
-        ours = peak_growth(stage_1_and_2.all_gather_dp_groups, engine.optimizer, rank, pages)
-        result = f"{ours} {peak_growth(utils.all_gather_dp_groups, engine.optimizer, rank, pages)}"
+        ours = gather_faults(stage_1_and_2.all_gather_dp_groups, engine.optimizer, rank, pages)
+        result = f"{ours} {gather_faults(utils.all_gather_dp_groups, engine.optimizer, rank, pages)}"
     if rank == 0:
         print(result)
     torch.distributed.destroy_process_group()
@@ -179,10 +181,11 @@ def test_zero2_on_cpu_ranks_gathers_the_parameters_without_a_temporary_of_their_
     """After a ZeRO-2 step each CPU rank gathers the others' partitions of the updated parameters: in buckets
     (here of 1e6 elements), not through gloo's temporary of the whole model (which sets the rank's peak
     memory); each partition arrives whole. DeepSpeed's own gather, measured the same way in the same ranks,
-    shows its temporary. (Measured: 0.002-0.004 against 0.5-1.0 peak pages per parameter page.)"""
+    shows its temporary. (Measured: 0.19-0.29 against 1.0 pages faulted in per parameter page; gloo keeps a
+    few buckets' temporaries alive at once.)"""
     ours, whole = _cpu_ranks(tmp_path, "gather", 2, 1_000_000)
-    assert ours < 0.1
-    assert whole > 0.3
+    assert ours < 0.5
+    assert whole > 0.8
 
 
 def test_a_users_malloc_settings_are_kept(monkeypatch):
