@@ -262,16 +262,14 @@ def peer_ratios(runs: dict[str, list], options: argparse.Namespace) -> list[str]
     for case in ("zero0", "zero2"):
         if case not in runs:
             continue
-        ratios = {"step": [], "first": [], "third": [], "rss": []}
+        ratios: list[list[float]] = [[], [], [], []]  # the columns' values, a round each
         for ours, peer in zip(runs[case], runs["open_clip_train"]):
-            ours_one = summary([ours], options, timed=False)
-            peer_one = summary([peer], options)
-            ratios["step"].append(ours_one["median_s"] / peer_one["median_s"])
-            ratios["first"].append(ours_one["first_step_s"] / peer_one["first_step_s"])
-            ratios["third"].append(ours_one["third_step_s"] / peer_one["third_step_s"])
-            ratios["rss"].append(ours_one["peak_mib"][0] / peer_one["peak_mib"][0])
+            ours_one, peer_one = summary([ours], options, timed=False), summary([peer], options)
+            for column, key in zip(ratios, ("median_s", "first_step_s", "third_step_s", "peak_mib")):
+                mine, theirs = ours_one[key], peer_one[key]
+                column.append(mine[0] / theirs[0] if key == "peak_mib" else mine / theirs)  # rank 0's memory
         lines.append(f"| {case} | " + " | ".join(
-            f"{statistics.median(values):.3f}x ({min(values):.3f}-{max(values):.3f})" for values in ratios.values())
+            f"{statistics.median(values):.3f}x ({min(values):.3f}-{max(values):.3f})" for values in ratios)
             + " |")
     return lines
 
