@@ -73,18 +73,26 @@ import torch.multiprocessing as mp
 PAGE = 4096
 
 
-def build(zero_stage, gather_bucket, folder):
+def build(zero_stage, ds_json):
     from tuneclip_ds.config import load_config
     from tuneclip_ds.engine import build_engine
 
     model = torch.nn.Sequential(torch.nn.Linear(4096, 4096), torch.nn.Linear(4096, 1024))  # 84 MB of float32
     overrides = [f"train.zero_stage={zero_stage}", "train.batch_size=2", "train.steps=10", "train.precision=fp32"]
-    if gather_bucket:
-        path = os.path.join(folder, "ds.json")
-        with open(path, "w") as file:
-            json.dump({"zero_optimization": {"stage": zero_stage, "allgather_bucket_size": gather_bucket}}, file)
-        overrides.append(f"train.deepspeed_config={path}")
+    if ds_json:
+        overrides.append(f"train.deepspeed_config={ds_json}")
     return model, build_engine(load_config(None, overrides), model, 10)
+
+
+def write_ds_json(zero_stage, gather_bucket, folder):
+    \"\"\"The JSON asking for a gather bucket, written once before the ranks start (a rank writing it while the
+    other reads it would hand that one an empty file).\"\"\"
+    if not gather_bucket:
+        return ""
+    path = os.path.join(folder, "ds.json")
+    with open(path, "w") as file:
+        json.dump({"zero_optimization": {"stage": zero_stage, "allgather_bucket_size": gather_bucket}}, file)
+    return path
 
 
 def step_faults(engine, pages):
@@ -115,13 +123,13 @@ def gather_faults(gather, optimizer, rank, pages):
     return faults
 
 
-def rank_main(rank, port, mode, zero_stage, gather_bucket, folder):
+def rank_main(rank, port, mode, zero_stage, ds_json):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
     from tuneclip_ds.distributed import init_distributed
 
     init_distributed()
-    model, engine = build(zero_stage, gather_bucket, folder)
+    model, engine = build(zero_stage, ds_json)
     pages = sum(param.numel() for param in model.parameters()) * 4 / PAGE
     if mode == "faults":
         result = step_faults(engine, pages)
@@ -139,7 +147,8 @@ def rank_main(rank, port, mode, zero_stage, gather_bucket, folder):
 if __name__ == "__main__":
     from tuneclip_ds.distributed import free_port
     mode, zero_stage, gather_bucket = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    mp.spawn(rank_main, args=(free_port(), mode, zero_stage, gather_bucket, os.path.dirname(sys.argv[0])), nprocs=2)
+    ds_json = write_ds_json(zero_stage, gather_bucket, os.path.dirname(sys.argv[0]))
+    mp.spawn(rank_main, args=(free_port(), mode, zero_stage, ds_json), nprocs=2)
 """
 
 
