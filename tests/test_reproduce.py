@@ -84,7 +84,7 @@ def test_reproduction_runner_writes_results_tables_and_plots(tmp_path):
     out = tmp_path / "out"
     overrides = small_corpus(tmp_path) + ["train.steps=2", "osr.steps=2", "eval.at_steps=[1]", "model.pretrained=''"]
     assert run.main([*overrides, "--seeds", "1", "--nproc", "1", "--out", str(out), "--arms", "naive", "TuneCLIP",
-                     "--sweep-lrs", "1e-3", "--sweep-steps", "2"]) == 0
+                     "--sweep-lrs", "1e-3", "--sweep-steps", "2", "--averaged"]) == 0
     results = json.loads((out / "results.json").read_text())
     assert list(results["arms"]) == ["naive (InfoNCE)", "OSR(m,v,u) + HGCL (TuneCLIP)"]
     naive, tuneclip = (results["arms"][name]["runs"][0] for name in results["arms"])
@@ -94,6 +94,40 @@ def test_reproduction_runner_writes_results_tables_and_plots(tmp_path):
     report = (out / "results.md").read_text()
     assert "| naive (InfoNCE) | 1 |" in report and "Learning-rate sweep" in report
     for plot in ("average-paper.png", "average-osr.png", "heldout-top1-paper.png", "lr-sweep.png"):
+        assert (out / plot).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_reproduction_runner_averages_weights_and_keeps_earlier_results(tmp_path):
+    """The EMA starts at the weights; WiSE-FT's alpha 0 is the starting model and alpha 1 the run's final
+    weights, as the training run evaluated them; the arms and rates of an earlier invocation stay."""
+    run = benchmark_module("run")
+    out = tmp_path / "out"
+    out.mkdir()
+    earlier_curve = {"0": 0.5, "1": 0.4, "2": 0.45}
+    earlier = {"commands": [{"command": "earlier", "minutes": 1.0}], "run_minutes": {"earlier-run": 1.0},
+               "lr_sweep": {"0.001": {"naive (InfoNCE)": {"average": earlier_curve}}},
+               "arms": {"HGCL cold": {"overrides": ["osr.steps=null"], "runs": [
+                   {metric: earlier_curve for metric in run.METRICS}]}}}
+    (out / "results.json").write_text(json.dumps(earlier))
+    overrides = small_corpus(tmp_path) + ["train.steps=2", "osr.steps=2", "eval.at_steps=[1]",
+                                          f"model.pretrained={SHIPPED}"]
+    assert run.main([*overrides, "--seeds", "1", "--nproc", "1", "--out", str(out), "--arms", "--sweep-lrs",
+                     "--averaged", "naive", "--wise-ft", "0,1"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert [entry["command"] for entry in results["commands"]][0] == "earlier"
+    assert results["arms"] == earlier["arms"] and results["lr_sweep"] == earlier["lr_sweep"]
+    assert list(results["averaged"]) == ["naive (InfoNCE)"]
+    [averaged] = results["averaged"]["naive (InfoNCE)"]["runs"]
+    curves, (start, final) = averaged["curves"], averaged["wise_ft"]
+    assert curves["ema/average"]["0"] == curves["average"]["0"]
+    assert curves["ema/average"]["2"] != curves["average"]["2"]
+    assert (start["alpha"], final["alpha"]) == (0, 1)
+    for metric in run.METRICS:
+        assert start["metrics"][metric] == pytest.approx(curves[metric]["0"], abs=1e-6), metric
+        assert final["metrics"][metric] == pytest.approx(curves[metric]["2"], abs=1e-6), metric
+    report = (out / "results.md").read_text()
+    assert "| HGCL cold | 1 |" in report and "| naive (InfoNCE): EMA | 1 |" in report and "| 0 (" not in report
+    for plot in ("average-averaged.png", "average-wise-ft.png"):
         assert (out / plot).read_bytes()[:4] == b"\x89PNG"
 
 

@@ -39,21 +39,26 @@ def launch(config_path: str, overrides: list[str], nproc: int, log_path: Path | 
     run directory; raises ``ArmFailedError`` naming the log when the run fails."""
     run_dir = load_config(config_path, overrides).run_dir
     shutil.rmtree(run_dir, ignore_errors=True)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "tuneclip_ds.train", "--config", config_path, *overrides]
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    if log_path is None:
-        status = subprocess.run(command, env=env).returncode
-    else:
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "w") as log:
-            status = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    status = torchrun(["tuneclip_ds.train", "--config", config_path, *overrides], nproc, log_path)
     if status != 0:
         where = f"; see {log_path}" if log_path is not None else ""
         raise ArmFailedError(f"training {config_path} with {' '.join(overrides) or 'no overrides'} failed "
                              f"(exit status {status}){where}")
     return run_dir
+
+
+def torchrun(module_and_args: list[str], nproc: int, log_path: Path | None = None, append: bool = False) -> int:
+    """Runs ``python -m MODULE ARGS`` on ``nproc`` local ranks (torchrun, the cores shared among them);
+    output to ``log_path`` (appended to with ``append``) or else to this console. Returns the exit status."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", *module_and_args]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    if log_path is None:
+        return subprocess.run(command, env=env).returncode
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a" if append else "w") as log:
+        return subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
 
 
 def read_curves(run_dir: Path) -> dict[str, Curve]:
@@ -97,16 +102,20 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def mean_std_cell(values: list[float]) -> str:
+    """``mean ± std`` to one decimal (the mean alone for one value): a cell of this package's tables."""
+    mean, std = mean_std(values)
+    return f"{mean:.1f} ± {std:.1f}" if len(values) > 1 else f"{mean:.1f}"
+
+
 def summary_table(curves: dict[str, list[Curve]], window: int = 20, scale: float = 100.0) -> str:
     """A Markdown table, one row per arm: mean +- std over its runs of start, first step, worst, final, best."""
     header = f"| arm | runs | start | first step | worst (steps 1-{window}) | final | best |"
     rows = [header, "|---|---|---|---|---|---|---|"]
     for arm, runs in curves.items():
         summaries = [Summary.of(curve, window) for curve in runs]
-        cells = []
-        for key in ("start", "first", "worst", "final", "best"):
-            mean, std = mean_std([getattr(s, key) * scale for s in summaries])
-            cells.append(f"{mean:.1f} ± {std:.1f}" if len(summaries) > 1 else f"{mean:.1f}")
+        cells = [mean_std_cell([getattr(s, key) * scale for s in summaries])
+                 for key in ("start", "first", "worst", "final", "best")]
         rows.append(f"| {arm} | {len(runs)} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
@@ -119,18 +128,27 @@ def plot_curves(curves: dict[str, list[Curve]], baseline: float, path: Path, tit
     evaluated = sorted(set().union(*(curve for runs in curves.values() for curve in runs)))
     for arm, runs in curves.items():
         steps = sorted(set.intersection(*(set(curve) for curve in runs)))
-        stats = [mean_std([curve[s] * scale for curve in runs]) for s in steps]
-        means = [m for m, _ in stats]
-        line, = axes.plot(steps, means, marker="o", markersize=3, label=arm)
-        if len(runs) > 1:
-            axes.fill_between(steps, [m - s for m, s in stats], [m + s for m, s in stats], alpha=0.15,
-                              color=line.get_color())
-    axes.axhline(baseline * scale, color="black", linestyle="--", linewidth=1, label="starting model")
+        plot_band(axes, steps, [[curve[s] * scale for curve in runs] for s in steps], arm)
+    plot_start(axes, baseline * scale)
     axes.set_xscale("symlog", linthresh=1)
     axes.set_xlim(0, evaluated[-1])
     axes.set_xticks(evaluated, [str(step) for step in evaluated])
     axes.minorticks_off()
     save_plot(figure, axes, path, "fine-tuning step (stage II)", ylabel, title)
+
+
+def plot_band(axes, xs: list[float], values: list[list[float]], label: str) -> None:
+    """The mean of ``values[i]`` at ``xs[i]`` as a line, with a band of +- one std when there are several."""
+    stats = [mean_std(at_x) for at_x in values]
+    line, = axes.plot(xs, [mean for mean, _ in stats], marker="o", markersize=3, label=label)
+    if len(values[0]) > 1:
+        axes.fill_between(xs, [m - s for m, s in stats], [m + s for m, s in stats], alpha=0.15,
+                          color=line.get_color())
+
+
+def plot_start(axes, level: float) -> None:
+    """The starting model's level, dashed."""
+    axes.axhline(level, color="black", linestyle="--", linewidth=1, label="starting model")
 
 
 def new_plot():

@@ -9,14 +9,18 @@ model saw the disjoint "pretrain" split); evaluation is configs/eval/shapes.yaml
 classification, the same classes on unseen scenery (shift), and image-text retrieval. Every run is
 configs/demo.yaml with the overrides below: same data, steps and optimizer settings in every arm, except
 what the arm changes. First a learning-rate sweep (one seed, naive and TuneCLIP, the first steps), then
-every arm with each seed. Writes OUT/results.json (every number), OUT/results.md (tables, mean +- std over
-seeds) and OUT/*.png (metric against step, the starting model as a dashed line).
+every arm with each seed, then weight averaging on naive and TuneCLIP (the EMA of stage II's weights,
+evaluated beside them in the same runs, and WiSE-FT of each run's final weights toward the start). Writes
+OUT/results.json (every number; the results of arms, rates and averaged arms not run this time are kept
+from an earlier OUT/results.json), OUT/results.md (tables, mean +- std over seeds) and OUT/*.png (metric
+against step or WiSE-FT's alpha, the starting model as a dashed line).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -26,7 +30,8 @@ from pathlib import Path
 import torch
 
 import tuneclip_ds  # noqa: F401  (torchvision on a CPU-only torch, before open_clip)
-from tuneclip_ds.compare import Arm, launch, plot_curves, read_curves, summary_table
+from tuneclip_ds.compare import (Arm, ArmFailedError, launch, mean_std_cell, new_plot, plot_band, plot_curves,
+                                 plot_start, read_curves, save_plot, summary_table, torchrun)
 from tuneclip_ds.config import load_config, to_dict
 
 BASE = "configs/demo.yaml"
@@ -49,6 +54,13 @@ ARMS = [  # the paper's arms, then the variants beyond it
 ]
 PLOTS = {"paper": [arm.name for arm in ARMS[:5]],  # the paper's arms; then stage I's variants
          "osr": [arm.name for arm in ARMS[3:]]}
+# Weight averaging on the two arms that matter: decay 0.98 is a 50-step horizon, 0.4 of stage II (as 0.999
+# is of a 2,500-step run); WiSE-FT's table names alpha 0.5, its usual mix. Both fixed before any run.
+AVERAGED = [ARMS[0], ARMS[4]]
+EMA_DECAY = 0.98
+AVERAGING = [f"ema.decay={EMA_DECAY}", "eval.weights=both", "checkpoint.save_at_end=true"]
+WISE_ALPHAS = "0:1:0.1"
+WISE_NAMED = 0.5
 SWEEP_LRS = [3e-5, 1e-4, 3e-4, 1e-3, 3e-3]
 SWEEP_ARMS = [ARMS[0], ARMS[4]]
 SWEEP_STEPS = 20
@@ -94,6 +106,17 @@ class Runner:
         same = yaml.safe_load(saved.read_text()) == to_dict(config)
         return same and max(read_curves(run_dir)["average"]) == config.train.steps
 
+    def wise_ft(self, run_name: str, overrides: list[str], alphas: str) -> list[dict]:
+        """The WiSE-FT sweep of a finished run's final weights: [{"alpha", "metrics"}], alpha ascending."""
+        config = load_config(self.base, [*self.common, *overrides, f"run_name={run_name}"])
+        output = config.run_dir / "wise_ft.json"
+        command = ["tuneclip_ds.eval", "--model", config.model.name, "--pretrained", str(config.run_dir),
+                   "--wise-ft", alphas, "--tasks", config.eval.tasks, "--output", str(output)]
+        log = config.run_dir.with_suffix(".log")
+        if torchrun(command, self.nproc, log, append=True) != 0:
+            raise ArmFailedError(f"the WiSE-FT sweep of {config.run_dir} failed; see {log}")
+        return json.loads(output.read_text())["wise_ft"]
+
 
 def lr_sweep(runner: Runner, rates: list[float], steps: int) -> dict:
     """Naive and TuneCLIP at each rate for the first ``steps`` of stage II (one seed)."""
@@ -115,6 +138,18 @@ def all_arms(runner: Runner, seeds: int, arms: list[Arm]) -> dict:
     return results
 
 
+def averaged_arms(runner: Runner, seeds: int, arms: list[Arm], alphas: str) -> dict:
+    """Each arm with the EMA (its runs' curves hold ``ema/...`` beside the weights') and the WiSE-FT sweep
+    of each run's final weights."""
+    results = {arm.name: {"overrides": [*arm.overrides, *AVERAGING], "runs": []} for arm in arms}
+    for seed in range(seeds):
+        for arm in arms:
+            name, overrides = f"{slug(arm.name)}-averaged-seed{seed}", [*arm.overrides, *AVERAGING, f"seed={seed}"]
+            run = {"curves": runner.curves(name, overrides), "wise_ft": runner.wise_ft(name, overrides, alphas)}
+            results[arm.name]["runs"].append(run)
+    return results
+
+
 def write_report(results: dict, out: Path) -> None:
     arms = {name: arm for name, arm in results["arms"].items() if arm["runs"]}
     lines = [f"# Reproduction results\n\n{results['conditions']}\n"]
@@ -123,9 +158,10 @@ def write_report(results: dict, out: Path) -> None:
         lines.append(f"## {label} (%)\n\n{table}\n")
         start = next(iter(arms.values()))["runs"][0][metric][0]
         for group, names in PLOTS.items():
-            plot_curves({name: [run[metric] for run in arms[name]["runs"]] for name in names if name in arms},
-                        start, out / f"{slug(metric)}-{group}.png", f"Fine-tuning the shapes CLIP: {label}",
-                        f"{label} (%)")
+            curves = {name: [run[metric] for run in arms[name]["runs"]] for name in names if name in arms}
+            if curves:
+                plot_curves(curves, start, out / f"{slug(metric)}-{group}.png",
+                            f"Fine-tuning the shapes CLIP: {label}", f"{label} (%)")
     sweep = results["lr_sweep"]
     if sweep:
         lines.append("## Learning-rate sweep (one seed, the first steps of stage II): zero-shot average (%)\n")
@@ -136,12 +172,71 @@ def write_report(results: dict, out: Path) -> None:
         start = next(iter(curves.values()))[0][0]  # every run starts from the same model
         plot_curves(curves, start, out / "lr-sweep.png", "Learning-rate sweep: zero-shot average",
                     "zero-shot average (%)")
+    lines += averaging_report(results.get("averaged", {}), out)
     (out / "results.md").write_text("\n".join(lines))
 
 
-def _int_steps(mapping: dict) -> dict:
-    """JSON keeps a curve's steps as strings: make them numbers again."""
-    return {int(key) if key.isdigit() else key: value for key, value in mapping.items()}
+def averaging_report(averaged: dict, out: Path) -> list[str]:
+    """Per metric: the weights' and the EMA's curves in the same runs, and WiSE-FT by alpha; plots of both."""
+    arms = {name: arm["runs"] for name, arm in averaged.items() if arm["runs"]}
+    if not arms:
+        return []
+    lines = [f"## Weight averaging: EMA (decay {EMA_DECAY}) and WiSE-FT of the final weights\n"]
+    for metric, label in METRICS.items():
+        curves = {}
+        for name, runs in arms.items():
+            curves[f"{name}: weights"] = [run["curves"][metric] for run in runs]
+            curves[f"{name}: EMA"] = [run["curves"][f"ema/{metric}"] for run in runs]
+        lines.append(f"### {label} (%), the same runs' weights and EMA\n\n{summary_table(curves, WINDOW)}\n")
+        start = next(iter(curves.values()))[0][0]
+        plot_curves(curves, start, out / f"{slug(metric)}-averaged.png", f"Weights and their EMA: {label}",
+                    f"{label} (%)")
+        lines.append(f"### {label} (%), WiSE-FT of the final weights by alpha (0: start, 1: final)\n\n"
+                     f"{wise_table(arms, metric)}\n")
+        plot_wise_ft(arms, metric, start, out / f"{slug(metric)}-wise-ft.png", f"WiSE-FT: {label}", f"{label} (%)")
+    return lines
+
+
+def wise_table(arms: dict[str, list[dict]], metric: str, scale: float = 100.0) -> str:
+    """A Markdown table, a row per alpha, a column per arm: mean +- std over its runs."""
+    alphas = [point["alpha"] for point in next(iter(arms.values()))[0]["wise_ft"]]
+    rows = ["| alpha | " + " | ".join(arms) + " |", "|---|" + "---|" * len(arms)]
+    for index, alpha in enumerate(alphas):
+        cells = [mean_std_cell([run["wise_ft"][index]["metrics"][metric] * scale for run in runs])
+                 for runs in arms.values()]
+        named = " (chosen in advance)" if math.isclose(alpha, WISE_NAMED) else ""
+        rows.append(f"| {alpha:g}{named} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def plot_wise_ft(arms: dict[str, list[dict]], metric: str, start: float, path: Path, title: str, ylabel: str,
+                 scale: float = 100.0) -> None:
+    """Metric against alpha, one line per arm (mean, a band of +- one std), the starting model dashed."""
+    figure, axes = new_plot()
+    for name, runs in arms.items():
+        alphas = [point["alpha"] for point in runs[0]["wise_ft"]]
+        plot_band(axes, alphas, [[run["wise_ft"][i]["metrics"][metric] * scale for run in runs]
+                                 for i in range(len(alphas))], name)
+    plot_start(axes, start * scale)
+    save_plot(figure, axes, path, "WiSE-FT alpha (0: starting weights, 1: fine-tuned)", ylabel, title)
+
+
+def chosen(arms: list[Arm], words: list[str] | None) -> list[Arm]:
+    """The arms whose names contain one of ``words`` (None: every arm; an empty list: none)."""
+    return [arm for arm in arms if words is None or any(word in arm.name for word in words)]
+
+
+def kept(earlier: dict, new: dict, order: list[str]) -> dict:
+    """This invocation's results, with an earlier invocation's for the names it did not run, in ``order``."""
+    merged = {**earlier, **new}
+    return {name: merged[name] for name in order if name in merged}
+
+
+def read_results(out: Path) -> dict:
+    """OUT/results.json, a curve's steps numbers again (JSON keeps them as strings)."""
+    return json.loads((out / "results.json").read_text(),
+                      object_hook=lambda mapping: {int(key) if key.isdigit() else key: value
+                                                   for key, value in mapping.items()})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,37 +245,46 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nproc", type=int, default=2, help="ranks on this machine")
     parser.add_argument("--out", type=Path, default=Path("docs/reproduce"))
     parser.add_argument("--reuse", action="store_true", help="keep finished runs whose resolved config is the same")
-    parser.add_argument("--arms", nargs="*", help="only the arms whose names contain one of these words")
+    parser.add_argument("--arms", nargs="*", help="only the arms whose names contain one of these words (none: "
+                        "no arm)")
+    parser.add_argument("--averaged", nargs="*", help="weight averaging only on the arms (naive, TuneCLIP) whose "
+                        "names contain one of these words (none: no averaging)")
+    parser.add_argument("--wise-ft", default=WISE_ALPHAS, help="WiSE-FT's alphas, START:STOP:STEP or A,B,...")
     parser.add_argument("--sweep-lrs", type=float, nargs="*", default=SWEEP_LRS, help="none: no sweep")
     parser.add_argument("--sweep-steps", type=int, default=SWEEP_STEPS)
     parser.add_argument("--report-only", action="store_true", help="write the tables and plots of OUT/results.json")
     parser.add_argument("overrides", nargs="*", help="extra overrides for every run (e.g. optim.lr=1e-3)")
     args = parser.parse_args(argv)
     if args.report_only:
-        write_report(json.loads((args.out / "results.json").read_text(), object_hook=_int_steps), args.out)
+        write_report(read_results(args.out), args.out)
         return 0
     began = time.time()
     runner = Runner(BASE, [*COMMON, *args.overrides], args.nproc, args.reuse)
     print("learning-rate sweep", flush=True)
     sweep = lr_sweep(runner, args.sweep_lrs, args.sweep_steps)
     print(f"arms x {args.seeds} seeds", flush=True)
-    chosen = [arm for arm in ARMS if not args.arms or any(word in arm.name for word in args.arms)]
-    arms = all_arms(runner, args.seeds, chosen)
+    arms = all_arms(runner, args.seeds, chosen(ARMS, args.arms))
+    print(f"weight averaging x {args.seeds} seeds", flush=True)
+    averaged = averaged_arms(runner, args.seeds, chosen(AVERAGED, args.averaged), args.wise_ft)
     minutes = (time.time() - began) / 60
     base = load_config(BASE, runner.common)
+    earlier = read_results(args.out) if (args.out / "results.json").is_file() else {}
     results = {
-        "command": " ".join(["benchmarks/reproduce/run.py", *(argv if argv is not None else sys.argv[1:])]),
+        "commands": [*earlier.get("commands", []), {
+            "command": " ".join(["benchmarks/reproduce/run.py", *(argv if argv is not None else sys.argv[1:])]),
+            "minutes": round(minutes, 1)}],
         "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} cores, no GPU, {args.nproc} ranks, "
                    f"torch {torch.__version__}",
-        "minutes": round(minutes, 1),
         "conditions": (f"{base.model.name} from {base.model.pretrained}; fine-tuning corpus "
                        f"{base.data.synthetic.num_samples} fresh samples; global batch "
                        f"{base.train.batch_size * args.nproc}; lr {base.optim.lr:g} ({base.optim.schedule}, "
                        f"warm-up {base.optim.warmup_steps}); stage I {base.osr.steps} steps, stage II {base.train.steps} steps; "
                        f"temperature frozen; HGCL margin {base.loss.margin}; {args.seeds} seeds."),
-        "run_minutes": runner.minutes,
-        "lr_sweep": sweep,
-        "arms": arms,
+        "run_minutes": {**earlier.get("run_minutes", {}), **runner.minutes},
+        "lr_sweep": kept(earlier.get("lr_sweep", {}), sweep, sorted({*earlier.get("lr_sweep", {}), *sweep},
+                                                                     key=float)),
+        "arms": kept(earlier.get("arms", {}), arms, [arm.name for arm in ARMS]),
+        "averaged": kept(earlier.get("averaged", {}), averaged, [arm.name for arm in AVERAGED]),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
