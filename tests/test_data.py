@@ -554,3 +554,25 @@ def test_an_id_outside_its_sources_range_stops_with_a_message(tmp_path, preproce
     with pytest.raises(shards.ShardFormatError, match=r"id 1\d\d, outside its source's \[0, 100\)"):
         for _ in range(100):
             next(batches)
+
+
+def test_training_split_of_shifted_scenery(tmp_path):
+    """data.synthetic.domain=shifted writes the training split from the shifted scenery (and the held-out
+    splits as before): the same bytes as the writer asked for that domain, none of the standard split's."""
+    from tuneclip_ds.builders import ensure_synthetic_corpus
+    from tuneclip_ds.config import load_config
+
+    common = ["train.steps=1", "data.synthetic.num_samples=8", "data.synthetic.samples_per_shard=8",
+              "data.synthetic.image_size=16", f"data.synthetic.val_shards={tmp_path / 'val'}",
+              "data.synthetic.val_samples=8"]
+    for domain in ("standard", "shifted"):
+        ensure_synthetic_corpus(load_config(None, [*common, f"data.train_shards={tmp_path / domain}",
+                                                   f"data.synthetic.domain={domain}"]).data)
+    shifted, standard, val = (tmp_path / name / f"{split}-000000.tar"
+                              for name, split in (("shifted", "train"), ("standard", "train"), ("val", "val")))
+    [expected] = write_synthetic_corpus(str(tmp_path / "expected"), 8, 8, 16, difficulty=0.3, domain="shifted",
+                                        progress=False)  # the config's default difficulty
+    assert shifted.read_bytes() == open(expected, "rb").read() != standard.read_bytes()
+    assert val.read_bytes() != shifted.read_bytes()
+    backgrounds = {json.loads(sample["json"])["background"] for sample in read_shards([shifted]).values()}
+    assert backgrounds <= set(synthetic.DOMAINS["shifted"].backgrounds)

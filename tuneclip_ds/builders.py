@@ -29,7 +29,7 @@ def ensure_synthetic_corpus(data: DataConfig) -> None:
 
 def _write_splits(data: DataConfig) -> None:
     spec = data.synthetic
-    _write_split_once(Path(data.train_shards), spec, spec.num_samples, spec.split)
+    _write_split_once(Path(data.train_shards), spec, spec.num_samples, spec.split, spec.domain)
     if spec.val_shards:
         _write_split_once(Path(spec.val_shards), spec, spec.val_samples, "val")
     if spec.shifted_val_shards:

@@ -34,6 +34,7 @@ class SyntheticConfig:
     paraphrase: float = 0.0  # captions with synonyms and paraphrases (semantic duplicates), in [0, 1]
     seed: int = 0
     split: str = "train"  # the training split's name (and shard prefix): splits of other names are disjoint
+    domain: Literal["standard", "shifted"] = "standard"  # the training split's scenery (shifted: unseen ones)
     val_shards: str = ""  # also write a held-out split here (for evaluation) when it has no shards
     val_samples: int = 512
     shifted_val_shards: str = ""  # ... and a held-out split of unseen scenery (distribution shift)

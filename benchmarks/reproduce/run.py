@@ -276,10 +276,11 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} cores, no GPU, {args.nproc} ranks, "
                    f"torch {torch.__version__}",
         "conditions": (f"{base.model.name} from {base.model.pretrained}; fine-tuning corpus "
-                       f"{base.data.synthetic.num_samples} fresh samples; global batch "
-                       f"{base.train.batch_size * args.nproc}; lr {base.optim.lr:g} ({base.optim.schedule}, "
-                       f"warm-up {base.optim.warmup_steps}); stage I {base.osr.steps} steps, stage II {base.train.steps} steps; "
-                       f"temperature frozen; HGCL margin {base.loss.margin}; {args.seeds} seeds."),
+                       f"{base.data.synthetic.num_samples} fresh samples ({base.data.synthetic.domain} scenery); "
+                       f"global batch {base.train.batch_size * args.nproc}; lr {base.optim.lr:g} "
+                       f"({base.optim.schedule}, warm-up {base.optim.warmup_steps}); stage I {base.osr.steps} steps, "
+                       f"stage II {base.train.steps} steps; temperature frozen; HGCL margin {base.loss.margin}; "
+                       f"{args.seeds} seeds."),
         "run_minutes": {**earlier.get("run_minutes", {}), **runner.minutes},
         "lr_sweep": kept(earlier.get("lr_sweep", {}), sweep, sorted({*earlier.get("lr_sweep", {}), *sweep},
                                                                      key=float)),
