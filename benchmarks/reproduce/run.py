@@ -164,11 +164,12 @@ def write_report(results: dict, out: Path) -> None:
                             f"Fine-tuning the shapes CLIP: {label}", f"{label} (%)")
     sweep = results["lr_sweep"]
     if sweep:
-        lines.append("## Learning-rate sweep (one seed, the first steps of stage II): zero-shot average (%)\n")
-        for lr, curves in sweep.items():
-            table = summary_table({arm: [c["average"]] for arm, c in curves.items()}, WINDOW)
-            lines.append(f"lr {lr}\n\n{table}\n")
         curves = {f"{arm} lr {lr}": [c["average"]] for lr, runs in sweep.items() for arm, c in runs.items()}
+        steps = max(max(runs[0]) for runs in curves.values())
+        lines.append(f"## Learning-rate sweep (one seed, {steps} steps of stage II): zero-shot average (%)\n")
+        for lr, runs in sweep.items():
+            table = summary_table({arm: [c["average"]] for arm, c in runs.items()}, WINDOW)
+            lines.append(f"lr {lr}\n\n{table}\n")
         start = next(iter(curves.values()))[0][0]  # every run starts from the same model
         plot_curves(curves, start, out / "lr-sweep.png", "Learning-rate sweep: zero-shot average",
                     "zero-shot average (%)")
@@ -279,8 +280,7 @@ def main(argv: list[str] | None = None) -> int:
                        f"{base.data.synthetic.num_samples} fresh samples ({base.data.synthetic.domain} scenery); "
                        f"global batch {base.train.batch_size * args.nproc}; lr {base.optim.lr:g} "
                        f"({base.optim.schedule}, warm-up {base.optim.warmup_steps}); stage I {base.osr.steps} steps, "
-                       f"stage II {base.train.steps} steps; temperature frozen; HGCL margin {base.loss.margin}; "
-                       f"{args.seeds} seeds."),
+                       f"stage II {base.train.steps} steps; temperature frozen; HGCL margin {base.loss.margin}."),
         "run_minutes": {**earlier.get("run_minutes", {}), **runner.minutes},
         "lr_sweep": kept(earlier.get("lr_sweep", {}), sweep, sorted({*earlier.get("lr_sweep", {}), *sweep},
                                                                      key=float)),
