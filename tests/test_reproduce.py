@@ -93,7 +93,7 @@ def test_reproduction_runner_writes_results_tables_and_plots(tmp_path):
     assert list(results["lr_sweep"]) == ["0.001"]
     report = (out / "results.md").read_text()
     assert "| naive (InfoNCE) | 1 |" in report and "Learning-rate sweep" in report
-    for plot in ("average-paper.png", "average-osr.png", "heldout-top1-paper.png", "lr-sweep.png"):
+    for plot in ("average-paper.png", "average-osr.png", "average-loss.png", "heldout-top1-paper.png", "lr-sweep.png"):
         assert (out / plot).read_bytes()[:4] == b"\x89PNG"
 
 

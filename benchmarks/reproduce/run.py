@@ -51,9 +51,13 @@ ARMS = [  # the paper's arms, then the variants beyond it
     Arm("OSR 16 steps + HGCL", ["osr.steps=16"]),
     # ||m|| moves by 1-10 % per step from gradient noise at this batch: a tolerance of 0.2 % never triggers
     Arm("OSR until settled + HGCL", ["osr.until_converged=0.1", "osr.patience=4", "osr.min_steps=8"]),
+    # stage I with the other losses: is it the loss or the recovery?
+    Arm("OSR + InfoNCE", ["loss.name=infonce"]),
+    Arm("OSR + GCL", ["loss.name=gcl"]),
 ]
-PLOTS = {"paper": [arm.name for arm in ARMS[:5]],  # the paper's arms; then stage I's variants
-         "osr": [arm.name for arm in ARMS[3:]]}
+PLOTS = {"paper": [arm.name for arm in ARMS[:5]],  # the paper's arms; stage I's variants; each loss cold and warm
+         "osr": [arm.name for arm in ARMS[3:9]],
+         "loss": [arm.name for arm in (*ARMS[:3], *ARMS[9:], ARMS[4])]}
 # Weight averaging on the two arms that matter: decay 0.98 is a 50-step horizon, 0.4 of stage II (as 0.999
 # is of a 2,500-step run); WiSE-FT's table names alpha 0.5, its usual mix. Both fixed before any run.
 AVERAGED = [ARMS[0], ARMS[4]]
