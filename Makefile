@@ -19,7 +19,7 @@ $(STAMP): requirements.txt
 demo: $(STAMP)
 	$(PYTHON) -m tuneclip_ds.demo --nproc $(NPROC)
 
-# The miniature reproduction (about an hour on 2 cores): docs/reproduce/.
+# The miniature reproduction (about 75 min on 2 cores): docs/reproduce/.
 reproduce: $(STAMP)
 	$(PYTHON) benchmarks/reproduce/run.py --nproc $(NPROC)
 
